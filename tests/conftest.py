@@ -1,0 +1,82 @@
+"""Shared fixtures: the relay engine under test, fd-leak checks, and the real-part fixtures."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+NO_EXTENSIONS = bool(os.environ.get("ETCDGW_NO_EXTENSIONS"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-c-extensions",
+        action="store_true",
+        default=NO_EXTENSIONS,
+        help="deselect tests of the compiled relay engine",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--no-c-extensions"):
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("c_extension") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param("cython", marks=pytest.mark.c_extension), "python"],
+    ids=["cython", "python"],
+)
+def relay_impl(request: pytest.FixtureRequest) -> str:
+    """The engine name under test: every relay and server test runs once per engine."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def engine_module(relay_impl: str) -> ModuleType:
+    """The engine module itself (etcdgw._relay or etcdgw._relay_py)."""
+    name = "etcdgw._relay" if relay_impl == "cython" else "etcdgw._relay_py"
+    return importlib.import_module(name)
+
+
+def open_fds() -> set[int]:
+    return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Fail the test if it leaves file descriptors open in this process."""
+    import gc
+
+    before = open_fds()
+    yield
+    gc.collect()
+    leaked = open_fds() - before
+    # /proc/self/fd listing itself may show a transient fd; re-check once.
+    leaked &= open_fds()
+    assert not leaked, f"leaked fds: {sorted(leaked)} -> " + ", ".join(
+        _describe(fd) for fd in sorted(leaked)
+    )
+
+
+def _describe(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+# Real-part fixtures live in their own modules (tests/ is on sys.path under pytest's default
+# "prepend" import mode): a 3-member etcd cluster, and a dnsmasq DNS server.
+from _etcd import *  # noqa: E402,F401,F403
+from _dns import *  # noqa: E402,F401,F403
