@@ -78,5 +78,6 @@ def _describe(fd: int) -> str:
 
 # Real-part fixtures live in their own modules (tests/ is on sys.path under pytest's default
 # "prepend" import mode): a 3-member etcd cluster, and a dnsmasq DNS server.
-from _etcd import *  # noqa: E402,F401,F403
 from _dns import *  # noqa: E402,F401,F403
+from _etcd import *  # noqa: E402,F401,F403
+from _gateway import *  # noqa: E402,F401,F403

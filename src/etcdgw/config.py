@@ -10,7 +10,7 @@ import ipaddress
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
 DEFAULT_ENDPOINTS = ("127.0.0.1:2379",)
@@ -83,9 +83,13 @@ class Config:
     discovery_refresh_max: float = 300.0
     insecure_discovery: bool = False
     trusted_ca_file: str = ""
+    drain_timeout: float = 30.0
+    tcp_keepalive: float = 15.0
+    max_connections: int = 0  # 0: unlimited
+    listen_unix_mode: int = 0o660
+    buffer_size: int = 65536
     log_format: str = "json"
     log_level: str = "info"
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
 
 def format_addr(host: str, port: int) -> str:
@@ -180,7 +184,9 @@ def parse_listen(addr: str) -> Listen:
     if addr.startswith("unix://"):
         path = addr[len("unix://") :]
         if not path.startswith("/"):
-            raise ConfigError(f"failed to validate listen address: {addr} (unix socket path must be absolute)")
+            raise ConfigError(
+                f"failed to validate listen address: {addr} (unix socket path must be absolute)"
+            )
         return Listen(path=path)
     try:
         host, port_text = split_host_port(addr)
@@ -202,7 +208,8 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)?")  # noqa: RUF001
+_NUMBER = re.compile(r"\d+\.?\d*|\.\d+")
+_UNIT = re.compile(r"[^\d.]*")
 
 
 def parse_duration(text: str) -> float:
@@ -211,12 +218,9 @@ def parse_duration(text: str) -> float:
     Raises:
         ValueError: with Go's message, e.g. `time: missing unit in duration "123"`.
     """
-    orig = text
-    quoted = go_quote(orig)
-    if text == "":
-        raise ValueError(f"time: invalid duration {quoted}")
+    quoted = go_quote(text)
     sign = 1.0
-    if text[0] in "+-":
+    if text[:1] in ("+", "-"):
         sign = -1.0 if text[0] == "-" else 1.0
         text = text[1:]
     if text == "0":
@@ -226,13 +230,18 @@ def parse_duration(text: str) -> float:
     total = 0.0
     pos = 0
     while pos < len(text):
-        m = _PART.match(text, pos)
-        if m is None:
+        num = _NUMBER.match(text, pos)
+        if num is None:
             raise ValueError(f"time: invalid duration {quoted}")
-        if m.group(2) is None:
+        unit = _UNIT.match(text, num.end())
+        assert unit is not None
+        name = unit.group()
+        if not name:
             raise ValueError(f"time: missing unit in duration {quoted}")
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
+        if name not in _UNITS:
+            raise ValueError(f"time: unknown unit {go_quote(name)} in duration {quoted}")
+        total += float(num.group()) * _UNITS[name]
+        pos = unit.end()
     return sign * total
 
 
@@ -276,7 +285,7 @@ def check_self_loop(
     listens: Sequence[Listen],
     endpoints: Sequence[Endpoint],
     resolve: Resolver,
-    local_addrs: Callable[[], Sequence[str]] = lambda: ("127.0.0.1", "::1"),
+    is_local: Callable[[str], bool] = lambda ip: ip in ("127.0.0.1", "::1"),
 ) -> None:
     """Refuse endpoints that point back at the gateway (CVE-2020-15114 guard).
 
@@ -286,7 +295,7 @@ def check_self_loop(
 
     Args:
         resolve: host -> list of IP strings; raises OSError when the name does not resolve.
-        local_addrs: the machine's own addresses, used for wildcard listeners.
+        is_local: whether an IP is one of this machine's addresses (for wildcard listeners).
 
     Raises:
         ConfigError: with the Go gateway's messages (stdout).
@@ -296,7 +305,7 @@ def check_self_loop(
         if ls.path is not None:
             continue
         if is_wildcard(ls.host):
-            ips = {_norm_ip(a) for a in local_addrs()} | {"0.0.0.0", "::"}
+            ips = {"*"}
         else:
             try:
                 ips = {_norm_ip(a) for a in resolve(ls.host)}
@@ -312,7 +321,7 @@ def check_self_loop(
         if not own:
             continue
         for ip in ep_ips:
-            if ip in own or (_is_any(ip) and own):
+            if ip in own or _is_any(ip) or ("*" in own and is_local(ip)):
                 listen = ",".join(ls.addr for ls in listens if ls.port == ep.port)
                 raise ConfigError(
                     f"SRV or endpoint ({ep.addr}->{format_addr(ip, ep.port)}) should not "

@@ -1,0 +1,784 @@
+"""Listeners, accept, connect-with-failover, hand-off to the relay engine, monitor, drain.
+
+# Strategy:
+One asyncio loop (epoll). The listening sockets are registered with `add_reader`; each
+wake-up accepts until EAGAIN (bounded batch). A client then goes through a small callback
+object, `_Dial`, that picks a remote, connects non-blockingly with a timer for
+--dial-timeout, and on failure marks the remote down and tries the next one, without an
+asyncio Task per connection. A connected pair is handed to the relay engine (`relay.Relay`),
+which moves bytes in C and reports only pairs that finished. This module owns every socket:
+it creates them, and closes each exactly once after the engine has unregistered it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import systemd
+from .balancer import Balancer, Remote
+from .config import Config, ConfigError, Endpoint, Listen, format_addr, format_duration
+from .log import Logger
+from .relay import IMPLEMENTATION, Engine, Relay
+
+ACCEPT_BATCH = 128
+# Accept errors that mean "out of a resource for now" (the Go gateway exits 0 on them).
+ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_PAUSE = 0.1  # seconds; grows to ACCEPT_PAUSE_MAX while the shortage lasts
+ACCEPT_PAUSE_MAX = 1.0
+# How long a host name's addresses are reused before resolving again. The Go gateway
+# re-resolves at every dial; a short cache keeps that spirit without a resolver round trip
+# (a thread hop for getaddrinfo) per client connection.
+RESOLVE_TTL = 5.0
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+AsyncResolver = Callable[[str], Awaitable[list[str]]]
+
+
+@dataclass
+class Counters:
+    """Gateway-wide counters, plain integers read by metrics at scrape time."""
+
+    accepted: int = 0
+    refused: int = 0  # closed because no endpoint could be reached
+    accept_errors: int = 0
+    finished: int = 0
+    reset: int = 0
+    bytes_finished: list[int] = field(default_factory=lambda: [0, 0])
+
+
+class Conn:
+    """A relayed pair: the owner's view (sockets, remote, start time)."""
+
+    __slots__ = ("client", "upstream", "remote", "started")
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, remote: Remote) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.remote = remote
+        self.started = time.monotonic()
+
+
+class Gateway:
+    """The running gateway: listeners, balancer, relay, monitor and lifecycle."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        log: Logger,
+        *,
+        resolve: AsyncResolver | None = None,
+        engine_cls: type[Engine] | None = None,
+        inherited: Sequence[socket.socket] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.balancer = Balancer(cfg.endpoints)
+        self.counters = Counters()
+        self.conns: dict[int, Conn] = {}
+        self.dials: set[_Dial] = set()
+        self.listeners: list[socket.socket] = []
+        self.engine_cls: type[Engine] = engine_cls if engine_cls is not None else Engine
+        self.implementation = IMPLEMENTATION if engine_cls is None else _engine_name(engine_cls)
+        self._inherited = list(inherited)
+        self._unix_paths: list[str] = []
+        self._resolve = resolve
+        self._addr_cache: dict[str, tuple[float, list[tuple[int, Any]]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._relay: Relay | None = None
+        self._accepting = False
+        self._accept_pause = ACCEPT_PAUSE
+        self._pause_handle: asyncio.TimerHandle | None = None
+        self._max_conns = cfg.max_connections
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._done: asyncio.Future[None] | None = None
+        self._draining = False
+        self._drain_handle: asyncio.TimerHandle | None = None
+        self._refuse_log_at = 0.0
+        self._refuse_suppressed = 0
+        self.ready = False
+        # Hooks for other modules (discovery refresh, reload, metrics): set by cli.
+        self.on_sighup: Callable[[], None] | None = None
+        self.on_stop: list[Callable[[], None]] = []
+
+    # --- start-up ----------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Create and bind every listener (or adopt systemd's), before anything is served.
+
+        Raises:
+            ConfigError: the Go gateway's bind message on stderr, e.g.
+                `listen tcp 127.0.0.1:23790: bind: address already in use`.
+        """
+        if self._inherited:
+            for s in self._inherited:
+                s.setblocking(False)
+                self.listeners.append(s)
+            return
+        try:
+            for ls in self.cfg.listen:
+                self.listeners.append(self._bind_one(ls))
+        except BaseException:
+            self.close_listeners()
+            raise
+
+    def _bind_one(self, ls: Listen) -> socket.socket:
+        if ls.path is not None:
+            return self._bind_unix(ls.path)
+        host = ls.host
+        try:
+            if host in ("", "::"):
+                # Go's net.Listen("tcp", ":port") listens on every address, v4 and v6.
+                sock = socket.create_server(
+                    ("", ls.port),
+                    family=socket.AF_INET6,
+                    dualstack_ipv6=True,
+                    backlog=socket.SOMAXCONN,
+                )
+            else:
+                infos = socket.getaddrinfo(
+                    host, ls.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                family, _, _, _, sockaddr = infos[0]
+                sock = socket.create_server(sockaddr, family=family, backlog=socket.SOMAXCONN)
+        except socket.gaierror:
+            raise ConfigError(f"failed to resolve listen host: {host}") from None
+        except OSError as e:
+            reason = os.strerror(e.errno).lower() if e.errno else str(e)
+            raise ConfigError(f"listen tcp {ls.addr}: bind: {reason}", stream="stderr") from None
+        sock.setblocking(False)
+        return sock
+
+    def _bind_unix(self, path: str) -> socket.socket:
+        mode = self.cfg.listen_unix_mode
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            # A stale socket file from an earlier run is replaced; anything else is refused.
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ConfigError(
+                    f"listen unix {path}: bind: file exists and is not a socket", stream="stderr"
+                )
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if probe.connect_ex(path) == 0:
+                    raise ConfigError(
+                        f"listen unix {path}: bind: address already in use", stream="stderr"
+                    )
+            finally:
+                probe.close()
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, mode)
+            sock.listen(socket.SOMAXCONN)
+        except OSError as e:
+            sock.close()
+            reason = os.strerror(e.errno).lower() if e.errno else str(e)
+            raise ConfigError(f"listen unix {path}: bind: {reason}", stream="stderr") from None
+        self._unix_paths.append(path)
+        sock.setblocking(False)
+        return sock
+
+    async def run(self) -> None:
+        """Serve until stopped (signal or stop()); returns when every socket is closed."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        self._relay = Relay(
+            loop, self._on_finished, engine_cls=self.engine_cls, bufsize=self.cfg.buffer_size
+        )
+        try:
+            self._start_accepting()
+            self._spawn(self._monitor())
+            self._install_signals()
+            self.ready = True
+            self.log.info(
+                "ready to proxy client requests",
+                endpoints=[r.addr for r in self.balancer.remotes],
+                **{"listen-addrs": [_sock_name(s) for s in self.listeners]},
+            )
+            await self._done
+        finally:
+            self._teardown()
+
+    # --- accept ------------------------------------------------------------------------
+
+    def _start_accepting(self) -> None:
+        assert self._loop is not None
+        if self._accepting or self._draining:
+            return
+        for s in self.listeners:
+            self._loop.add_reader(s.fileno(), self._on_accept, s)
+        self._accepting = True
+
+    def _stop_accepting(self) -> None:
+        if not self._accepting or self._loop is None:
+            return
+        for s in self.listeners:
+            self._loop.remove_reader(s.fileno())
+        self._accepting = False
+
+    def _on_accept(self, lsock: socket.socket) -> None:
+        is_tcp = lsock.family != socket.AF_UNIX
+        for _ in range(ACCEPT_BATCH):
+            if self._max_conns and self.active_connections() >= self._max_conns:
+                # Leave further clients in the kernel's backlog until a connection ends.
+                self._stop_accepting()
+                return
+            try:
+                client, _ = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.counters.accept_errors += 1
+                if e.errno in ACCEPT_PAUSE_ERRNOS:
+                    self._pause_accepting(e)
+                    return
+                # ECONNABORTED, EPROTO, EPERM (firewall), ...: that one client is gone.
+                continue
+            self._accept_pause = ACCEPT_PAUSE
+            self.counters.accepted += 1
+            client.setblocking(False)
+            if is_tcp:
+                self._tune(client)
+            _Dial(self, client).start()
+
+    def _pause_accepting(self, e: OSError) -> None:
+        """Out of fds or buffers: stop accepting briefly instead of exiting or spinning."""
+        assert self._loop is not None
+        self._stop_accepting()
+        self.log.warn(
+            "accept failed; pausing accept",
+            error=str(e),
+            pause=format_duration(self._accept_pause),
+        )
+        delay = self._accept_pause
+        self._accept_pause = min(self._accept_pause * 2, ACCEPT_PAUSE_MAX)
+
+        def resume() -> None:
+            self._pause_handle = None
+            self._start_accepting()
+
+        self._pause_handle = self._loop.call_later(delay, resume)
+
+    def active_connections(self) -> int:
+        return len(self.conns) + len(self.dials)
+
+    def _tune(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ka = self.cfg.tcp_keepalive
+        if ka:
+            # Go dials and accepts with a 15 s keep-alive; we also bound the probe count and
+            # unacknowledged data, so a dead peer is noticed within about 4 x this time.
+            secs = max(1, int(ka))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, secs * 4000)
+
+    # --- connect -----------------------------------------------------------------------
+
+    def cached_addrs(self, host: str) -> list[tuple[int, Any]] | None:
+        """Socket addresses for host if known now (IP literal or fresh cache entry)."""
+        hit = self._addr_cache.get(host)
+        if hit is not None and (hit[0] == 0.0 or hit[0] > time.monotonic()):
+            return hit[1]
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        addrs: list[tuple[int, Any]] = [(fam, (host, 0))]
+        self._addr_cache[host] = (0.0, addrs)
+        return addrs
+
+    async def resolve_addrs(self, host: str) -> list[tuple[int, Any]]:
+        """Resolve host (through --discovery-dns when set) and cache it for RESOLVE_TTL."""
+        if self._resolve is not None:
+            ips = await self._resolve(host)
+            addrs: list[tuple[int, Any]] = [
+                (socket.AF_INET6 if ":" in ip else socket.AF_INET, (ip, 0)) for ip in ips
+            ]
+        else:
+            assert self._loop is not None
+            infos = await self._loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            addrs = []
+            for fam, _, _, _, sa in infos:
+                if (fam, (sa[0], 0)) not in addrs:
+                    addrs.append((fam, (sa[0], 0)))
+        if not addrs:
+            raise OSError(errno.EHOSTUNREACH, f"lookup {host}: no such host")
+        self._addr_cache[host] = (time.monotonic() + RESOLVE_TTL, addrs)
+        return addrs
+
+    def _start_relay(self, client: socket.socket, upstream: socket.socket, remote: Remote) -> None:
+        assert self._relay is not None
+        try:
+            pid = self._relay.add(client.fileno(), upstream.fileno())
+        except OSError as e:
+            self.log.warn("failed to start relaying", address=remote.addr, error=str(e))
+            client.close()
+            upstream.close()
+            return
+        self.conns[pid] = Conn(client, upstream, remote)
+        remote.connections_active += 1
+        remote.connections_total += 1
+
+    def refuse(self, client: socket.socket) -> None:
+        """No endpoint could be reached: close the client (the Go gateway does too, silently)."""
+        self.counters.refused += 1
+        client.close()
+        now = time.monotonic()
+        if now - self._refuse_log_at >= 1.0:
+            self.log.warn(
+                "no endpoint available; closed client connection",
+                suppressed=self._refuse_suppressed,
+            )
+            self._refuse_log_at = now
+            self._refuse_suppressed = 0
+        else:
+            self._refuse_suppressed += 1
+        self._maybe_resume()
+
+    def deactivate(self, remote: Remote, error: str) -> None:
+        if self.balancer.mark_down(remote, error, time.monotonic()):
+            self.log.warn(
+                "deactivated endpoint",
+                address=remote.addr,
+                interval=format_duration(self.retry_interval),
+                error=error,
+            )
+
+    def activate(self, remote: Remote) -> None:
+        if self.balancer.mark_up(remote):
+            self.log.info("activated", address=remote.addr)
+
+    @property
+    def retry_interval(self) -> float:
+        # etcd tcpproxy.Run: a MonitorInterval of 0 means 5 minutes.
+        return self.cfg.retry_delay if self.cfg.retry_delay > 0 else 300.0
+
+    # --- finish ------------------------------------------------------------------------
+
+    def _on_finished(self, pid: int, c2u: int, u2c: int, err: int) -> None:
+        conn = self.conns.pop(pid, None)
+        if conn is None:
+            return
+        self._close_conn(conn, c2u, u2c, err)
+        self._maybe_resume()
+
+    def _close_conn(self, conn: Conn, c2u: int, u2c: int, err: int) -> None:
+        remote = conn.remote
+        remote.connections_active -= 1
+        remote.bytes_to_endpoint += c2u
+        remote.bytes_from_endpoint += u2c
+        self.counters.finished += 1
+        self.counters.bytes_finished[0] += c2u
+        self.counters.bytes_finished[1] += u2c
+        if err:
+            # Pass a reset on as a reset: close with SO_LINGER 0 sends RST, not FIN.
+            self.counters.reset += 1
+            for s in (conn.client, conn.upstream):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                except OSError:
+                    pass
+        conn.client.close()
+        conn.upstream.close()
+        if self.log.enabled("debug"):
+            self.log.debug(
+                "connection closed",
+                address=remote.addr,
+                sent=c2u,
+                received=u2c,
+                error=os.strerror(err) if err else "",
+                duration=format_duration(round(time.monotonic() - conn.started, 6)),
+            )
+
+    def _maybe_resume(self) -> None:
+        if self._draining:
+            if not self.conns and not self.dials:
+                self._finish()
+            return
+        if (
+            not self._accepting
+            and self._pause_handle is None
+            and self._loop is not None
+            and (not self._max_conns or self.active_connections() < self._max_conns)
+        ):
+            self._start_accepting()
+
+    # --- monitor (re-probe inactive endpoints every --retry-delay) ----------------------
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_interval)
+            remotes = self.balancer.inactive()
+            if remotes:
+                await asyncio.gather(*(self._probe(r) for r in remotes))
+
+    async def _probe(self, remote: Remote) -> None:
+        try:
+            await self.probe_connect(remote.endpoint)
+        except OSError as e:
+            remote.last_error = str(e)
+            self.log.warn(
+                "failed to activate endpoint (stay inactive for another interval)",
+                address=remote.addr,
+                interval=format_duration(self.retry_interval),
+                error=str(e),
+            )
+            return
+        if not remote.removed:
+            self.activate(remote)
+
+    async def probe_connect(self, ep: Endpoint) -> None:
+        """A TCP connect to ep within --dial-timeout, closed at once.
+
+        Raises:
+            OSError: the dial error, in Go's words where it matters.
+        """
+        loop = asyncio.get_running_loop()
+        addrs = self.cached_addrs(ep.host) or await self.resolve_addrs(ep.host)
+        last: OSError | None = None
+        deadline = loop.time() + self.cfg.dial_timeout
+        for fam, sa in addrs:
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                await asyncio.wait_for(
+                    loop.sock_connect(s, (sa[0], ep.port, *sa[2:])),
+                    max(0.001, deadline - loop.time()),
+                )
+                return
+            except TimeoutError:
+                last = OSError(errno.ETIMEDOUT, f"dial tcp {ep.addr}: i/o timeout")
+            except OSError as e:
+                last = OSError(e.errno, dial_error(ep, sa[0], e.errno or 0))
+            finally:
+                s.close()
+        assert last is not None
+        raise last
+
+    # --- endpoints, signals, shutdown -----------------------------------------------------
+
+    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """Replace the endpoint set: new ones get clients, removed ones keep their live ones."""
+        added, removed = self.balancer.set_endpoints(endpoints)
+        if added or removed:
+            self.log.info(
+                "endpoints updated",
+                added=[r.addr for r in added],
+                removed=[r.addr for r in removed],
+                endpoints=[r.addr for r in self.balancer.remotes],
+            )
+
+    def _install_signals(self) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.add_signal_handler(signal.SIGTERM, self.stop)
+            self._loop.add_signal_handler(signal.SIGINT, self.stop)
+            self._loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        except (RuntimeError, ValueError):
+            pass  # not the main thread (tests run gateways in threads): no signals there
+
+    def _sighup(self) -> None:
+        if self.on_sighup is not None:
+            self.on_sighup()
+
+    def stop(self) -> None:
+        """First call: drain (stop accepting, wait up to --drain-timeout). Second: stop now."""
+        if self._done is None or self._done.done():
+            return
+        if self._draining:
+            self.log.warn("second stop signal; closing all connections now")
+            self._finish()
+            return
+        self._draining = True
+        self._stop_accepting()
+        self.close_listeners()
+        for cb in self.on_stop:
+            cb()
+        try:
+            systemd.notify("STOPPING=1")
+        except OSError:
+            pass
+        timeout = self.cfg.drain_timeout
+        n = self.active_connections()
+        self.log.info(
+            "stopping; draining connections",
+            connections=n,
+            timeout=format_duration(timeout),
+        )
+        if n == 0:
+            self._finish()
+            return
+        assert self._loop is not None
+        self._drain_handle = self._loop.call_later(timeout, self._drain_deadline)
+
+    def _drain_deadline(self) -> None:
+        self.log.warn("drain timeout; closing remaining connections", connections=len(self.conns))
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def close_listeners(self) -> None:
+        for s in self.listeners:
+            if self._loop is not None and self._accepting:
+                try:
+                    self._loop.remove_reader(s.fileno())
+                except (ValueError, OSError):
+                    pass
+            s.close()
+        self._accepting = False
+        self.listeners = []
+        for p in self._unix_paths:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        self._unix_paths = []
+
+    def _teardown(self) -> None:
+        """Close everything this gateway owns, exactly once."""
+        self.close_listeners()
+        for h in (self._pause_handle, self._drain_handle):
+            if h is not None:
+                h.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for d in list(self.dials):
+            d.abort()
+        if self._relay is not None:
+            for pid in list(self.conns):
+                _, c2u, u2c, _ = self._relay.remove(pid)
+                self._close_conn(self.conns.pop(pid), c2u, u2c, 0)
+            self._relay.close()
+            self._relay = None
+        if self._loop is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                try:
+                    self._loop.remove_signal_handler(sig)
+                except (RuntimeError, ValueError):
+                    pass
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run a background coroutine for the gateway's lifetime (cancelled at teardown)."""
+        return self._spawn(coro)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.log.error("background task failed", error=repr(t.exception()))
+
+        task.add_done_callback(done)
+        return task
+
+    def totals(self) -> tuple[int, int]:
+        """Bytes (client->endpoint, endpoint->client) over all connections, live included."""
+        if self._relay is None:
+            b = self.counters.bytes_finished
+            return b[0], b[1]
+        return self._relay.totals()
+
+    def live_bytes(self) -> dict[int, tuple[int, int]]:
+        """Per relayed pair, the bytes moved so far (for per-endpoint status)."""
+        if self._relay is None:
+            return {}
+        return {pid: self._relay.stats(pid) for pid in self.conns}
+
+
+class _Dial:
+    """Connect one accepted client to a remote, failing over; no Task, just callbacks."""
+
+    __slots__ = (
+        "gw",
+        "client",
+        "remote",
+        "sock",
+        "addrs",
+        "timer",
+        "fallback",
+        "deadline",
+        "error",
+        "task",
+    )
+
+    def __init__(self, gw: Gateway, client: socket.socket) -> None:
+        self.gw = gw
+        self.client = client
+        self.remote: Remote | None = None
+        self.sock: socket.socket | None = None
+        self.addrs: list[tuple[int, Any]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.fallback: list[Remote] | None = None
+        self.deadline = 0.0
+        self.error = ""
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.gw.dials.add(self)
+        self._next_remote()
+
+    def _next_remote(self) -> None:
+        gw = self.gw
+        remote: Remote | None = None
+        if self.fallback is None:
+            remote = gw.balancer.pick()
+            if remote is None:
+                self.fallback = gw.balancer.fallback()
+        if remote is None:
+            assert self.fallback is not None
+            if not self.fallback:
+                gw.dials.discard(self)
+                gw.refuse(self.client)
+                return
+            remote = self.fallback.pop(0)
+        self.remote = remote
+        assert gw._loop is not None
+        self.deadline = gw._loop.time() + gw.cfg.dial_timeout
+        addrs = gw.cached_addrs(remote.endpoint.host)
+        if addrs is None:
+            self.task = gw._loop.create_task(self._resolve_then_connect(remote))
+            return
+        self.addrs = list(addrs)
+        self._connect_next()
+
+    async def _resolve_then_connect(self, remote: Remote) -> None:
+        try:
+            self.addrs = list(await self.gw.resolve_addrs(remote.endpoint.host))
+        except (TimeoutError, OSError) as e:
+            self.task = None
+            self._failed(f"dial tcp {remote.addr}: lookup {remote.endpoint.host}: {e}")
+            return
+        self.task = None
+        self._connect_next()
+
+    def _connect_next(self) -> None:
+        gw = self.gw
+        remote = self.remote
+        assert remote is not None and gw._loop is not None
+        if not self.addrs:
+            self._failed(self.error or f"dial tcp {remote.addr}: no address")
+            return
+        fam, sa = self.addrs.pop(0)
+        try:
+            sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            # Out of fds: this client cannot be served now; do not blame the endpoint.
+            self.error = f"dial tcp {remote.addr}: {e.strerror}"
+            gw.dials.discard(self)
+            gw.refuse(self.client)
+            return
+        gw._tune(sock)
+        target = (sa[0], remote.endpoint.port, *sa[2:])
+        err = sock.connect_ex(target)
+        if err == 0:
+            self.sock = sock
+            self._connected()
+            return
+        if err != errno.EINPROGRESS:
+            sock.close()
+            self.error = dial_error(remote.endpoint, sa[0], err)
+            self._connect_next()
+            return
+        self.sock = sock
+        gw._loop.add_writer(sock.fileno(), self._on_writable)
+        self.timer = gw._loop.call_at(self.deadline, self._on_timeout)
+
+    def _on_writable(self) -> None:
+        sock, remote = self.sock, self.remote
+        assert sock is not None and remote is not None and self.gw._loop is not None
+        self.gw._loop.remove_writer(sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            self._connected()
+            return
+        sock.close()
+        self.sock = None
+        self.error = dial_error(remote.endpoint, "", err)
+        self._connect_next()
+
+    def _on_timeout(self) -> None:
+        sock, remote = self.sock, self.remote
+        assert sock is not None and remote is not None and self.gw._loop is not None
+        self.timer = None
+        self.gw._loop.remove_writer(sock.fileno())
+        sock.close()
+        self.sock = None
+        # The whole dial (every address of the endpoint) shares one --dial-timeout.
+        self.addrs = []
+        self._failed(f"dial tcp {remote.addr}: i/o timeout")
+
+    def _failed(self, error: str) -> None:
+        remote = self.remote
+        assert remote is not None
+        self.gw.deactivate(remote, error)
+        self.error = ""
+        self._next_remote()
+
+    def _connected(self) -> None:
+        gw, sock, remote = self.gw, self.sock, self.remote
+        assert sock is not None and remote is not None
+        gw.dials.discard(self)
+        self.sock = None
+        if remote.removed:
+            pass  # a refresh removed it while we dialled; this client may still use it
+        elif not remote.active:
+            gw.activate(remote)
+        gw._start_relay(self.client, sock, remote)
+
+    def abort(self) -> None:
+        """Shutdown: give up this client now."""
+        loop = self.gw._loop
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        if self.sock is not None:
+            if loop is not None:
+                loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+        self.client.close()
+        self.gw.dials.discard(self)
+
+
+def dial_error(ep: Endpoint, ip: str, err: int) -> str:
+    """Go's dial error text: `dial tcp 127.0.0.1:2379: connect: connection refused`."""
+    where = format_addr(ip, ep.port) if ip else ep.addr
+    return f"dial tcp {where}: connect: {os.strerror(err).lower()}"
+
+
+def _sock_name(s: socket.socket) -> str:
+    if s.family == socket.AF_UNIX:
+        return f"unix://{s.getsockname()}"
+    name = s.getsockname()
+    return format_addr(name[0], name[1])
+
+
+def _engine_name(cls: type[Any]) -> str:
+    return "cython" if cls.__module__ == "etcdgw._relay" else "python"

@@ -1,0 +1,254 @@
+"""Run etcdgw as a real process (either engine) and small real backends for server tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = [
+    "GatewayProc",
+    "TagServer",
+    "gateway",
+    "free_tcp_port",
+    "wait_for",
+    "SRC",
+]
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+    """Poll pred until truthy or timeout (then AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(step)
+
+
+def engine_env(impl: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("ETCDGW_NO_EXTENSIONS", None)
+    if impl == "python":
+        env["ETCDGW_NO_EXTENSIONS"] = "1"
+    env.pop("NOTIFY_SOCKET", None)
+    return env
+
+
+class GatewayProc:
+    """`python -m etcdgw ARGS` with its stderr log lines collected by a reader thread."""
+
+    def __init__(self, args: list[str], impl: str = "cython", env: dict[str, str] | None = None):
+        self.args = args
+        self.impl = impl
+        full_env = engine_env(impl)
+        if env:
+            full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "etcdgw", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.stdout = ""
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        with self._lock:
+            lines = list(self.lines)
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def messages(self) -> list[str]:
+        return [str(r.get("msg")) for r in self.records()]
+
+    def wait_log(self, msg: str, timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for r in self.records():
+                if r.get("msg") == msg and all(r.get(k) == v for k, v in fields.items()):
+                    return r
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"gateway exited {self.proc.returncode} before {msg!r}:\n"
+                    + "\n".join(self.lines)
+                )
+            return None
+
+        try:
+            return wait_for(find, timeout)  # type: ignore[no-any-return]
+        except AssertionError as e:
+            raise AssertionError(
+                f"{e}: no log {msg!r} {fields}; log:\n" + "\n".join(self.lines)
+            ) from None
+
+    def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
+        return self.wait_log("ready to proxy client requests", timeout)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        assert self.proc.stdout is not None
+        if not self.proc.stdout.closed:
+            self.stdout = self.proc.stdout.read()
+            self.proc.stdout.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def gateway(relay_impl: str) -> Iterator[Callable[..., GatewayProc]]:
+    """Factory: gateway("--endpoints=...", ...) -> a ready GatewayProc on the engine under test."""
+    procs: list[GatewayProc] = []
+
+    def start(*args: str, ready: bool = True, env: dict[str, str] | None = None) -> GatewayProc:
+        g = GatewayProc(["start", *args], impl=relay_impl, env=env)
+        procs.append(g)
+        if ready:
+            g.wait_ready()
+            engine = [r for r in g.records() if r.get("msg") == "starting etcdgw"]
+            assert engine and engine[0]["relay-engine"] == relay_impl, g.lines
+        return g
+
+    yield start
+    for g in procs:
+        g.stop()
+
+
+class TagServer:
+    """A real TCP backend on loopback: answers every connection with its tag, then echoes.
+
+    Counts accepted connections; `close()` stops it. Runs in one thread with selectors.
+    """
+
+    def __init__(self, tag: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        import selectors
+
+        self.tag = tag.encode()
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=fam, backlog=512)
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+        self.host = host
+        self.accepted = 0
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.sock, selectors.EVENT_READ)
+        self._r, self._w = os.pipe()
+        self._sel.register(self._r, selectors.EVENT_READ)
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def addr(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        import selectors
+
+        while True:
+            for key, _ in self._sel.select(1.0):
+                if key.fileobj == self._r:
+                    return
+                if key.fileobj is self.sock:
+                    try:
+                        c, _ = self.sock.accept()
+                    except BlockingIOError:
+                        continue
+                    self.accepted += 1
+                    c.setblocking(True)
+                    try:
+                        c.sendall(self.tag + b"\n")
+                    except OSError:
+                        c.close()
+                        continue
+                    c.setblocking(False)
+                    self._conns.append(c)
+                    self._sel.register(c, selectors.EVENT_READ)
+                else:
+                    c = key.fileobj  # type: ignore[assignment]
+                    try:
+                        data = c.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._sel.unregister(c)
+                        self._conns.remove(c)
+                        c.close()
+                        continue
+                    try:
+                        c.setblocking(True)
+                        c.sendall(data)
+                        c.setblocking(False)
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            os.write(self._w, b"x")
+            self._thread.join(5)
+        for c in self._conns:
+            c.close()
+        self._sel.close()
+        self.sock.close()
+        os.close(self._r)
+        os.close(self._w)
+
+    def __enter__(self) -> TagServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
