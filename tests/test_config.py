@@ -39,7 +39,7 @@ def test_format_addr(host: str, port: int, want: str) -> None:
     [
         ("127.0.0.1:2379", Endpoint("127.0.0.1", 2379)),
         ("http://localhost:20000", Endpoint("localhost", 20000)),
-        ("https://m1.etcd.local:2379/some/path", Endpoint("m1.etcd.local", 2379)),
+        ("https://m1.etcd.local:2379/some/path", Endpoint("m1.etcd.local", 2379, secure=True)),
         ("[::1]:2379", Endpoint("::1", 2379)),
         ("http://[fc00::ccf0]:2379", Endpoint("fc00::ccf0", 2379)),
     ],

@@ -1,4 +1,4 @@
-"""Start-up in the Go gateway's order (gateway.go startGateway), then serve until stopped.
+"""Start-up in the Go gateway's order (gateway.go startGateway), serving, and SIGHUP reload.
 
 1. discovery (SRV) when --discovery-srv is set; both lookups failing is fatal
 2. fall back to --endpoints when nothing was discovered
@@ -14,14 +14,35 @@ import asyncio
 import dataclasses
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import systemd
 from ._version import __version__
-from .config import Config, ConfigError, Endpoint, check_self_loop, is_loopback_host
-from .config import parse_endpoints as _parse_endpoints
+from .config import (
+    Config,
+    ConfigError,
+    Endpoint,
+    check_self_loop,
+    is_loopback_host,
+    parse_endpoints,
+)
 from .log import Logger
 from .relay import IMPLEMENTATION
+
+if TYPE_CHECKING:
+    from .discovery import Refresher
+    from .metrics import MetricsServer
+    from .server import Gateway
+
+
+@dataclasses.dataclass
+class Running:
+    """What start-up produced: the gateway and its optional companions."""
+
+    gw: Gateway
+    refresher: Refresher | None = None
+    metrics: MetricsServer | None = None
 
 
 def start(cfg: Config, raw_endpoints: Sequence[str], argv: Sequence[str]) -> int:
@@ -30,28 +51,29 @@ def start(cfg: Config, raw_endpoints: Sequence[str], argv: Sequence[str]) -> int
     log.info("Running: ", args=list(argv))
     log.info("starting etcdgw", version=__version__, **{"relay-engine": IMPLEMENTATION})
     try:
-        gw, refresher = prepare(cfg, raw_endpoints, log)
+        run = prepare(cfg, raw_endpoints, log)
     except ConfigError as e:
         stream = sys.stdout if e.stream == "stdout" else sys.stderr
         print(e.message, file=stream)
         stream.flush()
         return 1
     try:
-        asyncio.run(serve(gw, refresher))
+        asyncio.run(serve(run, reload_args=list(argv[1:])))
     except KeyboardInterrupt:
         pass
     log.info("stopped")
     return 0
 
 
-def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger):  # type: ignore[no-untyped-def]
-    """Steps 1-6 up to the bound listener. Returns (Gateway, Refresher or None).
+def resolve_endpoints(
+    cfg: Config, raw_endpoints: Sequence[str], log: Logger
+) -> tuple[tuple[Endpoint, ...], object | None]:
+    """Steps 1-5: the endpoint list, and the discovery result (None without SRV).
 
     Raises:
-        ConfigError: any start-up failure, with the message to print.
+        ConfigError: with the Go gateway's message and stream.
     """
     from . import discovery
-    from .server import Gateway
 
     resolve_host = discovery.host_resolver(cfg)
     endpoints: tuple[Endpoint, ...] = ()
@@ -64,10 +86,24 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger):  # type: ig
         endpoints = discovered.endpoints
     if not endpoints:
         # gateway.go: "no endpoints discovered, fall back to provided endpoints"
-        endpoints = _parse_endpoints(raw_endpoints)
+        endpoints = parse_endpoints(raw_endpoints)
     check_self_loop(cfg.listen, endpoints, resolve_host, is_local=is_local_ip)
     if not endpoints:
         raise ConfigError("no endpoints found")
+    return endpoints, discovered
+
+
+def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
+    """Steps 1-6 up to bound listeners (gateway and metrics).
+
+    Raises:
+        ConfigError: any start-up failure, with the message to print.
+    """
+    from . import discovery
+    from .server import Gateway
+
+    endpoints, discovered = resolve_endpoints(cfg, raw_endpoints, log)
+    resolve_host = discovery.host_resolver(cfg)
     for ls in cfg.listen:
         if ls.path is None and not is_loopback_host(ls.host, resolve_host):
             log.warn(
@@ -82,8 +118,17 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger):  # type: ig
         inherited=systemd.listen_fds(),
     )
     gw.bind()
-    refresher = None
-    if discovered is not None and discovered.endpoints:
+    run = Running(gw)
+    try:
+        if cfg.metrics_addr:
+            from .metrics import MetricsServer
+
+            run.metrics = MetricsServer(gw, cfg.metrics_addr, log)
+            run.metrics.bind()
+    except BaseException:
+        gw.close_listeners()
+        raise
+    if isinstance(discovered, discovery.Discovered) and discovered.endpoints:
 
         def self_check(ep: Endpoint) -> str | None:
             try:
@@ -92,25 +137,97 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger):  # type: ig
                 return e.message
             return None
 
-        refresher = discovery.Refresher(
+        run.refresher = discovery.Refresher(
             cfg, log, discovered, gw.set_endpoints, self_check=self_check
         )
-    return gw, refresher
+    return run
 
 
-async def serve(gw, refresher) -> None:  # type: ignore[no-untyped-def]
-    """Notify systemd, start the SRV refresher, and run the gateway until it stops."""
+async def serve(run: Running, reload_args: Sequence[str] = ()) -> None:
+    """Notify systemd, start the companions, and run the gateway until it stops."""
+    gw = run.gw
     log = gw.log
+    if run.metrics is not None:
+        await run.metrics.start()
+        gw.on_stop.append(run.metrics.close)
+    if run.refresher is not None:
+        gw.spawn(run.refresher.run())
+    if gw.cfg.health_check == "etcd":
+        from .health import HealthChecker
+
+        gw.spawn(HealthChecker(gw, log).run())
+    gw.on_sighup = _reloader(run, reload_args) if gw.cfg.config_file else _refresh_only(run)
     log.info("notifying init daemon")
     try:
         systemd.notify("READY=1")
         log.info("successfully notified init daemon")
     except OSError as e:
         log.error("failed to notify systemd for readiness", error=str(e))
-    if refresher is not None:
-        gw.spawn(refresher.run())
-        gw.on_sighup = refresher.refresh_now
-    await gw.run()
+    try:
+        await gw.run()
+    finally:
+        if run.metrics is not None:
+            run.metrics.close()
+
+
+def _refresh_only(run: Running) -> Callable[[], None]:
+    def on_sighup() -> None:
+        if run.refresher is not None:
+            run.gw.log.info("SIGHUP: refreshing SRV records")
+            run.refresher.refresh_now()
+        else:
+            run.gw.log.info("SIGHUP ignored: no --config-file and no --discovery-srv")
+
+    return on_sighup
+
+
+def _reloader(run: Running, args: Sequence[str]) -> Callable[[], None]:
+    """SIGHUP with --config-file: re-read it and apply what can change without a restart.
+
+    Endpoints added get clients; removed ones get no new clients while their live
+    connections continue; timeouts and health settings apply to what comes next. Listener
+    changes need a restart. A broken file is logged and the running config stays.
+    """
+
+    def on_sighup() -> None:
+        gw = run.gw
+        log = gw.log
+        try:
+            systemd.notify(systemd.reloading_message())
+        except OSError:
+            pass
+        try:
+            from .cli import UsageError, parse_start
+
+            try:
+                new, raw = parse_start(args)
+            except UsageError as e:
+                raise ConfigError(str(e), stream="stderr") from None
+            if run.refresher is not None and new.discovery_srv == gw.cfg.discovery_srv:
+                endpoints = gw.cfg.endpoints
+                run.refresher.refresh_now()
+            else:
+                endpoints, _ = resolve_endpoints(new, raw, log)
+            if new.listen != gw.cfg.listen or new.metrics_addr != gw.cfg.metrics_addr:
+                log.warn("reload: listen and metrics addresses change only on restart")
+            new = dataclasses.replace(
+                new,
+                listen=gw.cfg.listen,
+                metrics_addr=gw.cfg.metrics_addr,
+                endpoints=endpoints,
+            )
+        except ConfigError as e:
+            log.error("reload failed; keeping the running configuration", error=e.message)
+        else:
+            gw.cfg = new
+            gw.set_endpoints(endpoints)
+            log.info("reloaded configuration", endpoints=[ep.addr for ep in endpoints])
+        try:
+            systemd.notify("READY=1")
+        except OSError:
+            pass
+
+    return on_sighup
 
 
 def is_local_ip(ip: str) -> bool:

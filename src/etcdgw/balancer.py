@@ -40,9 +40,12 @@ class Remote:
     dial_failures: int = 0
     bytes_to_endpoint: int = 0
     bytes_from_endpoint: int = 0
-    # Health-check damping state.
+    # Health-check damping state (consecutive results) and totals.
     checks_ok: int = 0
     checks_failed: int = 0
+    health_ok_total: int = 0
+    health_failed_total: int = 0
+    last_health_error: str = ""
 
     @property
     def addr(self) -> str:

@@ -155,6 +155,53 @@ def add_start_flags(p: argparse.ArgumentParser) -> None:
         "--discovery-refresh-max", default="5m", metavar="DURATION",
         help="longest interval between SRV refreshes, whatever the TTL (default: %(default)s)",
     )  # fmt: skip
+    o = p.add_argument_group("operations flags")
+    o.add_argument(
+        "--config-file", default="", metavar="PATH",
+        help="YAML file whose keys are the long flag names (as etcd's --config-file); flags "
+        "on the command line win; SIGHUP re-reads it",
+    )  # fmt: skip
+    o.add_argument(
+        "--health-check", default="tcp", choices=("none", "tcp", "etcd"),
+        help="tcp: re-probe inactive endpoints every --retry-delay (etcd's behaviour); etcd: "
+        "also GET /health on every endpoint every --health-interval; none: no probing "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    o.add_argument(
+        "--health-interval", default="5s", metavar="DURATION",
+        help="interval of --health-check=etcd checks (default: %(default)s)",
+    )  # fmt: skip
+    o.add_argument(
+        "--health-rise", default="2", metavar="N",
+        help="consecutive good checks before an unhealthy endpoint gets clients again "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    o.add_argument(
+        "--health-fall", default="3", metavar="N",
+        help="consecutive failed checks before a healthy endpoint gets no new clients "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    o.add_argument(
+        "--health-cert-file", default="", metavar="PATH",
+        help="client certificate for health checks of TLS endpoints (with --trusted-ca-file)",
+    )  # fmt: skip
+    o.add_argument(
+        "--health-key-file", default="", metavar="PATH",
+        help="key of --health-cert-file",
+    )  # fmt: skip
+    o.add_argument(
+        "--metrics-addr", default="", metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /health, /ready and /status there (default: off)",
+    )  # fmt: skip
+    o.add_argument(
+        "--max-connections", default="0", metavar="N",
+        help="most client connections at once; more wait in the kernel's backlog "
+        "(default: 0, unlimited)",
+    )  # fmt: skip
+    o.add_argument(
+        "--listen-unix-mode", default="0660", metavar="MODE",
+        help="permissions of unix:// listen sockets (default: %(default)s)",
+    )  # fmt: skip
     x.add_argument(
         "--log-format", default="json", choices=("json", "text"),
         help="log line format on stderr (default: %(default)s, zap-style like etcd)",
@@ -165,10 +212,15 @@ def add_start_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _sub(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    start: argparse.ArgumentParser = sub.choices["start"]
+    return start
+
+
 def _value_flags(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
     """(flags of `start` that take a value, all flags of `start`)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    start = sub.choices["start"]
+    start = _sub(parser)
     takes, every = set(), set()
     for a in start._actions:
         for opt in a.option_strings:
@@ -224,6 +276,21 @@ def _bool(flag: str, value: str) -> bool:
     )
 
 
+def _int(flag: str, value: str, minimum: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise UsageError(
+            f"invalid argument {go_quote(value)} for {go_quote(flag)} flag: "
+            f"strconv.ParseInt: parsing {go_quote(value)}: invalid syntax"
+        ) from None
+    if n < minimum:
+        raise UsageError(
+            f"invalid argument {go_quote(value)} for {go_quote(flag)} flag: must be >= {minimum}"
+        )
+    return n
+
+
 def split_endpoints(values: Sequence[str] | None) -> list[str]:
     """pflag StringSlice: CSV per occurrence, appended; no flag -> the default."""
     if values is None:
@@ -270,6 +337,23 @@ def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
             raise UsageError(f"invalid argument for {go_quote(flag)} flag: must not be negative")
     if rmin > rmax:
         raise UsageError("--discovery-refresh-min must not be greater than --discovery-refresh-max")
+    health_interval = _duration("--health-interval", ns.health_interval)
+    if health_interval <= 0:
+        raise UsageError('invalid argument for "--health-interval" flag: must be positive')
+    rise = _int("--health-rise", ns.health_rise, 1)
+    fall = _int("--health-fall", ns.health_fall, 1)
+    max_conns = _int("--max-connections", ns.max_connections, 0)
+    try:
+        unix_mode = int(ns.listen_unix_mode, 8)
+        if not 0 <= unix_mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"invalid argument {go_quote(ns.listen_unix_mode)} for "
+            '"--listen-unix-mode" flag: expected an octal mode such as 0660'
+        ) from None
+    if bool(ns.health_cert_file) != bool(ns.health_key_file):
+        raise UsageError("--health-cert-file and --health-key-file go together")
     listens = ns.listen_addr or [DEFAULT_LISTEN_ADDR]
     cfg = Config(
         listen=tuple(parse_listen(a) for a in listens),
@@ -287,6 +371,16 @@ def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
         log_level=ns.log_level,
         drain_timeout=drain,
         tcp_keepalive=keepalive,
+        max_connections=max_conns,
+        listen_unix_mode=unix_mode,
+        health_check=ns.health_check,
+        health_interval=health_interval,
+        health_rise=rise,
+        health_fall=fall,
+        health_cert_file=ns.health_cert_file,
+        health_key_file=ns.health_key_file,
+        metrics_addr=ns.metrics_addr,
+        config_file=ns.config_file,
     )
     return cfg, split_endpoints(ns.endpoints)
 
@@ -295,6 +389,79 @@ def version_text() -> str:
     from .relay import IMPLEMENTATION
 
     return f"etcdgw {__version__} (relay engine: {IMPLEMENTATION}; Python {sys.version.split()[0]})"
+
+
+def parse_start(args: Sequence[str]) -> tuple[Config, list[str]]:
+    """`start` flags (+ --config-file) -> (Config, raw endpoints). Also used by SIGHUP reload.
+
+    Raises:
+        UsageError: a bad flag or config-file value.
+        ConfigError: an unreadable or invalid config file.
+    """
+    parser = get_parser()
+    argv = normalise_argv(args, parser)
+    ns = parser.parse_args(argv)
+    if ns.config_file:
+        apply_config_file(ns, ns.config_file, given_flags(argv))
+    return build_config(ns)
+
+
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """Long flag names that appear on the command line (they win over the config file)."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def apply_config_file(ns: argparse.Namespace, path: str, given: set[str]) -> None:
+    """Fill ns from a YAML file whose keys are long flag names, like etcd's --config-file.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key (stderr, exit 1).
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}", stream="stderr") from e
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"invalid config file {path}: YAML error{at}", stream="stderr") from e
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config file {path}: expected a mapping", stream="stderr")
+    known = {a.dest: a for a in _start_parser()._actions if a.option_strings}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        action = known.get(dest)
+        if action is None or dest in ("help", "config_file"):
+            raise ConfigError(f"invalid config file {path}: unknown key {key!r}", stream="stderr")
+        if action.option_strings[0] in given:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        if isinstance(action, argparse._AppendAction):
+            items = value if isinstance(value, list) else [value]
+            value = [str(v) for v in items]
+        elif isinstance(value, list | dict):
+            raise ConfigError(
+                f"invalid config file {path}: {key} must be a single value", stream="stderr"
+            )
+        else:
+            value = str(value)
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(
+                f"invalid config file {path}: {key}: {value!r} is not one of "
+                + ", ".join(map(str, action.choices)),
+                stream="stderr",
+            )
+        setattr(ns, dest, value)
+
+
+def _start_parser() -> argparse.ArgumentParser:
+    return _sub(get_parser())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command != "start":
             parser.print_help(sys.stderr)
             return 1
-        cfg, raw_endpoints = build_config(ns)
+        cfg, raw_endpoints = parse_start(args)
     except UsageError as e:
         # cobra prints "Error: <msg>" and the usage, then etcd's Main prints the error again.
         print(f"Error: {e}", file=sys.stderr)

@@ -88,6 +88,14 @@ class Config:
     max_connections: int = 0  # 0: unlimited
     listen_unix_mode: int = 0o660
     buffer_size: int = 65536
+    health_check: str = "tcp"  # none | tcp | etcd
+    health_interval: float = 5.0
+    health_rise: int = 2
+    health_fall: int = 3
+    health_cert_file: str = ""
+    health_key_file: str = ""
+    metrics_addr: str = ""
+    config_file: str = ""
     log_format: str = "json"
     log_level: str = "info"
 
@@ -157,6 +165,8 @@ def parse_endpoint(ep: str, **srv: int | bool) -> Endpoint:
             with the reason appended for ports outside 1-65535.
     """
     raw = strip_schema(ep)
+    if ep.startswith("https://") and "secure" not in srv:
+        srv = {**srv, "secure": True}
     try:
         host, port_text = split_host_port(raw)
     except ValueError:

@@ -99,7 +99,6 @@ class Gateway:
         self._accepting = False
         self._accept_pause = ACCEPT_PAUSE
         self._pause_handle: asyncio.TimerHandle | None = None
-        self._max_conns = cfg.max_connections
         self._tasks: set[asyncio.Task[Any]] = set()
         self._done: asyncio.Future[None] | None = None
         self._draining = False
@@ -235,7 +234,7 @@ class Gateway:
     def _on_accept(self, lsock: socket.socket) -> None:
         is_tcp = lsock.family != socket.AF_UNIX
         for _ in range(ACCEPT_BATCH):
-            if self._max_conns and self.active_connections() >= self._max_conns:
+            if self.cfg.max_connections and self.active_connections() >= self.cfg.max_connections:
                 # Leave further clients in the kernel's backlog until a connection ends.
                 self._stop_accepting()
                 return
@@ -419,7 +418,9 @@ class Gateway:
             not self._accepting
             and self._pause_handle is None
             and self._loop is not None
-            and (not self._max_conns or self.active_connections() < self._max_conns)
+            and (
+                not self.cfg.max_connections or self.active_connections() < self.cfg.max_connections
+            )
         ):
             self._start_accepting()
 
