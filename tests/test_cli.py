@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _gateway import SRC, GatewayProc, TagServer, engine_env, free_tcp_port
 
+from _gateway import GatewayProc, TagServer, engine_env, free_tcp_port
 from etcdgw import cli
 from etcdgw.config import Endpoint, Listen
 

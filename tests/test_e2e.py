@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable
 
 import pytest
+
 from _etcd import EtcdCluster, EtcdctlWatch, etcdctl
 from _gateway import GatewayProc, free_tcp_port, wait_for
 
