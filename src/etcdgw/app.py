@@ -128,17 +128,15 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
     except BaseException:
         gw.close_listeners()
         raise
-    if isinstance(discovered, discovery.Discovered) and discovered.endpoints:
-
-        def self_check(ep: Endpoint) -> str | None:
-            try:
-                check_self_loop(cfg.listen, [ep], resolve_host, is_local=is_local_ip)
-            except ConfigError as e:
-                return e.message
-            return None
-
+    if isinstance(discovered, discovery.Discovered):
+        # Also when start-up fell back to --endpoints: once DNS or the certificates are
+        # fixed, a refresh adopts the SRV set (the Go gateway never looks again).
         run.refresher = discovery.Refresher(
-            cfg, log, discovered, gw.set_endpoints, self_check=self_check
+            cfg,
+            log,
+            discovered,
+            gw.set_endpoints,
+            self_check=discovery.self_check_for(cfg, resolve_host, is_local=is_local_ip),
         )
     return run
 

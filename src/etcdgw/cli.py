@@ -124,7 +124,9 @@ def add_start_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--trusted-ca-file", default="", metavar="PATH",
         help="path to the client server TLS CA file for verifying the discovered endpoints "
-        "when discovery-srv is provided",
+        "when discovery-srv is provided. etcdgw: discovered https SRV targets must complete "
+        "a TLS handshake whose certificate chains to it and names the target (system trust "
+        "store when empty)",
     )  # fmt: skip
     x = p.add_argument_group("etcdgw flags")
     x.add_argument(
@@ -144,16 +146,20 @@ def add_start_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     x.add_argument(
         "--discovery-dns", default="", metavar="HOST:PORT",
-        help="DNS server for SRV discovery and for resolving the SRV targets "
-        "(default: the system resolver)",
+        help="DNS server (IP:PORT or [IPv6]:PORT; port 53 if omitted) to ask for the SRV "
+        "records of --discovery-srv and for their targets' addresses, at start-up, at refresh "
+        "and at each connect (default: the system resolver)",
     )  # fmt: skip
     x.add_argument(
         "--discovery-refresh-min", default="5s", metavar="DURATION",
-        help="shortest interval between SRV refreshes, whatever the TTL (default: %(default)s)",
+        help="shortest interval between SRV re-resolutions: the records' TTL is clamped to "
+        "[min, max]; failed lookups are retried after min, doubling up to max "
+        "(default: %(default)s)",
     )  # fmt: skip
     x.add_argument(
         "--discovery-refresh-max", default="5m", metavar="DURATION",
-        help="longest interval between SRV refreshes, whatever the TTL (default: %(default)s)",
+        help="longest interval between SRV re-resolutions, however long the TTL "
+        "(default: %(default)s)",
     )  # fmt: skip
     o = p.add_argument_group("operations flags")
     o.add_argument(
@@ -354,6 +360,10 @@ def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
         ) from None
     if bool(ns.health_cert_file) != bool(ns.health_key_file):
         raise UsageError("--health-cert-file and --health-key-file go together")
+    if ns.discovery_dns:
+        from .discovery import parse_dns_server
+
+        parse_dns_server(ns.discovery_dns)  # ConfigError on a malformed value
     listens = ns.listen_addr or [DEFAULT_LISTEN_ADDR]
     cfg = Config(
         listen=tuple(parse_listen(a) for a in listens),

@@ -307,7 +307,24 @@ class Gateway:
         return addrs
 
     async def resolve_addrs(self, host: str) -> list[tuple[int, Any]]:
-        """Resolve host (through --discovery-dns when set) and cache it for RESOLVE_TTL."""
+        """Resolve host (through --discovery-dns when set) and cache it for RESOLVE_TTL.
+
+        When the resolver fails but an earlier answer exists, that answer is used again (the
+        "keep the last good answer" rule of HAProxy's `hold` and gobetween's `keeplast`): a
+        DNS outage must not take down members that are still reachable.
+        """
+        try:
+            addrs = await self._lookup(host)
+        except (OSError, asyncio.TimeoutError):
+            stale = self._addr_cache.get(host)
+            if stale is None:
+                raise
+            addrs = stale[1]
+            self.log.debug("resolving failed; using the last good addresses", host=host)
+        self._addr_cache[host] = (time.monotonic() + RESOLVE_TTL, addrs)
+        return addrs
+
+    async def _lookup(self, host: str) -> list[tuple[int, Any]]:
         if self._resolve is not None:
             ips = await self._resolve(host)
             addrs: list[tuple[int, Any]] = [
@@ -322,7 +339,6 @@ class Gateway:
                     addrs.append((fam, (sa[0], 0)))
         if not addrs:
             raise OSError(errno.EHOSTUNREACH, f"lookup {host}: no such host")
-        self._addr_cache[host] = (time.monotonic() + RESOLVE_TTL, addrs)
         return addrs
 
     def _start_relay(self, client: socket.socket, upstream: socket.socket, remote: Remote) -> None:
