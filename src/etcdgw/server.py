@@ -315,7 +315,7 @@ class Gateway:
         """
         try:
             addrs = await self._lookup(host)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             stale = self._addr_cache.get(host)
             if stale is None:
                 raise
