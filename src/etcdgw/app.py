@@ -32,6 +32,7 @@ from .relay import IMPLEMENTATION
 
 if TYPE_CHECKING:
     from .discovery import Refresher
+    from .health import HealthChecker
     from .metrics import MetricsServer
     from .server import Gateway
 
@@ -43,6 +44,7 @@ class Running:
     gw: Gateway
     refresher: Refresher | None = None
     metrics: MetricsServer | None = None
+    health: HealthChecker | None = None
 
 
 def start(cfg: Config, raw_endpoints: Sequence[str], argv: Sequence[str]) -> int:
@@ -125,8 +127,15 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
 
             run.metrics = MetricsServer(gw, cfg.metrics_addr, log)
             run.metrics.bind()
+        from .health import HealthChecker
+
+        # Built now so a bad --trusted-ca-file or health key is a start-up error. It reads
+        # gw.cfg every round, so a reload can switch etcd checks on and off.
+        run.health = HealthChecker(gw, log)
     except BaseException:
         gw.close_listeners()
+        if run.metrics is not None:
+            run.metrics.close()
         raise
     if isinstance(discovered, discovery.Discovered):
         # Also when start-up fell back to --endpoints: once DNS or the certificates are
@@ -146,14 +155,12 @@ async def serve(run: Running, reload_args: Sequence[str] = ()) -> None:
     gw = run.gw
     log = gw.log
     if run.metrics is not None:
+        # Left open while draining, so /ready answers 503 then; closed when serving ends.
         await run.metrics.start()
-        gw.on_stop.append(run.metrics.close)
     if run.refresher is not None:
         gw.spawn(run.refresher.run())
-    if gw.cfg.health_check == "etcd":
-        from .health import HealthChecker
-
-        gw.spawn(HealthChecker(gw, log).run())
+    if run.health is not None:
+        gw.spawn(run.health.run())
     gw.on_sighup = _reloader(run, reload_args) if gw.cfg.config_file else _refresh_only(run)
     log.info("notifying init daemon")
     try:

@@ -274,6 +274,11 @@ class Gateway:
 
         self._pause_handle = self._loop.call_later(delay, resume)
 
+    @property
+    def draining(self) -> bool:
+        """True once a stop signal was received (no new clients are accepted)."""
+        return self._draining
+
     def active_connections(self) -> int:
         return len(self.conns) + len(self.dials)
 

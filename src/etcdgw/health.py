@@ -1,0 +1,403 @@
+"""Active etcd health checks (--health-check=etcd): GET /health on every endpoint, damped.
+
+# Strategy:
+The Go gateway only re-probes *inactive* endpoints with a TCP connect (server.py's monitor
+keeps doing that); a member that accepts TCP but has no leader keeps getting clients there.
+With --health-check=etcd every endpoint is also asked etcd's own `GET /health` every
+--health-interval, one request in flight per endpoint, all endpoints concurrently. The
+verdict is damped like HAProxy's rise/fall: `record_check()` is the whole decision, a pure
+function over a `Remote`, so it is tested without sockets or clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import json
+import os
+import socket
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .balancer import Remote
+from .config import Config, ConfigError, Endpoint, format_addr, format_duration
+
+if TYPE_CHECKING:
+    from .log import Logger
+    from .server import Gateway
+
+__all__ = [
+    "HealthChecker",
+    "check_endpoint",
+    "judge_response",
+    "record_check",
+    "tls_context",
+]
+
+# A health answer is a few dozen bytes; anything bigger is not etcd's /health.
+MAX_RESPONSE = 64 * 1024
+
+
+# --- decision (pure) --------------------------------------------------------------------------
+
+
+def record_check(remote: Remote, error: str, *, rise: int, fall: int) -> bool | None:
+    """Record one check result on remote and apply rise/fall damping.
+
+    Args:
+        error: "" when the check passed, else why it failed.
+        rise: consecutive passes that make an unhealthy remote healthy again.
+        fall: consecutive failures that make a healthy remote unhealthy.
+
+    Returns:
+        The new `remote.healthy` when this result changed it, else None.
+    """
+    if not error:
+        remote.health_ok_total += 1
+        remote.checks_ok += 1
+        remote.checks_failed = 0
+        if not remote.healthy and remote.checks_ok >= rise:
+            remote.healthy = True
+            return True
+        return None
+    remote.health_failed_total += 1
+    remote.last_health_error = error
+    remote.checks_failed += 1
+    remote.checks_ok = 0
+    if remote.healthy and remote.checks_failed >= fall:
+        remote.healthy = False
+        return False
+    return None
+
+
+def judge_response(status: int, reason: str, body: bytes) -> str:
+    """The empty string when an etcd /health answer means healthy, else why it does not.
+
+    etcd 3.4 answers 200 `{"health":"true"}` and 503 `{"health":"false"}` (later 3.4 and
+    3.5 add `"reason"`); only a 200 whose `health` is true counts.
+    """
+    text = body.decode("utf-8", "replace").strip()
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    try:
+        doc: Any = json.loads(text)
+    except ValueError:
+        doc = None
+    health = doc.get("health") if isinstance(doc, dict) else None
+    if status == 200 and health in ("true", True):
+        return ""
+    if status == 200:
+        return f"unhealthy: {shown}" if health is not None else f"unexpected answer: {shown!r}"
+    return f"{status} {reason}: {shown}".rstrip(": ")
+
+
+# --- one check (I/O) -------------------------------------------------------------------------
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext:
+    """The client context for checks of https endpoints.
+
+    Trusts --trusted-ca-file (the system store if empty) and presents --health-cert-file /
+    --health-key-file when given: members run with --client-cert-auth refuse anonymous
+    clients, /health included.
+
+    Raises:
+        ConfigError: an unreadable CA file, certificate or key (stderr).
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.trusted_ca_file or None)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(
+            f"failed to load trusted CA file {cfg.trusted_ca_file}: {_reason(e)}",
+            stream="stderr",
+        ) from None
+    if cfg.health_cert_file:
+        try:
+            ctx.load_cert_chain(cfg.health_cert_file, cfg.health_key_file or None)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(
+                f"failed to load --health-cert-file {cfg.health_cert_file}: {_reason(e)}",
+                stream="stderr",
+            ) from None
+    return ctx
+
+
+async def check_endpoint(
+    ep: Endpoint,
+    addrs: list[tuple[int, Any]],
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+) -> str:
+    """GET /health on ep, trying its addresses in order, all within timeout.
+
+    Args:
+        addrs: (family, sockaddr) pairs as from Gateway.resolve_addrs (port ignored).
+        ssl_context: used when ep.secure; None checks https endpoints without TLS.
+
+    Returns:
+        "" when healthy, else the error (`GET https://host:port/health: ...`).
+    """
+    url = f"{'https' if ep.secure and ssl_context else 'http'}://{ep.addr}/health"
+    try:
+        async with asyncio.timeout(timeout):
+            status, reason, body = await _fetch(ep, addrs, ssl_context if ep.secure else None)
+    except TimeoutError:
+        return f"GET {url}: i/o timeout ({format_duration(timeout)})"
+    except ssl.SSLError as e:
+        return f"GET {url}: tls: {_reason(e)}"
+    except _BadResponse as e:
+        return f"GET {url}: malformed response: {e}"
+    except _DialError as e:
+        return f"GET {url}: {e.strerror}"
+    except OSError as e:
+        return f"GET {url}: {_reason(e)}"
+    error = judge_response(status, reason, body)
+    return f"GET {url}: {error}" if error else ""
+
+
+class _BadResponse(Exception):
+    """Not an HTTP/1.x response we can read."""
+
+
+class _DialError(OSError):
+    """A failed connect, already worded like Go's dial errors."""
+
+
+async def _fetch(
+    ep: Endpoint, addrs: list[tuple[int, Any]], ctx: ssl.SSLContext | None
+) -> tuple[int, str, bytes]:
+    loop = asyncio.get_running_loop()
+    sock: socket.socket | None = None
+    writer: asyncio.StreamWriter | None = None
+    last: OSError | None = None
+    try:
+        for fam, sa in addrs:
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                await loop.sock_connect(s, (sa[0], ep.port, *sa[2:]))
+            except OSError as e:
+                s.close()
+                reason = os.strerror(e.errno).lower() if e.errno else str(e)
+                where = format_addr(sa[0], ep.port)
+                last = _DialError(e.errno or errno.EIO, f"dial tcp {where}: connect: {reason}")
+                continue
+            except BaseException:
+                s.close()
+                raise
+            sock = s
+            break
+        if sock is None:
+            raise last or _DialError(errno.EHOSTUNREACH, f"dial tcp {ep.addr}: no address")
+        reader, writer = await asyncio.open_connection(
+            sock=sock,
+            ssl=ctx,
+            # SNI and certificate check against the endpoint's own name, not the IP dialled.
+            server_hostname=ep.host if ctx is not None else None,
+            limit=MAX_RESPONSE,
+        )
+        writer.write(
+            f"GET /health HTTP/1.1\r\nHost: {ep.addr}\r\nUser-Agent: etcdgw/{__version__}\r\n"
+            "Accept: application/json\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        return await _read_response(reader)
+    finally:
+        if writer is not None:
+            # abort, not close: no TLS close_notify round trip to wait for.
+            writer.transport.abort()
+        if sock is not None:
+            sock.close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+    try:
+        line = await reader.readline()
+        parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise _BadResponse(repr(line[:80]) if line else "empty")
+        status, reason = int(parts[1]), (parts[2] if len(parts) > 2 else "")
+        length: int | None = None
+        chunked = False
+        for _ in range(100):
+            h = await reader.readline()
+            if h in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = h.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length" and value.isdigit():
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        else:
+            raise _BadResponse("too many header lines")
+        if chunked:
+            body = b""
+            while True:
+                size_line = (await reader.readline()).split(b";", 1)[0].strip()
+                try:
+                    size = int(size_line, 16)
+                except ValueError:
+                    raise _BadResponse("bad chunk size") from None
+                if size == 0 or len(body) + size > MAX_RESPONSE:
+                    break
+                body += await reader.readexactly(size)
+                await reader.readline()
+        elif length is not None:
+            body = await reader.readexactly(min(length, MAX_RESPONSE))
+        else:
+            body = await reader.read(MAX_RESPONSE)
+    except (asyncio.LimitOverrunError, ValueError):
+        raise _BadResponse("response too large") from None
+    except asyncio.IncompleteReadError:
+        raise _BadResponse("connection closed mid-response") from None
+    return status, reason, body
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLError):
+        text = str(e.args[1]) if len(e.args) > 1 else str(e)
+        # "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1006)"
+        text = text.split("] ", 1)[-1]
+        return text.rsplit(" (_ssl.c:", 1)[0]
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno).lower()
+    return str(e) or type(e).__name__
+
+
+# --- the checker ------------------------------------------------------------------------------
+
+
+class HealthChecker:
+    """Checks every endpoint (not removed) every --health-interval while the gateway runs.
+
+    Settings are read from `gw.cfg` at each round, so a SIGHUP reload that replaces the
+    config takes effect at the next round; with --health-check other than etcd the
+    checker idles (and gives back clients to endpoints it had taken out).
+
+    Raises (from __init__):
+        ConfigError: --health-check=etcd and the TLS files cannot be loaded (tls_context).
+    """
+
+    def __init__(self, gw: Gateway, log: Logger) -> None:
+        self.gw = gw
+        self.log = log
+        self._inflight: dict[Remote, asyncio.Task[None]] = {}
+        self._tls_files: tuple[str, str, str] | None = None
+        self._ssl: ssl.SSLContext | None = None
+        if gw.cfg.health_check == "etcd":
+            self._ssl_context()
+
+    @property
+    def enabled(self) -> bool:
+        return self.gw.cfg.health_check == "etcd"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the current config; rebuilt when its files change.
+
+        Raises:
+            ConfigError: on the first build only; later a reload's bad files are logged and
+                the previous context is kept.
+        """
+        cfg = self.gw.cfg
+        files = (cfg.trusted_ca_file, cfg.health_cert_file, cfg.health_key_file)
+        if files != self._tls_files:
+            try:
+                self._ssl = tls_context(cfg)
+            except ConfigError as e:
+                if self._tls_files is None:
+                    raise
+                self.log.error("health checks keep their previous TLS settings", error=e.message)
+            self._tls_files = files
+        return self._ssl
+
+    async def run(self) -> None:
+        """Check at a fixed rate until cancelled; a slow endpoint skips its turn, not others."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                due = loop.time() + self.gw.cfg.health_interval
+                self.tick()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+        finally:
+            for task in list(self._inflight.values()):
+                task.cancel()
+
+    def tick(self) -> None:
+        """Start one check for every endpoint that has none in flight."""
+        if not self.enabled:
+            self._release()
+            return
+        try:
+            ctx = self._ssl_context()
+        except ConfigError as e:
+            # Only when the checker was built idle and a reload turned it on.
+            self.log.error("health checks of TLS endpoints cannot run", error=e.message)
+            ctx = None
+        for remote in self.gw.balancer.remotes:
+            if remote.removed or remote in self._inflight:
+                continue
+            task = asyncio.ensure_future(self._check(remote, ctx))
+            self._inflight[remote] = task
+            task.add_done_callback(functools.partial(self._done, remote))
+
+    def _release(self) -> None:
+        """Checks turned off by a reload: nothing may stay out on an old verdict."""
+        for remote in self.gw.balancer.remotes:
+            remote.checks_ok = remote.checks_failed = 0
+            if not remote.healthy:
+                remote.healthy = True
+                self.log.info("endpoint healthy", address=remote.addr, reason="checks off")
+
+    def _done(self, remote: Remote, task: asyncio.Task[None]) -> None:
+        if self._inflight.get(remote) is task:
+            del self._inflight[remote]
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error(
+                "health check failed unexpectedly",
+                address=remote.addr,
+                error=repr(task.exception()),
+            )
+
+    async def _check(self, remote: Remote, ctx: ssl.SSLContext | None) -> None:
+        ep = remote.endpoint
+        gw = self.gw
+        timeout = gw.cfg.dial_timeout
+        if ep.secure and ctx is None:
+            error = f"GET https://{ep.addr}/health: no TLS settings"
+        else:
+            try:
+                addrs = gw.cached_addrs(ep.host)
+                if addrs is None:
+                    addrs = await asyncio.wait_for(gw.resolve_addrs(ep.host), timeout)
+            except (TimeoutError, OSError) as e:
+                why = "i/o timeout" if isinstance(e, TimeoutError) else _reason(e)
+                error = f"lookup {ep.host}: {why}"
+            else:
+                error = await check_endpoint(ep, addrs, timeout=timeout, ssl_context=ctx)
+        if self.enabled:
+            self.apply(remote, error)
+
+    def apply(self, remote: Remote, error: str) -> None:
+        """Record one result, log a change of verdict, reactivate a dial-failed endpoint."""
+        if remote.removed:
+            return
+        cfg = self.gw.cfg
+        changed = record_check(remote, error, rise=cfg.health_rise, fall=cfg.health_fall)
+        if error:
+            self.log.debug("health check failed", address=remote.addr, error=error)
+        elif not remote.active:
+            # It answered etcd's /health: it accepts connections again, sooner than the
+            # next --retry-delay re-probe would find out.
+            self.gw.activate(remote)
+        if changed is False:
+            self.log.warn(
+                "endpoint unhealthy",
+                address=remote.addr,
+                error=error,
+                failures=remote.checks_failed,
+            )
+        elif changed is True:
+            self.log.info("endpoint healthy", address=remote.addr, passes=remote.checks_ok)
