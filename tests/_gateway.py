@@ -191,6 +191,10 @@ class TagServer:
         self._thread.start()
 
     @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    @property
     def addr(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 

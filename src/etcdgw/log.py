@@ -51,7 +51,7 @@ class Logger:
                 "msg": msg,
             }
             rec.update(fields)
-            line = json.dumps(rec, default=str, ensure_ascii=False)
+            line = json.dumps(rec, default=str, ensure_ascii=False, separators=(",", ":"))
         else:
             extra = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
             line = f"{_ts(now)} {level.upper():5} {msg}" + (f" {extra}" if extra else "")
