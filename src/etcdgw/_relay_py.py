@@ -1,0 +1,275 @@
+"""Pure-Python relay engine: the same edge-triggered epoll logic as _relay.pyx, with os calls."""
+
+# Strategy: see _relay.pyx and docs/engine.md; the splice(2) path is left to the Cython twin.
+# Differences forced by Python: epoll reports fds (not a 64-bit key), so a dict maps
+# fd -> (pair, side); EAGAIN arrives as BlockingIOError; os.write cannot pass MSG_NOSIGNAL,
+# which is safe because CPython ignores SIGPIPE at start-up: a dead peer is an EPIPE.
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from collections.abc import Callable
+
+MAX_EVENTS = 256
+VISIT_BUFS = 16  # per direction per visit: fairness between busy pairs
+RUN_BUFS = 64  # per run() call: the asyncio loop gets its thread back quickly
+WAIT, MORE = 0, 1
+
+_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+class _Dir:
+    """One direction of a pair: src -> dst, and the bytes dst has refused so far."""
+
+    __slots__ = ("src", "dst", "buf", "moved", "ready", "drain", "eof", "done")
+
+    def __init__(self, src: int, dst: int) -> None:
+        self.src = src
+        self.dst = dst
+        self.buf = b""  # bytes dst refused; empty in the idle case
+        self.moved = 0  # bytes handed to dst
+        self.ready = False  # progress this direction on the next visit
+        self.drain = False  # src reported RDHUP/HUP/ERR: a short read no longer proves it empty
+        self.eof = False  # src said EOF; pass it on once buf is flushed
+        self.done = False  # EOF passed on: dst shut down for writing
+
+
+class _Pair:
+    __slots__ = ("id", "dirs", "errcheck")
+
+    def __init__(self, pair_id: int, client_fd: int, upstream_fd: int) -> None:
+        self.id = pair_id
+        # [0] client -> upstream, [1] upstream -> client; index = side of the src fd.
+        self.dirs = (_Dir(client_fd, upstream_fd), _Dir(upstream_fd, client_fd))
+        self.errcheck = [False, False]  # per side: EPOLLERR seen on that side's fd
+
+
+class Engine:
+    """Relay bytes between borrowed pairs of non-blocking sockets, both ways, on one epoll fd."""
+
+    def __init__(self, bufsize: int = 65536) -> None:
+        if not 1 <= bufsize <= 1 << 30:
+            raise ValueError(f"bufsize out of range: {bufsize}")
+        self._bufsize = bufsize
+        self._scratch = bytearray(bufsize)
+        self._view = memoryview(self._scratch)
+        self._epoll: select.epoll | None = select.epoll()
+        self._pairs: dict[int, _Pair] = {}
+        self._fds: dict[int, tuple[_Pair, int]] = {}
+        self._ready: dict[int, _Pair] = {}  # insertion-ordered: a FIFO with O(1) removal
+        self._finished: list[tuple[int, int, int, int]] = []
+        self._next_id = 1
+        self._total = [0, 0]
+        self._budget = 0
+
+    def fileno(self) -> int:
+        """The engine's epoll fd: register it with loop.add_reader."""
+        return self._open().fileno()
+
+    def add(self, client_fd: int, upstream_fd: int) -> int:
+        """Start relaying between two connected non-blocking sockets; return the pair id."""
+        ep = self._open()
+        pair = _Pair(self._next_id, client_fd, upstream_fd)
+        # Registered once: ET means no epoll_ctl per event; an fd that is already readable
+        # reports at the next poll, so bytes sent before add() are not lost.
+        ep.register(client_fd, _FLAGS)
+        try:
+            ep.register(upstream_fd, _FLAGS)
+        except BaseException:
+            ep.unregister(client_fd)
+            raise
+        self._next_id += 1
+        self._pairs[pair.id] = pair
+        self._fds[client_fd] = (pair, 0)
+        self._fds[upstream_fd] = (pair, 1)
+        return pair.id
+
+    def run(self) -> list[tuple[int, int, int, int]]:
+        """Handle ready events without blocking; return the pairs that finished."""
+        ep = self._open()
+        self._budget = RUN_BUFS * self._bufsize
+        for _ in range(len(self._ready)):
+            if self._budget <= 0:
+                break
+            self._visit(self._ready.pop(next(iter(self._ready))))
+        for fd, events in ep.poll(0, MAX_EVENTS):
+            entry = self._fds.get(fd)
+            if entry is None:
+                continue  # finished earlier in this batch
+            pair, side = entry
+            self._mark(pair, side, events)
+            if pair.id in self._ready:
+                pass  # already has work waiting its turn: one budget per pair per run
+            elif self._budget > 0:
+                self._visit(pair)
+            else:
+                self._ready[pair.id] = pair
+        finished, self._finished = self._finished, []
+        return finished
+
+    @property
+    def pending(self) -> bool:
+        """True if run() stopped early for fairness: call run() again soon."""
+        return bool(self._ready)
+
+    def remove(self, pair_id: int) -> tuple[int, int, int, int]:
+        """Stop relaying a pair now; its fds are unregistered when this returns."""
+        pair = self._pairs[pair_id]
+        self._detach(pair)
+        return (pair.id, pair.dirs[0].moved, pair.dirs[1].moved, 0)
+
+    def stats(self, pair_id: int) -> tuple[int, int]:
+        """(bytes client->upstream, bytes upstream->client) relayed so far for one pair."""
+        pair = self._pairs[pair_id]
+        return (pair.dirs[0].moved, pair.dirs[1].moved)
+
+    def totals(self) -> tuple[int, int]:
+        """The same two counts summed over every pair this engine ever relayed."""
+        return (self._total[0], self._total[1])
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def close(self) -> None:
+        """Close the epoll fd (idempotent); relayed fds stay open, they belong to the caller."""
+        if self._epoll is None:
+            return
+        self._epoll.close()
+        self._epoll = None
+        self._pairs.clear()
+        self._fds.clear()
+        self._ready.clear()
+        self._finished.clear()
+
+    # -- helpers --
+
+    def _open(self) -> select.epoll:
+        if self._epoll is None:
+            raise ValueError("I/O operation on closed engine")
+        return self._epoll
+
+    def _mark(self, pair: _Pair, side: int, events: int) -> None:
+        """Turn one event into work: what this fd's readiness lets each direction do."""
+        din, dout = pair.dirs[side], pair.dirs[1 - side]
+        if events & _IN:
+            din.ready = True
+            if events & _HANGUP:
+                din.drain = True
+        if events & _OUT and dout.buf:
+            dout.ready = True
+        if events & select.EPOLLERR:
+            pair.errcheck[side] = True
+
+    def _visit(self, pair: _Pair) -> None:
+        for i, d in enumerate(pair.dirs):
+            if d.ready:
+                try:
+                    d.ready = self._pump(d, i) == MORE
+                except OSError as e:
+                    self._finish(pair, e.errno or errno.EIO)
+                    return
+        for side in (0, 1):
+            if pair.errcheck[side]:
+                pair.errcheck[side] = False
+                # A reset on a socket we no longer read from (it already sent EOF) would
+                # only show at our next send, which may never come; SO_ERROR shows it now.
+                if pair.dirs[side].eof:
+                    so_error = _sockcall(pair.dirs[side].src, _so_error)
+                    if so_error:
+                        self._finish(pair, so_error)
+                        return
+        if pair.dirs[0].done and pair.dirs[1].done:
+            self._finish(pair, 0)
+        elif pair.dirs[0].ready or pair.dirs[1].ready:
+            self._ready[pair.id] = pair
+
+    def _pump(self, d: _Dir, i: int) -> int:
+        """Move bytes one way until dst is full or src is empty: WAIT or MORE; OSError else."""
+        bufsize, view, moved = self._bufsize, self._view, 0
+        while not d.done:
+            if d.buf:  # dst refused these before: flush them first
+                try:
+                    m = os.write(d.dst, d.buf)
+                except BlockingIOError:
+                    return WAIT  # dst is full; its EPOLLOUT edge brings us back
+                d.moved += m
+                self._total[i] += m
+                d.buf = d.buf[m:]
+                # A partial send loops once more: the EAGAIN it meets arms the edge for sure.
+            elif d.eof:
+                # Pass the half-close on (etcd's gateway closes both sockets at the first
+                # EOF and drops the reply). ENOTCONN: dst is already gone, nothing to tell.
+                try:
+                    _sockcall(d.dst, _shut_wr)
+                except OSError as e:
+                    if e.errno != errno.ENOTCONN:
+                        raise
+                d.done = True
+            elif moved >= VISIT_BUFS * bufsize:
+                return MORE
+            else:
+                try:
+                    n = os.readv(d.src, (view,))
+                except BlockingIOError:
+                    return WAIT
+                if n == 0:
+                    d.eof = True
+                    continue
+                moved += n
+                self._budget -= n
+                try:
+                    m = os.write(d.dst, view[:n])
+                except BlockingIOError:
+                    m = 0
+                d.moved += m
+                self._total[i] += m
+                if m < n:
+                    d.buf = bytes(view[m:n])
+                    if m == 0:
+                        return WAIT  # EAGAIN: the EPOLLOUT edge is armed
+                elif n < bufsize and not d.drain:
+                    # A short read emptied src: new data raises a new edge. Only a FIN that
+                    # came before this read would not, and its event carried RDHUP (drain).
+                    return WAIT
+        return WAIT
+
+    def _finish(self, pair: _Pair, err: int) -> None:
+        self._detach(pair)
+        self._finished.append((pair.id, pair.dirs[0].moved, pair.dirs[1].moved, err))
+
+    def _detach(self, pair: _Pair) -> None:
+        """Unregister both fds and drop the buffers, so the owner may close the fds."""
+        del self._pairs[pair.id]
+        self._ready.pop(pair.id, None)
+        for d in pair.dirs:
+            del self._fds[d.src]
+            d.buf = b""
+            if self._epoll is not None:
+                try:
+                    self._epoll.unregister(d.src)
+                except OSError:
+                    pass  # the owner closed it early; the kernel already dropped it
+
+
+def _shut_wr(s: socket.socket) -> int:
+    s.shutdown(socket.SHUT_WR)
+    return 0
+
+
+def _so_error(s: socket.socket) -> int:
+    return s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+def _sockcall(fd: int, call: Callable[[socket.socket], int]) -> int:
+    """Run a socket method on a borrowed fd: the temporary socket object never owns it."""
+    s = socket.socket(fileno=fd)
+    try:
+        return call(s)
+    finally:
+        s.detach()

@@ -1,0 +1,111 @@
+"""Relay facade: picks the Cython or pure-Python engine once, and drives it from asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+__all__ = ["IMPLEMENTATION", "NO_EXTENSIONS", "Engine", "Finished", "Relay"]
+
+# Any non-empty value disables the compiled engine (the aio-libs *_NO_EXTENSIONS rule);
+# other interpreters than CPython always use the pure twin.
+NO_EXTENSIONS = bool(os.environ.get("ETCDGW_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
+
+# isort: off
+if TYPE_CHECKING or NO_EXTENSIONS:
+    from ._relay_py import Engine
+
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from ._relay import Engine
+
+        IMPLEMENTATION = "cython"
+    except ModuleNotFoundError:  # not built: fall back; a broken build still fails loudly
+        from ._relay_py import Engine
+
+        IMPLEMENTATION = "python"
+# isort: on
+
+Finished = tuple[int, int, int, int]
+"""(pair_id, bytes client->upstream, bytes upstream->client, errno or 0)."""
+
+
+class Relay:
+    """Ties one Engine to an asyncio loop: one loop callback per batch of ready events.
+
+    Args:
+        loop: the running loop; its thread is the only one that may touch the engine.
+        on_finished: called as on_finished(pair_id, c2u, u2c, errno) for each pair the
+            engine finished by itself; the caller then closes both sockets. Not called for
+            pairs taken back with remove(), which returns the same tuple instead.
+        engine_cls: the engine to drive (either twin); the facade's choice by default.
+        bufsize: the engine's read size and the unit of its fairness budgets.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_finished: Callable[[int, int, int, int], None],
+        *,
+        engine_cls: type[Engine] = Engine,
+        bufsize: int = 65536,
+    ) -> None:
+        self._loop = loop
+        self._on_finished = on_finished
+        self._engine = engine_cls(bufsize)
+        self._again: asyncio.Handle | None = None
+        self._fd = self._engine.fileno()
+        loop.add_reader(self._fd, self._on_ready)
+
+    def add(self, client_fd: int, upstream_fd: int) -> int:
+        """Start relaying two connected non-blocking sockets; return the pair id."""
+        return self._engine.add(client_fd, upstream_fd)
+
+    def remove(self, pair_id: int) -> Finished:
+        """Stop relaying a pair now; both fds are unregistered, the caller may close them."""
+        return self._engine.remove(pair_id)
+
+    def stats(self, pair_id: int) -> tuple[int, int]:
+        """(bytes client->upstream, bytes upstream->client) so far for one pair."""
+        return self._engine.stats(pair_id)
+
+    def totals(self) -> tuple[int, int]:
+        """The same counts summed over every pair ever relayed (for metrics)."""
+        return self._engine.totals()
+
+    def __len__(self) -> int:
+        return len(self._engine)
+
+    def close(self) -> None:
+        """Stop watching the engine and close it (idempotent); the caller still owns every fd."""
+        if self._fd < 0:
+            return
+        self._loop.remove_reader(self._fd)
+        self._fd = -1
+        if self._again is not None:
+            self._again.cancel()
+            self._again = None
+        self._engine.close()
+
+    def _on_again(self) -> None:
+        self._again = None
+        self._on_ready()
+
+    def _on_ready(self) -> None:
+        if self._fd < 0:
+            return
+        for finished in self._engine.run():
+            try:
+                self._on_finished(*finished)
+            except Exception as exc:  # one failing callback must not strand the other pairs
+                self._loop.call_exception_handler(
+                    {"message": "relay on_finished callback failed", "exception": exc}
+                )
+        # Edge-triggered: a pair cut short by the fairness budget gets no new event, so the
+        # engine keeps it in a ready list and we come back after other callbacks have run.
+        if self._engine.pending and self._again is None:
+            self._again = self._loop.call_soon(self._on_again)

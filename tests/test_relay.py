@@ -1,0 +1,664 @@
+"""The relay engines (Cython and pure Python) and the asyncio driver, on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import hashlib
+import importlib
+import inspect
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from etcdgw import _relay_py
+from etcdgw.relay import Relay
+
+Finished = tuple[int, int, int, int]
+Sockets = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
+RESET = {errno.ECONNRESET, errno.EPIPE}  # EPIPE: a RST that follows the peer's FIN
+
+
+class Peer:
+    """One application end of a relayed pair, driven non-blocking from the test's loop."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        payload: bytes = b"",
+        *,
+        shut: bool = True,
+        reading: bool = True,
+        reply: bytes | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.out = memoryview(payload)
+        self.sent = 0
+        self.shut = shut and reply is None  # shutdown(SHUT_WR) once everything is sent
+        self.reading = reading
+        self.reply = reply  # sent (then SHUT_WR) only after reading EOF
+        self.hash = hashlib.sha256()
+        self.received = 0
+        self.eof = False
+
+    def step(self) -> None:
+        while self.out:
+            try:
+                n = self.sock.send(self.out[: 1 << 20])
+            except BlockingIOError:
+                break
+            self.out = self.out[n:]
+            self.sent += n
+        if not self.out and self.shut:
+            self.shut = False
+            self.sock.shutdown(socket.SHUT_WR)
+        while self.reading and not self.eof:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                break
+            self.hash.update(data)
+            self.received += len(data)
+            if not data:
+                self.eof = True
+                if self.reply is not None:
+                    self.out, self.reply, self.shut = memoryview(self.reply), None, True
+                    self.step()
+
+    def events(self) -> int:
+        return (select.POLLIN if self.reading and not self.eof else 0) | (
+            select.POLLOUT if self.out else 0
+        )
+
+    def got(self, expected: bytes) -> bool:
+        return self.eof and self.hash.digest() == hashlib.sha256(expected).digest()
+
+
+def drive(
+    engine: Any,
+    peers: list[Peer],
+    until: Callable[[list[Finished]], bool],
+    *,
+    timeout: float = 30.0,
+) -> list[Finished]:
+    """Step peers and engine in one thread until `until(finished)`; fail after `timeout`."""
+    finished: list[Finished] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        for peer in peers:
+            peer.step()
+        finished += engine.run()
+        if until(finished):
+            return finished
+        assert time.monotonic() < deadline, "relay made no progress in time"
+        if not engine.pending:
+            poller = select.poll()
+            poller.register(engine.fileno(), select.POLLIN)
+            for peer in peers:
+                if peer.events():
+                    poller.register(peer.sock, peer.events())
+            poller.poll(20)
+
+
+def all_done(peers: list[Peer]) -> Callable[[list[Finished]], bool]:
+    """Until the pair finished and every reading peer saw EOF."""
+    return lambda f: bool(f) and all(p.eof for p in peers if p.reading)
+
+
+def drive_for(engine: Any, peers: list[Peer], seconds: float) -> list[Finished]:
+    end = time.monotonic() + seconds
+    return drive(engine, peers, lambda _: time.monotonic() > end)
+
+
+def registered(engine: Any) -> set[int]:
+    """The fds in the engine's epoll set, as the kernel reports them."""
+    with open(f"/proc/self/fdinfo/{engine.fileno()}") as f:
+        return {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+
+
+def payload(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+def new_engine(engine_module: ModuleType, no_fd_leak: None) -> Iterator[Callable[..., Any]]:
+    """Return a factory of engines of the implementation under test, closed afterwards."""
+    made: list[Any] = []
+
+    def make(**kw: Any) -> Any:
+        made.append(engine_module.Engine(**kw))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture
+def engine(new_engine: Callable[..., Any]) -> Any:
+    """Return an engine with the default buffer size."""
+    return new_engine()
+
+
+@pytest.fixture
+def sockets(no_fd_leak: None) -> Iterator[Callable[[str], Sockets]]:
+    """Return a factory of (client app, engine client, engine upstream, upstream app)."""
+    made: list[socket.socket] = []
+
+    def connected(kind: str) -> tuple[socket.socket, socket.socket]:
+        if kind == "unix":
+            return socket.socketpair()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            a = socket.create_connection(listener.getsockname())
+            b, _ = listener.accept()
+        return a, b
+
+    def make(kind: str = "unix") -> Sockets:
+        client, down = connected(kind)
+        up, upstream = connected(kind)
+        for s in (down, up):
+            s.setblocking(False)
+        made.extend((client, down, up, upstream))
+        return client, down, up, upstream
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a RST, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# -- moving bytes --
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+@pytest.mark.parametrize("size", [0, 1, 65537, 50 << 20], ids=["empty", "1", "64KiB+1", "50MiB"])
+def test_both_directions_byte_exact(engine: Any, sockets: Any, kind: str, size: int) -> None:
+    client, down, up, upstream = sockets(kind)
+    request, response = payload(size, 1), payload(size, 2)
+    base = pipes()
+    pid = engine.add(down.fileno(), up.fileno())
+    assert registered(engine) == {down.fileno(), up.fileno()}
+    peers = [Peer(client, request), Peer(upstream, response)]
+    finished = drive(engine, peers, all_done(peers))
+    assert finished == [(pid, size, size, 0)]
+    assert peers[0].got(response) and peers[1].got(request)
+    assert registered(engine) == set() and len(engine) == 0
+    assert engine.totals() == (size, size)
+    assert pipes() == base  # the engine keeps no fds of its own beyond the epoll fd
+
+
+def test_half_close_passes_the_reply_back(engine: Any, sockets: Any) -> None:
+    # etcd's gateway closes both sockets at the first EOF, losing the reply; we pass it on.
+    client, down, up, upstream = sockets("tcp")
+    request, reply = b"request" * 1000, payload(300_000)
+    pid = engine.add(down.fileno(), up.fileno())
+    peers = [Peer(client, request), Peer(upstream, reply=reply)]
+    finished = drive(engine, peers, all_done(peers))
+    assert peers[1].got(request) and peers[0].got(reply)
+    assert finished == [(pid, len(request), len(reply), 0)]
+
+
+def test_eof_is_passed_on_while_the_other_direction_keeps_going(engine: Any, sockets: Any) -> None:
+    client, down, up, upstream = sockets("unix")
+    pid = engine.add(down.fileno(), up.fileno())
+    peers = [Peer(client, b"req"), Peer(upstream, shut=False)]
+    drive(engine, peers, lambda _: peers[1].eof)
+    assert len(engine) == 1 and engine.stats(pid) == (3, 0)
+    for want in (4, 8, 12):  # the upstream->client direction still works after the half-close
+        upstream.send(b"more")
+        drive(engine, peers, lambda _: peers[0].received == want)  # noqa: B023
+    upstream.shutdown(socket.SHUT_WR)
+    assert drive(engine, peers, lambda f: bool(f)) == [(pid, 3, 12, 0)]
+
+
+def test_data_and_eof_sent_before_add_are_relayed(engine: Any, sockets: Any) -> None:
+    client, down, up, upstream = sockets("tcp")
+    client.sendall(b"early")
+    client.shutdown(socket.SHUT_WR)
+    upstream.sendall(b"also early")
+    time.sleep(0.05)
+    pid = engine.add(down.fileno(), up.fileno())
+    peers = [Peer(client), Peer(upstream, shut=False)]
+    drive(engine, peers, lambda _: peers[1].eof)
+    upstream.shutdown(socket.SHUT_WR)
+    assert drive(engine, peers, all_done(peers)) == [(pid, 5, 10, 0)]
+    assert peers[0].got(b"also early") and peers[1].got(b"early")
+
+
+@pytest.mark.parametrize("side", ["client", "upstream"])
+@pytest.mark.parametrize("after_eof", [False, True], ids=["open", "after-eof"])
+def test_reset_finishes_the_pair_with_its_errno(
+    engine: Any, sockets: Any, side: str, after_eof: bool
+) -> None:
+    client, down, up, upstream = sockets("tcp")
+    pid = engine.add(down.fileno(), up.fileno())
+    gone, other = (client, upstream) if side == "client" else (upstream, client)
+    peers = [Peer(gone, b"hello", shut=after_eof), Peer(other, b"world", shut=False)]
+    drive(engine, peers, lambda _: peers[0].received == 5 and peers[1].received == 5)
+    if after_eof:  # the engine no longer reads `gone`: only SO_ERROR can tell it the news
+        drive(engine, peers, lambda _: peers[1].eof)
+        time.sleep(0.05)  # let the relayed FIN be acked before the reset
+    assert len(engine) == 1
+    reset(gone)
+    (finished,) = drive(engine, peers[1:], lambda f: bool(f))
+    assert finished[:3] == (pid, 5, 5) and finished[3] in RESET
+    assert registered(engine) == set() and len(engine) == 0
+
+
+def test_bytes_sent_before_a_reset_are_relayed_first(engine: Any, sockets: Any) -> None:
+    client, down, up, upstream = sockets("tcp")
+    pid = engine.add(down.fileno(), up.fileno())
+    upstream.sendall(b"last words")
+    reset(upstream)
+    peer = Peer(client, shut=False)
+    (finished,) = drive(engine, [peer], lambda f: bool(f) and peer.received == 10)
+    assert finished == (pid, 0, 10, errno.ECONNRESET)
+
+
+def test_send_to_a_closed_peer_finishes_with_epipe(engine: Any, sockets: Any) -> None:
+    # A peer's full close first looks like a half-close (EOF is passed on); the next byte
+    # sent to it fails, and that finishes the pair.
+    client, down, up, upstream = sockets("unix")
+    pid = engine.add(down.fileno(), up.fileno())
+    upstream.close()
+    peer = Peer(client, shut=False)
+    drive(engine, [peer], lambda _: peer.eof)
+    assert len(engine) == 1
+    client.sendall(b"x" * 1000)
+    assert drive(engine, [peer], lambda f: bool(f)) == [(pid, 0, 0, errno.EPIPE)]
+
+
+def test_fds_are_borrowed_never_closed(engine: Any, sockets: Any) -> None:
+    sock = sockets("unix")
+    client, down, up, upstream = sock
+    pid = engine.add(down.fileno(), up.fileno())
+    engine.remove(pid)
+    pid = engine.add(down.fileno(), up.fileno())
+    drive(engine, [Peer(client), Peer(upstream)], lambda f: bool(f))
+    engine.add(down.fileno(), up.fileno())
+    engine.close()
+    for s in sock:
+        os.fstat(s.fileno())  # still open: only the owner closes them
+
+
+# -- backpressure, memory, fairness --
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_backpressure_bounds_buffering(engine: Any, sockets: Any, kind: str) -> None:
+    client, down, up, upstream = sockets(kind)
+    total = 64 << 20
+    data = payload(total)
+    pid = engine.add(down.fileno(), up.fileno())
+    writer, reader = Peer(client, data), Peer(upstream, reading=False)
+    drive_for(engine, [writer, reader], 0.3)
+    before = writer.sent
+    drive_for(engine, [writer, reader], 0.3)
+    assert writer.sent == before < total // 4, "the writer should be blocked"
+    kernel = sum(
+        s.getsockopt(socket.SOL_SOCKET, opt)
+        for s in (client, down, up, upstream)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF)
+    )
+    assert writer.sent - engine.stats(pid)[0] <= 65536 + kernel  # at most one read held
+    reader.reading = True
+    finished = drive(engine, [writer, reader], all_done([reader]))
+    assert reader.got(data) and finished == [(pid, total, 0, 0)]
+
+
+def _traced_growth(make: Callable[[], Any]) -> tuple[int, Any]:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        kept = make()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - start, kept
+    finally:
+        tracemalloc.stop()
+
+
+def test_idle_pairs_hold_no_buffers(engine: Any, sockets: Any) -> None:
+    n = 256
+    rigs = [sockets("unix") for _ in range(n)]
+
+    def exercise() -> list[int]:
+        pids = [engine.add(r[1].fileno(), r[2].fileno()) for r in rigs]
+        for r in rigs:  # one exchange each, so buffers had every chance to appear
+            r[0].sendall(b"ping")
+            r[3].sendall(b"pong")
+        drive(engine, [], lambda _: sum(map(sum, map(engine.stats, pids))) == 8 * n)
+        return pids
+
+    growth, _ = _traced_growth(exercise)
+    assert growth / n < 1024, f"{growth / n:.0f} bytes per idle pair"
+
+
+def test_a_stalled_destination_holds_one_read_until_it_drains(engine: Any, sockets: Any) -> None:
+    client, down, up, upstream = sockets("unix")
+    pid = engine.add(down.fileno(), up.fileno())
+    writer, reader = Peer(client, payload(8 << 20), shut=False), Peer(upstream, reading=False)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        drive_for(engine, [writer, reader], 0.2)
+        held = tracemalloc.get_traced_memory()[0] - base
+        reader.reading = True
+        drive(engine, [writer, reader], lambda _: reader.received == 8 << 20)
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held <= 65536 + 4096 and left < 2048  # (the Cython twin may hold it in a pipe)
+    assert engine.stats(pid) == (8 << 20, 0)
+
+
+def pipes() -> int:
+    """How many pipe fds this process has open (the Cython twin splices through pipes)."""
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+
+
+def test_splice_pipes_are_capped_and_not_held_by_idle_pairs(
+    new_engine: Any, sockets: Any, relay_impl: str
+) -> None:
+    # Small reads fill the buffer (bulk: the Cython twin splices), small destinations fill
+    # first: each stalled direction then holds its pending bytes in a pipe, up to the cap.
+    engine = new_engine(bufsize=4096)
+    base = pipes()
+    rigs = [sockets("unix") for _ in range(80)]
+    data = payload(150_000)
+    for client, down, up, _ in rigs:
+        up.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        client.sendall(data)
+        engine.add(down.fileno(), up.fileno())
+    readers = [Peer(r[3], reading=False) for r in rigs]
+    drive_for(engine, readers, 0.3)
+    held = pipes() - base
+    assert held <= 2 * 64  # MAX_PIPES in _relay.pyx: far from the fd limit
+    if relay_impl == "cython":
+        assert held == 2 * 64, "the scenario should reach the cap"
+    for reader in readers:
+        reader.reading = True
+    drive(engine, readers, lambda _: all(p.received == len(data) for p in readers))
+    assert all(p.hash.digest() == hashlib.sha256(data).digest() for p in readers)
+    assert pipes() == base  # idle pairs hold none
+    assert len(engine) == 80
+
+
+def test_no_splice_while_sigpipe_could_kill(new_engine: Any, sockets: Any) -> None:
+    # splice(2) cannot pass MSG_NOSIGNAL; with SIGPIPE at its default the engine must not use it.
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        engine = new_engine()
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+    base = pipes()
+    client, down, up, upstream = sockets("unix")
+    pid = engine.add(down.fileno(), up.fileno())
+    writer, reader = Peer(client, payload(4 << 20)), Peer(upstream, reading=False)
+    drive_for(engine, [writer, reader], 0.2)
+    assert pipes() == base
+    reader.reading = True
+    assert drive(engine, [writer, reader], all_done([reader])) == [(pid, 4 << 20, 0, 0)]
+
+
+def test_run_stops_early_for_fairness_and_resumes(new_engine: Any, sockets: Any) -> None:
+    bufsize = 1024
+    engine = new_engine(bufsize=bufsize)
+    rigs = [sockets("unix") for _ in range(8)]
+    pids = [engine.add(r[1].fileno(), r[2].fileno()) for r in rigs]
+    size = 100_000  # fits in a socketpair's buffer: all of it is ready at once
+    for r in rigs:
+        r[0].sendall(payload(size))
+    select.select([engine.fileno()], [], [], 1)
+    assert engine.run() == [] and engine.pending
+    moved = [engine.stats(pid)[0] for pid in pids]
+    assert max(moved) <= _relay_py.VISIT_BUFS * bufsize
+    assert sum(moved) < _relay_py.RUN_BUFS * bufsize + _relay_py.VISIT_BUFS * bufsize
+    peers = [Peer(r[3], shut=False) for r in rigs]
+    drive(engine, peers, lambda _: all(p.received == size for p in peers))
+    assert not engine.pending
+
+
+def test_many_concurrent_pairs(engine: Any, sockets: Any) -> None:
+    rng = random.Random(7)
+    rigs: list[tuple[Peer, Peer, bytes, bytes]] = []
+    peers: list[Peer] = []
+    expect: dict[int, Finished] = {}
+    for i in range(200):
+        client, down, up, upstream = sockets(rng.choice(["unix", "tcp"]))
+        req, resp = payload(rng.randrange(0, 300_000), 2 * i), payload(rng.randrange(0, 300_000))
+        pid = engine.add(down.fileno(), up.fileno())
+        expect[pid] = (pid, len(req), len(resp), 0)
+        rigs.append((Peer(client, req), Peer(upstream, resp), req, resp))
+        peers += rigs[-1][:2]
+    finished = drive(engine, peers, lambda f: len(f) == len(expect) and all(p.eof for p in peers))
+    assert sorted(finished) == sorted(expect.values())
+    assert all(c.got(resp) and u.got(req) for c, u, req, resp in rigs)
+    assert engine.totals() == tuple(sum(f[i] for f in finished) for i in (1, 2))
+    assert registered(engine) == set() and len(engine) == 0
+
+
+# -- bookkeeping --
+
+
+def test_remove_mid_stream(engine: Any, sockets: Any) -> None:
+    client, down, up, upstream = sockets("unix")
+    pid = engine.add(down.fileno(), up.fileno())
+    writer, reader = Peer(client, payload(10 << 20)), Peer(upstream, b"x" * 10, shut=False)
+    drive(engine, [writer, reader], lambda _: reader.received > 1 << 20)
+    c2u, u2c = engine.stats(pid)
+    assert engine.remove(pid) == (pid, c2u, u2c, 0) and u2c == 10
+    assert registered(engine) == set() and len(engine) == 0
+    with pytest.raises(KeyError):
+        engine.stats(pid)
+    with pytest.raises(KeyError):
+        engine.remove(pid)
+    assert drive_for(engine, [writer, reader], 0.1) == []  # nothing moves, nothing reported
+    assert engine.totals() == (c2u, u2c)
+
+
+def test_stats_and_totals_cover_live_and_finished_pairs(engine: Any, sockets: Any) -> None:
+    done, live = sockets("unix"), sockets("unix")
+    pid_done = engine.add(done[1].fileno(), done[2].fileno())
+    pid_live = engine.add(live[1].fileno(), live[2].fileno())
+    assert pid_done != pid_live and len(engine) == 2
+    peers = [Peer(done[0], b"a" * 10), Peer(done[3], b"b" * 20)]
+    peers += [Peer(live[0], b"c" * 30, shut=False), Peer(live[3], b"d" * 40, shut=False)]
+    finished = drive(engine, peers, lambda f: bool(f) and peers[2].received == 40)
+    assert finished == [(pid_done, 10, 20, 0)]
+    assert engine.stats(pid_live) == (30, 40)
+    assert engine.totals() == (40, 60) and len(engine) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 12345678, 1 << 70, "x", None])
+def test_unknown_pair_ids_raise_key_error(engine: Any, bad: Any) -> None:
+    with pytest.raises(KeyError):
+        engine.stats(bad)
+    with pytest.raises(KeyError):
+        engine.remove(bad)
+
+
+def test_add_failure_leaves_nothing_behind(engine: Any, sockets: Any) -> None:
+    client, down, up, upstream = sockets("unix")
+    with pytest.raises(FileExistsError):
+        engine.add(down.fileno(), down.fileno())
+    spare = os.dup(up.fileno())
+    os.close(spare)
+    with pytest.raises(OSError) as info:
+        engine.add(down.fileno(), spare)
+    assert info.value.errno == errno.EBADF
+    assert len(engine) == 0 and registered(engine) == set()
+    pid = engine.add(down.fileno(), up.fileno())
+    assert drive(engine, [Peer(client, b"ok"), Peer(upstream)], lambda f: bool(f)) == [
+        (pid, 2, 0, 0)
+    ]
+
+
+def test_close_is_idempotent(new_engine: Any, sockets: Any) -> None:
+    engine = new_engine()
+    client, down, up, upstream = sockets("unix")
+    engine.add(down.fileno(), up.fileno())
+    client.sendall(b"abc")
+    drive(engine, [Peer(upstream, shut=False)], lambda _: engine.totals()[0] == 3)
+    engine.close()
+    engine.close()
+    for call in (engine.fileno, engine.run, lambda: engine.add(down.fileno(), up.fileno())):
+        with pytest.raises(ValueError):
+            call()
+    assert engine.totals() == (3, 0) and len(engine) == 0 and not engine.pending
+
+
+def test_bufsize_is_validated(engine_module: ModuleType) -> None:
+    for bad in (0, -5, 1 << 31):
+        with pytest.raises(ValueError):
+            engine_module.Engine(bufsize=bad)
+
+
+@pytest.mark.c_extension
+def test_both_engines_have_the_same_interface() -> None:
+    _relay = importlib.import_module("etcdgw._relay")
+
+    def public(cls: type) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in dir(cls):
+            if name.startswith("_") and name not in {"__init__", "__len__"}:
+                continue
+            attr = inspect.getattr_static(cls, name)
+            if isinstance(attr, property) or inspect.isgetsetdescriptor(attr):
+                out[name] = "property"
+            elif name == "__len__":  # a C slot in Cython: no Python signature to compare
+                out[name] = "slot"
+            elif name == "__init__":  # a slot too; Cython embeds its signature in the doc
+                doc = (cls.__doc__ or "").splitlines()[0]
+                sig = doc if doc.startswith("Engine(") else f"Engine{inspect.signature(cls)}"
+                out[name] = sig.replace("'", "")
+            else:
+                params = inspect.signature(getattr(cls, name)).parameters.values()
+                out[name] = [(p.name, p.kind, p.default) for p in params]
+        return out
+
+    assert public(_relay.Engine) == public(_relay_py.Engine)
+    assert set(public(_relay_py.Engine)) == {
+        "__init__",
+        "__len__",
+        "add",
+        "close",
+        "fileno",
+        "pending",
+        "remove",
+        "run",
+        "stats",
+        "totals",
+    }
+
+
+# -- the asyncio driver --
+
+
+def test_relay_drives_the_engine_from_asyncio(
+    engine_module: ModuleType, sockets: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rigs = [sockets("tcp") for _ in range(5)]
+    finished: list[Finished] = []
+    errors: list[dict[str, Any]] = []
+    again: list[Relay] = []
+    on_again = Relay._on_again
+
+    def counting(self: Relay) -> None:
+        again.append(self)
+        on_again(self)
+
+    monkeypatch.setattr(Relay, "_on_again", counting)
+
+    def on_finished(pid: int, c2u: int, u2c: int, err: int) -> None:
+        finished.append((pid, c2u, u2c, err))
+        if len(finished) == 1:
+            raise RuntimeError("boom")  # reported, and the other pairs still come through
+
+    async def exchange(client: socket.socket, upstream: socket.socket, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        for s in (client, upstream):
+            s.setblocking(False)
+        await loop.sock_sendall(client, b"q" * n)
+        client.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := await loop.sock_recv(upstream, 1 << 16):
+            got += chunk
+        await loop.sock_sendall(upstream, got[::-1] + b"!")
+        upstream.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := await loop.sock_recv(client, 1 << 16):
+            got += chunk
+        return got
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
+        # A tiny bufsize makes the fairness budget bite, exercising the call_soon path.
+        relay = Relay(loop, on_finished, engine_cls=engine_module.Engine, bufsize=512)
+        try:
+            pids = [relay.add(r[1].fileno(), r[2].fileno()) for r in rigs]
+            replies = await asyncio.wait_for(
+                asyncio.gather(*(exchange(r[0], r[3], 200_000 + i) for i, r in enumerate(rigs))),
+                30,
+            )
+            while len(finished) < len(rigs):
+                await asyncio.sleep(0.01)
+            assert sorted(finished) == sorted(
+                (pid, 200_000 + i, 200_001 + i, 0) for i, pid in enumerate(pids)
+            )
+            assert relay.totals() == (sum(f[1] for f in finished), sum(f[2] for f in finished))
+            assert len(relay) == 0
+            return replies
+        finally:
+            relay.close()
+            relay.close()
+
+    replies = asyncio.run(main())
+    assert replies == [b"q" * (200_000 + i) + b"!" for i in range(len(rigs))]
+    assert [str(e["exception"]) for e in errors] == ["boom"]
+    assert again, "the fairness budget should have sent the driver round via call_soon"
+
+
+def unexpected(*finished: int) -> None:
+    raise AssertionError(f"on_finished called for a removed pair: {finished}")
+
+
+def test_relay_remove_and_stats(engine_module: ModuleType, sockets: Any) -> None:
+    client, down, up, upstream = sockets("unix")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        relay = Relay(loop, unexpected, engine_cls=engine_module.Engine)
+        pid = relay.add(down.fileno(), up.fileno())
+        client.sendall(b"abc")
+        await asyncio.wait_for(loop.sock_recv(upstream, 10), 10)
+        assert relay.stats(pid) == (3, 0) and len(relay) == 1
+        assert relay.remove(pid) == (pid, 3, 0, 0)
+        relay.close()
+
+    upstream.setblocking(False)
+    asyncio.run(main())
