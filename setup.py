@@ -36,4 +36,5 @@ else:
         },
     )
 
-setup(ext_modules=ext_modules)
+# The man page goes to <prefix>/share/man/man1 (pip installs wheel data there).
+setup(ext_modules=ext_modules, data_files=[("share/man/man1", ["man/etcdgw.1"])])

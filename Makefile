@@ -1,0 +1,53 @@
+# etcdgw: the commands README.md names. `make demo` runs it, `make test` tests it; both set up
+# the machine first (scripts/setup.sh: Debian packages + pip install -e '.[test]').
+PYTHON ?= python3
+PYTEST_ARGS ?=
+# Console scripts of the tools that have no `python -m` form, from $(PYTHON)'s own bin dir
+# (a venv's PYTHON need not be on PATH), else from PATH.
+BIN := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+tool = $(firstword $(wildcard $(BIN)/$(1)) $(1))
+
+.PHONY: help setup demo test lint pytest man bench soak build clean
+
+help:
+	@echo "make setup   install etcd, etcdctl, dnsmasq and etcdgw (editable, with test tools)"
+	@echo "make demo    3-member etcd cluster + etcdgw on 127.0.0.1:23790; Ctrl-C stops it"
+	@echo "make test    setup, lint, then the whole test suite (both relay engines)"
+	@echo "make lint | man | bench | soak | build | clean"
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+demo: setup
+	PYTHON=$(PYTHON) bash scripts/demo.sh
+
+test: setup lint pytest
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+	$(call tool,cython-lint) src/etcdgw/_relay.pyx
+
+# The relay and server tests run once per engine through the relay_impl fixture.
+pytest:
+	$(PYTHON) -m pytest -q -x --timeout=300 -p no:randomly $(PYTEST_ARGS)
+
+# man/etcdgw.1 from cli.get_parser() (argparse-manpage + man/sections.ini); a test checks it.
+man:
+	$(PYTHON) scripts/man.py
+
+bench:
+	$(PYTHON) bench/run.py
+
+soak:
+	@if [ -f bench/soak.py ]; then $(PYTHON) bench/soak.py; \
+	else echo "make soak: bench/soak.py does not exist yet"; fi
+
+build:
+	$(PYTHON) -m build
+
+clean:
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+	    .benchmarks bench/out src/etcdgw/_relay.c src/etcdgw/_relay.html src/etcdgw/*.so
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
