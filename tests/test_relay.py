@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import gc
 import hashlib
 import importlib
@@ -14,6 +15,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -123,22 +125,58 @@ def drive_for(engine: Any, peers: list[Peer], seconds: float) -> list[Finished]:
 
 
 def registered(engine: Any) -> set[int]:
-    """The fds in the engine's epoll set, as the kernel reports them."""
-    with open(f"/proc/self/fdinfo/{engine.fileno()}") as f:
-        return {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+    """The relayed fds in the engine's epoll set, as the kernel reports them."""
+    epfd = engine._epoll_fileno() if hasattr(engine, "_epoll_fileno") else engine.fileno()
+    with open(f"/proc/self/fdinfo/{epfd}") as f:
+        fds = {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+    # The relay thread's wake-up eventfd is the engine's own, not a relayed fd.
+    return {fd for fd in fds if "eventfd" not in os.readlink(f"/proc/self/fd/{fd}")}
 
 
 def payload(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+# The Cython engine runs in two modes: loop-driven (run() relays) and threaded (a relay
+# thread of its own relays; run() collects what finished). Every engine test runs on both.
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("cython", marks=pytest.mark.c_extension),
+        pytest.param("cython-thread", marks=pytest.mark.c_extension),
+        "python",
+    ],
+)
+def relay_impl(request: pytest.FixtureRequest) -> str:
+    """The engine under test: cython (loop mode), cython-thread, or python."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def engine_module(relay_impl: str) -> ModuleType:
+    return importlib.import_module(
+        "etcdgw._relay" if relay_impl.startswith("cython") else "etcdgw._relay_py"
+    )
+
+
+@pytest.fixture(scope="module")
+def threaded(relay_impl: str) -> bool:
+    return relay_impl == "cython-thread"
+
+
+@pytest.fixture(scope="module")
+def engine_cls(engine_module: ModuleType, threaded: bool) -> Callable[..., Any]:
+    """Engine(bufsize) in the mode under test, as Relay(engine_cls=...) calls it."""
+    return functools.partial(engine_module.Engine, threaded=threaded)
+
+
 @pytest.fixture
-def new_engine(engine_module: ModuleType, no_fd_leak: None) -> Iterator[Callable[..., Any]]:
+def new_engine(engine_cls: Any, no_fd_leak: None) -> Iterator[Callable[..., Any]]:
     """Return a factory of engines of the implementation under test, closed afterwards."""
     made: list[Any] = []
 
     def make(**kw: Any) -> Any:
-        made.append(engine_module.Engine(**kw))
+        made.append(engine_cls(**kw))
         return made[-1]
 
     yield make
@@ -397,7 +435,7 @@ def test_splice_pipes_are_capped_and_not_held_by_idle_pairs(
     drive_for(engine, readers, 0.3)
     held = pipes() - base
     assert held <= 2 * 64  # MAX_PIPES in _relay.pyx: far from the fd limit
-    if relay_impl == "cython":
+    if relay_impl.startswith("cython"):
         assert held == 2 * 64, "the scenario should reach the cap"
     for reader in readers:
         reader.reading = True
@@ -424,22 +462,29 @@ def test_no_splice_while_sigpipe_could_kill(new_engine: Any, sockets: Any) -> No
     assert drive(engine, [writer, reader], all_done([reader])) == [(pid, 4 << 20, 0, 0)]
 
 
-def test_run_stops_early_for_fairness_and_resumes(new_engine: Any, sockets: Any) -> None:
+def test_run_stops_early_for_fairness_and_resumes(
+    engine_module: ModuleType, no_fd_leak: None, sockets: Any
+) -> None:
+    """Loop mode only (the relay thread keeps its ready list to itself): under the
+    cython-thread id this runs the Cython engine's loop mode once more."""
     bufsize = 1024
-    engine = new_engine(bufsize=bufsize)
-    rigs = [sockets("unix") for _ in range(8)]
-    pids = [engine.add(r[1].fileno(), r[2].fileno()) for r in rigs]
-    size = 100_000  # fits in a socketpair's buffer: all of it is ready at once
-    for r in rigs:
-        r[0].sendall(payload(size))
-    select.select([engine.fileno()], [], [], 1)
-    assert engine.run() == [] and engine.pending
-    moved = [engine.stats(pid)[0] for pid in pids]
-    assert max(moved) <= _relay_py.VISIT_BUFS * bufsize
-    assert sum(moved) < _relay_py.RUN_BUFS * bufsize + _relay_py.VISIT_BUFS * bufsize
-    peers = [Peer(r[3], shut=False) for r in rigs]
-    drive(engine, peers, lambda _: all(p.received == size for p in peers))
-    assert not engine.pending
+    engine = engine_module.Engine(bufsize=bufsize, threaded=False)
+    try:
+        rigs = [sockets("unix") for _ in range(8)]
+        pids = [engine.add(r[1].fileno(), r[2].fileno()) for r in rigs]
+        size = 100_000  # fits in a socketpair's buffer: all of it is ready at once
+        for r in rigs:
+            r[0].sendall(payload(size))
+        select.select([engine.fileno()], [], [], 1)
+        assert engine.run() == [] and engine.pending
+        moved = [engine.stats(pid)[0] for pid in pids]
+        assert max(moved) <= _relay_py.VISIT_BUFS * bufsize
+        assert sum(moved) < _relay_py.RUN_BUFS * bufsize + _relay_py.VISIT_BUFS * bufsize
+        peers = [Peer(r[3], shut=False) for r in rigs]
+        drive(engine, peers, lambda _: all(p.received == size for p in peers))
+        assert not engine.pending
+    finally:
+        engine.close()
 
 
 def test_many_concurrent_pairs(engine: Any, sockets: Any) -> None:
@@ -575,11 +620,247 @@ def test_both_engines_have_the_same_interface() -> None:
     }
 
 
+# -- the relay thread (Cython, threaded mode) --
+
+
+def threads() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+def threads_back_to(before: set[int]) -> bool:
+    """Wait a little for exiting threads (a joined Python thread may still be unwinding)."""
+    deadline = time.monotonic() + 5
+    while threads() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threads() == before
+
+
+def sig_blocked(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+
+
+def pump(sock: socket.socket, stop: threading.Event, chunk: bytes = b"x" * 4096) -> None:
+    """Keep writing into sock (blocking, with a timeout) until stop is set or it breaks."""
+    sock.settimeout(0.05)
+    while not stop.is_set():
+        try:
+            sock.send(chunk)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+
+
+def collect(sock: socket.socket, stop: threading.Event, got: list[int]) -> None:
+    """Read sock until stop is set (then until it is empty), counting bytes into got[0]."""
+    sock.settimeout(0.05)
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except TimeoutError:
+            if stop.is_set():
+                return
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        got[0] += len(data)
+
+
+@pytest.mark.c_extension
+def test_relay_thread_blocks_signals_and_stops_at_close(no_fd_leak: None) -> None:
+    from etcdgw import _relay
+
+    before = threads()
+    engine = _relay.Engine(threaded=True)
+    (tid,) = threads() - before
+    blocked = sig_blocked(tid)  # signals stay with the main thread (Python's handlers)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+        assert blocked & (1 << (sig - 1)), sig
+    assert engine.fileno() != engine._epoll_fileno() and not engine.pending
+    assert engine.run() == []
+    engine.close()
+    assert threads() == before
+    engine.close()
+    with pytest.raises(ValueError):
+        engine.fileno()
+    # An engine dropped without close() stops its thread too.
+    engine = _relay.Engine(threaded=True)
+    assert len(threads()) == len(before) + 1
+    del engine
+    gc.collect()
+    assert threads() == before
+
+
+@pytest.mark.c_extension
+def test_relay_thread_announces_finished_pairs_on_fileno(sockets: Any) -> None:
+    from etcdgw import _relay
+
+    engine = _relay.Engine(threaded=True)
+    try:
+        client, down, up, upstream = sockets("unix")
+        pid = engine.add(down.fileno(), up.fileno())
+        client.sendall(b"hello")
+        client.shutdown(socket.SHUT_WR)
+        upstream.settimeout(10)
+        assert upstream.recv(10) == b"hello" and upstream.recv(10) == b""
+        assert engine.run() == []  # relayed by the thread, nothing finished yet
+        upstream.sendall(b"bye")
+        upstream.shutdown(socket.SHUT_WR)
+        assert select.select([engine.fileno()], [], [], 10)[0]
+        assert engine.run() == [(pid, 5, 3, 0)]
+        assert not select.select([engine.fileno()], [], [], 0)[0]  # drained
+        assert engine.run() == [] and len(engine) == 0 and registered(engine) == set()
+    finally:
+        engine.close()
+
+
+@pytest.mark.c_extension
+def test_remove_racing_with_traffic_leaves_the_fds_alone(sockets: Any) -> None:
+    # Both directions busy while remove() runs: once it returns the thread must not read,
+    # write or count anything more on those fds, so what it reports is exactly what arrived.
+    from etcdgw import _relay
+
+    engine = _relay.Engine(threaded=True, bufsize=4096)
+    stop = threading.Event()
+    workers: list[threading.Thread] = []
+    rigs = []
+    try:
+        for _ in range(20):
+            client, down, up, upstream = sockets("tcp")
+            got = [[0], [0]]  # bytes at upstream, bytes at client
+            rigs.append((engine.add(down.fileno(), up.fileno()), down, up, got))
+            for target, args in (
+                (pump, (client, stop)),
+                (pump, (upstream, stop)),
+                (collect, (upstream, stop, got[0])),
+                (collect, (client, stop, got[1])),
+            ):
+                workers.append(threading.Thread(target=target, args=args, daemon=True))
+                workers[-1].start()
+        time.sleep(0.2)
+        removed = []
+        for pid, down, _, _ in rigs:
+            assert min(engine.stats(pid)) > 0, "traffic should be flowing both ways"
+            removed.append(engine.remove(pid))
+            assert down.fileno() not in registered(engine)
+            time.sleep(0.005)
+        assert len(engine) == 0 and registered(engine) == set()
+        time.sleep(0.1)
+        totals = engine.totals()
+        stop.set()
+        for w in workers:
+            w.join(10)
+        for (pid, down, up, got), (rpid, c2u, u2c, err) in zip(rigs, removed, strict=True):
+            assert (rpid, err) == (pid, 0)
+            assert (got[0][0], got[1][0]) == (c2u, u2c)  # counted == delivered, not more
+            # Unread bytes stay in the kernel: nobody reads the removed fds any more.
+            assert down.recv(1, socket.MSG_PEEK) and up.recv(1, socket.MSG_PEEK)
+        assert totals == (sum(r[1] for r in removed), sum(r[2] for r in removed))
+        assert engine.totals() == totals
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(10)
+        engine.close()
+
+
+@pytest.mark.c_extension
+def test_many_pairs_added_while_the_thread_relays(sockets: Any) -> None:
+    # The pair table grows (64 -> 1024 slots, reallocated) under the thread's feet.
+    from etcdgw import _relay
+
+    engine = _relay.Engine(threaded=True, bufsize=8192)
+    stop = threading.Event()
+    workers: list[threading.Thread] = []
+    try:
+        first, down, up, upstream = sockets("unix")
+        busy = engine.add(down.fileno(), up.fileno())
+        got = [0]
+        workers += [
+            threading.Thread(target=pump, args=(first, stop), daemon=True),
+            threading.Thread(target=collect, args=(upstream, stop, got), daemon=True),
+        ]
+        for w in workers:
+            w.start()
+        rigs = []
+        for i in range(600):
+            client, down, up, upstream = sockets("unix")
+            msg = payload(100 + i, i)
+            client.sendall(msg)  # already waiting when the pair is added
+            client.shutdown(socket.SHUT_WR)
+            rigs.append((engine.add(down.fileno(), up.fileno()), upstream, msg))
+        for _, upstream, msg in rigs:
+            upstream.settimeout(10)
+            data = b""
+            while chunk := upstream.recv(1 << 16):
+                data += chunk
+            assert data == msg
+            upstream.shutdown(socket.SHUT_WR)
+        finished: list[Finished] = []
+        deadline = time.monotonic() + 30
+        while len(finished) < len(rigs):
+            assert time.monotonic() < deadline, "finished pairs were not all announced"
+            select.select([engine.fileno()], [], [], 1)
+            finished += engine.run()
+        assert sorted(finished) == sorted((pid, len(msg), 0, 0) for pid, _, msg in rigs)
+        assert len(engine) == 1 and engine.stats(busy)[0] > 0
+        stop.set()
+        for w in workers:
+            w.join(10)
+        assert engine.remove(busy)[1] == got[0]
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(10)
+        engine.close()
+
+
+@pytest.mark.c_extension
+def test_close_with_live_busy_pairs(sockets: Any) -> None:
+    from etcdgw import _relay
+
+    before = threads()
+    engine = _relay.Engine(threaded=True)
+    stop = threading.Event()
+    workers: list[threading.Thread] = []
+    rigs = [sockets(kind) for kind in ("unix", "tcp") * 4]
+    try:
+        for client, down, up, upstream in rigs:
+            engine.add(down.fileno(), up.fileno())
+            got = [0]
+            workers += [
+                threading.Thread(target=pump, args=(client, stop), daemon=True),
+                threading.Thread(target=collect, args=(upstream, stop, got), daemon=True),
+            ]
+        for w in workers:
+            w.start()
+        time.sleep(0.2)
+        assert engine.totals()[0] > 0
+        engine.close()  # joins the thread mid-traffic
+        assert threads() - before <= {w.native_id for w in workers}  # relay thread gone
+        assert len(engine) == 0
+        totals = engine.totals()
+        time.sleep(0.05)
+        assert engine.totals() == totals  # nothing moves any more
+        for _, down, up, _ in rigs:  # still open: they belong to the caller
+            os.fstat(down.fileno())
+            os.fstat(up.fileno())
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(10)
+        engine.close()
+    assert threads_back_to(before)
+
+
 # -- the asyncio driver --
 
 
 def test_relay_drives_the_engine_from_asyncio(
-    engine_module: ModuleType, sockets: Any, monkeypatch: pytest.MonkeyPatch
+    engine_cls: Any, threaded: bool, sockets: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rigs = [sockets("tcp") for _ in range(5)]
     finished: list[Finished] = []
@@ -618,7 +899,7 @@ def test_relay_drives_the_engine_from_asyncio(
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
         # A tiny bufsize makes the fairness budget bite, exercising the call_soon path.
-        relay = Relay(loop, on_finished, engine_cls=engine_module.Engine, bufsize=512)
+        relay = Relay(loop, on_finished, engine_cls=engine_cls, bufsize=512)
         try:
             pids = [relay.add(r[1].fileno(), r[2].fileno()) for r in rigs]
             replies = await asyncio.wait_for(
@@ -640,19 +921,20 @@ def test_relay_drives_the_engine_from_asyncio(
     replies = asyncio.run(main())
     assert replies == [b"q" * (200_000 + i) + b"!" for i in range(len(rigs))]
     assert [str(e["exception"]) for e in errors] == ["boom"]
-    assert again, "the fairness budget should have sent the driver round via call_soon"
+    # (The relay thread applies the budget by itself: run() is never pending then.)
+    assert bool(again) != threaded, "the fairness budget should send the driver round"
 
 
 def unexpected(*finished: int) -> None:
     raise AssertionError(f"on_finished called for a removed pair: {finished}")
 
 
-def test_relay_remove_and_stats(engine_module: ModuleType, sockets: Any) -> None:
+def test_relay_remove_and_stats(engine_cls: Any, sockets: Any) -> None:
     client, down, up, upstream = sockets("unix")
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        relay = Relay(loop, unexpected, engine_cls=engine_module.Engine)
+        relay = Relay(loop, unexpected, engine_cls=engine_cls)
         pid = relay.add(down.fileno(), up.fileno())
         client.sendall(b"abc")
         await asyncio.wait_for(loop.sock_recv(upstream, 10), 10)

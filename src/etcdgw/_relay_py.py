@@ -53,7 +53,9 @@ class _Pair:
 class Engine:
     """Relay bytes between borrowed pairs of non-blocking sockets, both ways, on one epoll fd."""
 
-    def __init__(self, bufsize: int = 65536) -> None:
+    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None:
+        # `threaded` is accepted for parity with the Cython twin and ignored: a Python relay
+        # thread would need the GIL for every event, so this engine is always loop-driven.
         if not 1 <= bufsize <= 1 << 30:
             raise ValueError(f"bufsize out of range: {bufsize}")
         self._bufsize = bufsize

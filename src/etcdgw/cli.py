@@ -42,7 +42,12 @@ class _Parser(argparse.ArgumentParser):
 def _cobra_message(message: str) -> str:
     # argparse: "unrecognized arguments: --foo bar"; cobra/pflag: "unknown flag: --foo".
     if message.startswith("unrecognized arguments: "):
-        return "unknown flag: " + message.split(": ", 1)[1].split()[0]
+        extra = message.split(": ", 1)[1]
+        first = extra.split()[0] if extra.split() else extra  # `start ''`: nothing to split
+        if not first.startswith("-"):
+            return f"unexpected argument {go_quote(first)}"
+        # pflag names the flag alone: `--foo=1` is reported as `unknown flag: --foo`.
+        return "unknown flag: " + first.split("=", 1)[0]
     if message.startswith("argument ") and ": expected one argument" in message:
         flag = message.split()[1].split("/")[-1].rstrip(":")
         return f"flag needs an argument: {flag}"

@@ -34,6 +34,9 @@ from .relay import IMPLEMENTATION, Engine, Relay
 ACCEPT_BATCH = 128
 # Accept errors that mean "out of a resource for now" (the Go gateway exits 0 on them).
 ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Out of fds, the clients already in the backlog are accepted with a spare fd and closed at
+# once, so they learn now instead of hanging until fds free up (libuv's "EMFILE trick").
+ACCEPT_SHED_ERRNOS = {errno.EMFILE, errno.ENFILE}
 ACCEPT_PAUSE = 0.1  # seconds; grows to ACCEPT_PAUSE_MAX while the shortage lasts
 ACCEPT_PAUSE_MAX = 1.0
 # How long a host name's addresses are reused before resolving again. The Go gateway
@@ -99,6 +102,11 @@ class Gateway:
         self._accepting = False
         self._accept_pause = ACCEPT_PAUSE
         self._pause_handle: asyncio.TimerHandle | None = None
+        self._sockopts_cache: list[tuple[int, int, int]] = []
+        self._sockopts_for: float | None = None
+        # listener -> (tcp_keepalive it was tuned for, its clients inherit it: None = unknown)
+        self._listener_state: dict[socket.socket, tuple[float, bool | None]] = {}
+        self._spare_fd = -1  # reserved while serving, see _shed()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._done: asyncio.Future[None] | None = None
         self._draining = False
@@ -201,6 +209,7 @@ class Gateway:
             loop, self._on_finished, engine_cls=self.engine_cls, bufsize=self.cfg.buffer_size
         )
         try:
+            self._reserve_spare_fd()
             self._start_accepting()
             self._spawn(self._monitor())
             self._install_signals()
@@ -232,7 +241,8 @@ class Gateway:
         self._accepting = False
 
     def _on_accept(self, lsock: socket.socket) -> None:
-        is_tcp = lsock.family != socket.AF_UNIX
+        # A TCP client needs tuning unless it inherited the listener's options (see below).
+        tune = lsock.family != socket.AF_UNIX and not self._listener_tuned(lsock)
         for _ in range(ACCEPT_BATCH):
             if self.cfg.max_connections and self.active_connections() >= self.cfg.max_connections:
                 # Leave further clients in the kernel's backlog until a connection ends.
@@ -245,18 +255,51 @@ class Gateway:
             except OSError as e:
                 self.counters.accept_errors += 1
                 if e.errno in ACCEPT_PAUSE_ERRNOS:
-                    self._pause_accepting(e)
+                    shed = self._shed(lsock) if e.errno in ACCEPT_SHED_ERRNOS else 0
+                    self._pause_accepting(e, shed)
                     return
                 # ECONNABORTED, EPROTO, EPERM (firewall), ...: that one client is gone.
                 continue
             self._accept_pause = ACCEPT_PAUSE
             self.counters.accepted += 1
             client.setblocking(False)
-            if is_tcp:
-                self._tune(client)
+            if tune:
+                tune = self._tune_accepted(lsock, client)
             _Dial(self, client).start()
 
-    def _pause_accepting(self, e: OSError) -> None:
+    def _reserve_spare_fd(self) -> None:
+        if self._spare_fd < 0:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # out of fds already: try again at the next shortage
+
+    def _shed(self, lsock: socket.socket) -> int:
+        """Out of fds: close the clients waiting in the backlog; return how many.
+
+        The spare fd is given up for a moment so accept() can take each waiting client, which
+        is closed at once (as when no endpoint can be reached); then it is reserved again.
+        """
+        if self._spare_fd < 0:
+            self._reserve_spare_fd()
+            return 0
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        n = 0
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    client, _ = lsock.accept()
+                except OSError:
+                    break  # EAGAIN: none left; EMFILE: another fd took the spare's place
+                client.close()
+                n += 1
+        finally:
+            self._reserve_spare_fd()
+        self.counters.refused += n
+        return n
+
+    def _pause_accepting(self, e: OSError, closed: int = 0) -> None:
         """Out of fds or buffers: stop accepting briefly instead of exiting or spinning."""
         assert self._loop is not None
         self._stop_accepting()
@@ -264,6 +307,7 @@ class Gateway:
             "accept failed; pausing accept",
             error=str(e),
             pause=format_duration(self._accept_pause),
+            **({"closed-clients": closed} if closed else {}),
         )
         delay = self._accept_pause
         self._accept_pause = min(self._accept_pause * 2, ACCEPT_PAUSE_MAX)
@@ -282,18 +326,68 @@ class Gateway:
     def active_connections(self) -> int:
         return len(self.conns) + len(self.dials)
 
-    def _tune(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _sockopts(self) -> list[tuple[int, int, int]]:
+        """(level, option, value) for every TCP socket, for the current --tcp-keepalive."""
         ka = self.cfg.tcp_keepalive
-        if ka:
-            # Go dials and accepts with a 15 s keep-alive; we also bound the probe count and
-            # unacknowledged data, so a dead peer is noticed within about 4 x this time.
-            secs = max(1, int(ka))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, secs * 4000)
+        if self._sockopts_for != ka:
+            opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            if ka:
+                # Go dials and accepts with a 15 s keep-alive; we also bound the probe count
+                # and unacknowledged data, so a dead peer is noticed within about 4 x this.
+                secs = max(1, int(ka))
+                opts += [
+                    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+                    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, secs * 4000),
+                ]
+            self._sockopts_cache, self._sockopts_for = opts, ka
+        return self._sockopts_cache
+
+    def _tune(self, sock: socket.socket) -> None:
+        for level, opt, value in self._sockopts():
+            sock.setsockopt(level, opt, value)
+
+    def _listener_tuned(self, lsock: socket.socket) -> bool:
+        """Whether lsock's clients come out of accept() tuned already.
+
+        Linux copies these options from the listening socket to the sockets it accepts, which
+        saves six setsockopt calls per client. The listener is tuned for the current config
+        (again after a reload changed it); the first client accepted after that is checked,
+        and if it did not inherit them, every client is tuned by hand as before.
+        """
+        ka = self.cfg.tcp_keepalive
+        state = self._listener_state.get(lsock)
+        if state is not None and state[0] == ka:
+            return state[1] is True
+        opts = self._sockopts()
+        try:
+            for level, opt, value in (
+                opts if ka else [*opts, (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+            ):
+                lsock.setsockopt(level, opt, value)
+        except OSError:
+            self._listener_state[lsock] = (ka, False)
+            return False
+        self._listener_state[lsock] = (ka, None)  # None: not checked on a client yet
+        return False
+
+    def _tune_accepted(self, lsock: socket.socket, client: socket.socket) -> bool:
+        """Tune an accepted TCP client unless it inherited the listener's options; return
+        whether the following clients of this wake-up still need tuning."""
+        state = self._listener_state.get(lsock)
+        if state is not None and state[1] is None:
+            opts = self._sockopts()
+            try:
+                inherited = all(client.getsockopt(lvl, opt) == v for lvl, opt, v in opts)
+            except OSError:
+                inherited = False
+            self._listener_state[lsock] = (state[0], inherited)
+            if inherited:
+                return False
+        self._tune(client)
+        return True
 
     # --- connect -----------------------------------------------------------------------
 
@@ -581,6 +675,9 @@ class Gateway:
     def _teardown(self) -> None:
         """Close everything this gateway owns, exactly once."""
         self.close_listeners()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
         for h in (self._pause_handle, self._drain_handle):
             if h is not None:
                 h.cancel()
@@ -726,6 +823,15 @@ class _Dial:
             self._connect_next()
             return
         self.sock = sock
+        try:
+            # Over loopback the handshake is done by the time connect() returns EINPROGRESS:
+            # relay at once, without a writer callback, a timer and another loop wake-up.
+            sock.getpeername()
+        except OSError:
+            pass  # ENOTCONN: still connecting (or failed): wait for writability
+        else:
+            self._connected()
+            return
         gw._loop.add_writer(sock.fileno(), self._on_writable)
         self.timer = gw._loop.call_at(self.deadline, self._on_timeout)
 
