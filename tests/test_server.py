@@ -10,6 +10,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -333,3 +334,24 @@ def test_many_concurrent_clients(gateway: Start, backends: list[TagServer]) -> N
         s.close()
     assert sorted(set(tags)) == [b"a\n", b"b\n", b"c\n"]
     wait_for(lambda: g.fds() == baseline, timeout=10)
+
+
+def test_keepalive_and_nodelay_on_both_sockets(gateway: Start) -> None:
+    """Both relayed sockets carry TCP keep-alive (seen by the kernel's ss as a timer)."""
+    port = free_tcp_port()
+    with TagServer("k") as backend:
+        gateway(f"--endpoints={backend.addr}", f"--listen-addr=127.0.0.1:{port}",
+                "--tcp-keepalive=7s")  # fmt: skip
+        with connect(port) as s:
+            assert read_line(s) == b"k\n"
+
+            def timers(flt: str) -> str:
+                return subprocess.run(
+                    ["ss", "-tnoH", "state", "established", flt],
+                    capture_output=True, text=True, check=True,
+                ).stdout  # fmt: skip
+
+            accepted = timers(f"( sport = :{port} )")
+            upstream = timers(f"( dport = :{backend.port} )")
+            assert "keepalive" in accepted, accepted
+            assert "keepalive" in upstream, upstream
