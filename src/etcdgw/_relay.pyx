@@ -619,16 +619,18 @@ cdef void _visit(Core *c, Pair *p) noexcept nogil:
             p.dir[i].ready = r == MORE
     if p.errcheck:
         # A reset on a socket we no longer read from (it already sent EOF) would only
-        # show at our next send, which may never come; SO_ERROR surfaces it now.
+        # show at our next send, which may never come; SO_ERROR surfaces it now. An error
+        # seen before that EOF was read stays pending until it is: a reset after FIN
+        # leaves the bytes and the EOF readable, and EPOLLERR does not come again.
         for i in range(2):
             if p.errcheck & (1 << i) and p.dir[i].eof:
+                p.errcheck &= ~(1 << i)
                 so_error = 0
                 optlen = sizeof(so_error)
                 getsockopt(p.dir[i].src, SOL_SOCKET, SO_ERROR, &so_error, &optlen)
                 if so_error:
                     _finish(c, p, so_error)
                     return
-        p.errcheck = 0
     if p.dir[0].done and p.dir[1].done:
         _finish(c, p, 0)
     elif (p.dir[0].ready or p.dir[1].ready) and not p.queued:

@@ -177,15 +177,16 @@ class Engine:
                     self._finish(pair, e.errno or errno.EIO)
                     return
         for side in (0, 1):
-            if pair.errcheck[side]:
+            # A reset on a socket we no longer read from (it already sent EOF) would only
+            # show at our next send, which may never come; SO_ERROR shows it now. An error
+            # seen before that EOF was read stays pending until it is: a reset after FIN
+            # leaves the bytes and the EOF readable, and EPOLLERR does not come again.
+            if pair.errcheck[side] and pair.dirs[side].eof:
                 pair.errcheck[side] = False
-                # A reset on a socket we no longer read from (it already sent EOF) would
-                # only show at our next send, which may never come; SO_ERROR shows it now.
-                if pair.dirs[side].eof:
-                    so_error = _sockcall(pair.dirs[side].src, _so_error)
-                    if so_error:
-                        self._finish(pair, so_error)
-                        return
+                so_error = _sockcall(pair.dirs[side].src, _so_error)
+                if so_error:
+                    self._finish(pair, so_error)
+                    return
         if pair.dirs[0].done and pair.dirs[1].done:
             self._finish(pair, 0)
         elif pair.dirs[0].ready or pair.dirs[1].ready:
