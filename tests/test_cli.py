@@ -64,6 +64,7 @@ def test_endpoints_csv_quoting_and_empty() -> None:
     [
         (["start", "--foo"], "stderr", "Error: unknown flag: --foo"),
         (["start", "--insecure-skip-tls-verify"], "stderr", "unknown flag"),
+        (["start", "--end=h:1"], "stderr", "Error: unknown flag: --end"),
         (
             ["start", "--retry-delay=123"],
             "stderr",

@@ -60,8 +60,10 @@ BOOL_FLAGS = {"--insecure-discovery"}
 
 def get_parser() -> argparse.ArgumentParser:
     """The whole command line (also read by argparse-manpage to write man/etcdgw.1)."""
+    # No abbreviations: pflag rejects `--end=h:1`, so must we (argparse would take --endpoints).
     parser = _Parser(
         prog=PROG,
+        allow_abbrev=False,
         description=(
             "etcdgw is a stateless local TCP gateway for etcd: applications connect to it and "
             "it forwards raw bytes round-robin to the etcd cluster's client endpoints, "
@@ -76,12 +78,14 @@ def get_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     start = sub.add_parser(
         "start",
+        allow_abbrev=False,
         help="start the gateway",
         description="Start the gateway (the same flags as `etcd gateway start`).",
     )
     add_start_flags(start)
     status = sub.add_parser(
         "status",
+        allow_abbrev=False,
         help="print the endpoint table of a running gateway (needs its --metrics-addr)",
         description="Read a running gateway's metrics endpoint and print its endpoints.",
     )
