@@ -31,7 +31,7 @@ lint:
 
 # The relay and server tests run once per engine through the relay_impl fixture.
 pytest:
-	$(PYTHON) -m pytest -q -x --timeout=300 -p no:randomly $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --timeout=300 -p no:randomly $(PYTEST_ARGS)
 
 # man/etcdgw.1 from cli.get_parser() (argparse-manpage + man/sections.ini); a test checks it.
 man:

@@ -19,6 +19,8 @@ import pytest
 __all__ = [
     "GatewayProc",
     "TagServer",
+    "connect",
+    "read_line",
     "gateway",
     "free_tcp_port",
     "wait_for",
@@ -33,6 +35,22 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> socket.socket:
+    """A client connection to the gateway (closed again if connecting fails)."""
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def read_line(s: socket.socket) -> bytes:
+    """Bytes up to and including the first newline (or EOF)."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import etcdgw
-from _gateway import GatewayProc, TagServer, free_tcp_port, wait_for
+from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line, wait_for
 from etcdgw import metrics
 from etcdgw.balancer import Remote
 from etcdgw.config import Config, ConfigError, Endpoint
@@ -65,21 +65,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     key = (name, frozenset(labels.items()))
     assert key in samples, f"no sample {name}{labels}; have {sorted(k[0] for k in samples)}"
     return samples[key]
-
-
-def connect(port: int, timeout: float = 10.0) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    return s
-
-
-def read_line(s: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 def recv_exactly(s: socket.socket, n: int) -> bytes:

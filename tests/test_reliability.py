@@ -37,7 +37,15 @@ import pytest
 
 from _dns import Dnsmasq, SrvHost
 from _etcd import EtcdCluster, etcdctl, spawn
-from _gateway import GatewayProc, TagServer, engine_env, free_tcp_port, wait_for
+from _gateway import (
+    GatewayProc,
+    TagServer,
+    connect,
+    engine_env,
+    free_tcp_port,
+    read_line,
+    wait_for,
+)
 
 Start = Callable[..., GatewayProc]
 
@@ -257,20 +265,6 @@ class Backend:
 
 # --------------------------------------------------------------------------------------------
 # Clients
-
-
-def connect(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> socket.socket:
-    return socket.create_connection((host, port), timeout=timeout)
-
-
-def read_line(s: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 def exchange(socks: Sequence[socket.socket], tokens: Sequence[bytes], timeout: float) -> None:

@@ -17,31 +17,9 @@ from collections.abc import Callable
 
 import pytest
 
-from _gateway import GatewayProc, TagServer, free_tcp_port, wait_for
+from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line, wait_for
 
 Start = Callable[..., GatewayProc]
-
-
-def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect((host, port))
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def read_line(s: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 def tag_via(port: int, host: str = "127.0.0.1") -> str:
