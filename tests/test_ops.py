@@ -74,15 +74,19 @@ def test_drain_finishes_transfer_then_closes_watch_at_deadline(
         g.wait_ready()
         key = f"drain-{relay_impl}"
         value = os.urandom(1 << 20)
-        body = json.dumps({"key": b64(key.encode()), "value": b64(value)}).encode()
+        big = b64(f"{key}-big".encode())
+        body = json.dumps({"key": big, "value": b64(value)}).encode()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v3/kv/put", body)
         assert conn.getresponse().read()
         with EtcdctlWatch(gw, key) as w:
+            # The watch stream is up (through the gateway) before the drain begins.
+            assert etcdctl(etcd_cluster.endpoints[0], "put", key, "before").returncode == 0
+            assert w.wait_events(1, timeout=30)[0].value == "before"
             t0 = 0.0
             total = 0
             for i in range(80):
-                conn.request("POST", "/v3/kv/range", json.dumps({"key": b64(key.encode())}))
+                conn.request("POST", "/v3/kv/range", json.dumps({"key": big}))
                 data = conn.getresponse().read()
                 total += len(data)
                 kv = json.loads(data)["kvs"][0]
@@ -95,7 +99,7 @@ def test_drain_finishes_transfer_then_closes_watch_at_deadline(
             assert total > 100_000_000
             # The watch still works while draining.
             assert etcdctl(etcd_cluster.endpoints[0], "put", key, "during-drain").returncode == 0
-            assert w.wait_events(1)[0].value == "during-drain"
+            assert w.wait_events(2, timeout=30)[1].value == "during-drain"
             assert g.proc.wait(DRAIN + 30) == 0
             elapsed = time.monotonic() - t0
             # The watch never ends by itself: the process exits at the drain deadline.
