@@ -237,6 +237,7 @@ class Soak:
                     "--dial-timeout=1s",
                     "--tcp-keepalive=2s",
                     "--drain-timeout=2s",
+                    *self.a.gateway_arg,
                 ],
                 impl=a.engine,
             )
@@ -328,6 +329,9 @@ class Soak:
             "result": "pass" if ok else "FAIL",
             "requests_ok": dict(self.stats.ok),
             "faults": len(self.faults),
+            "fault_windows_s": [
+                [round(lo - started, 1), round(hi - started, 1)] for lo, hi in windows
+            ],
             "errors_in_fault_windows": dict(expected),
             "errors_unexpected": unexpected[:50],
             "errors_unexpected_total": len(unexpected),
@@ -405,14 +409,23 @@ def main() -> int:
     ap.add_argument("--keep", type=int, default=2, help="keep-alive threads")
     ap.add_argument("--watchers", type=int, default=3, help="watch streams")
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
+    ap.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        help="extra etcdgw flag (repeatable), e.g. --gateway-arg=--log-level=debug",
+    )
     a = ap.parse_args()
     a.seconds = a.seconds if a.seconds is not None else a.minutes * 60
     with tempfile.TemporaryDirectory(prefix="etcdgw-soak-") as tmp:
-        summary = Soak(a, Path(tmp)).run()
+        soak = Soak(a, Path(tmp))
+        summary = soak.run()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"soak-{a.engine}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
+    if soak.g is not None:  # the gateway's own log, next to the summary
+        path.with_suffix(".gateway.log").write_text("\n".join(soak.g.lines) + "\n")
     brief = {k: v for k, v in summary.items() if k not in ("samples", "errors_unexpected")}
     print(json.dumps(brief, indent=2))
     for e in summary["errors_unexpected"][:10]:

@@ -274,3 +274,18 @@ class TagServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def silent_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: new SYNs are dropped, connect() hangs."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(lst.getsockname())
+        fillers.append(c)
+    time.sleep(0.2)
+    return lst, fillers

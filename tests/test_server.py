@@ -17,7 +17,15 @@ from collections.abc import Callable
 
 import pytest
 
-from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line, wait_for
+from _gateway import (
+    GatewayProc,
+    TagServer,
+    connect,
+    free_tcp_port,
+    read_line,
+    silent_listener,
+    wait_for,
+)
 
 Start = Callable[..., GatewayProc]
 
@@ -40,11 +48,17 @@ def backends() -> list[TagServer]:
         s.close()
 
 
-def test_round_robin_in_list_order(gateway: Start, backends: list[TagServer]) -> None:
+def test_round_robin_in_list_order(
+    gateway: Start, backends: list[TagServer], relay_impl: str
+) -> None:
     port = free_tcp_port()
     eps = ",".join(f"http://{b.addr}" for b in backends)
     g = gateway(f"--endpoints={eps}", f"--listen-addr=127.0.0.1:{port}")
-    assert g.wait_ready()["endpoints"] == [b.addr for b in backends]
+    ready = g.wait_ready()
+    assert ready["endpoints"] == [b.addr for b in backends]
+    # The Cython engine accepts and connects in its relay thread (native accept), so every
+    # test here runs that path for it, and the asyncio one for the pure-Python engine.
+    assert ready["accept"] == ("relay-thread" if relay_impl == "cython" else "loop")
     assert [tag_via(port) for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
     assert g.stop() == 0
 
@@ -113,21 +127,6 @@ def test_retry_delay_reactivates_in_background(gateway: Start) -> None:
         with TagServer("up", port=up):
             g.wait_log("activated", address=f"127.0.0.1:{up}", timeout=5)
             assert sorted(tag_via(port) for _ in range(2)) == ["up", "x"]
-
-
-def silent_listener() -> tuple[socket.socket, list[socket.socket]]:
-    """A listener whose accept queue is full: new SYNs are dropped, connect() hangs."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(0)
-    fillers = []
-    for _ in range(4):
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(lst.getsockname())
-        fillers.append(c)
-    time.sleep(0.2)
-    return lst, fillers
 
 
 def test_silent_endpoint_fails_over_after_dial_timeout(gateway: Start) -> None:

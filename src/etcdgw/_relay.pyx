@@ -23,10 +23,13 @@
 # - either way finished pairs wait in a C list and Python tuples are built with the GIL.
 
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
-from libc.errno cimport EAGAIN, EINTR, ENOMEM, ENOTCONN, errno
+from libc.errno cimport (
+    EAGAIN, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ENOTCONN,
+    ETIMEDOUT, errno,
+)
 from libc.signal cimport SIG_DFL, SIGPIPE
-from libc.stdlib cimport free, malloc
-from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset, strerror
 from posix.signal cimport SIG_BLOCK, SIG_SETMASK, sigaction, sigaction_t, sigfillset
 from posix.types cimport sigset_t
@@ -54,11 +57,29 @@ cdef extern from "<sys/epoll.h>" nogil:
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct sockaddr_storage:
+        pass
+    struct linger:
+        int l_onoff
+        int l_linger
     enum:
         MSG_NOSIGNAL
         SHUT_WR
         SOL_SOCKET
         SO_ERROR
+        SO_LINGER
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        AF_INET
+        AF_INET6
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
+    int accept4(int fd, sockaddr *addr, socklen_t *len, int flags)
+    int getpeername(int fd, sockaddr *addr, socklen_t *len)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
@@ -74,6 +95,35 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int pipe2(int *fds, int flags)
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+    unsigned short htons(unsigned short)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    enum:
+        CLOCK_MONOTONIC
+    int clock_gettime(int clk, timespec *ts)
 
 cdef extern from "<sys/eventfd.h>" nogil:
     enum:
@@ -110,8 +160,20 @@ cdef enum:
     FREE = 0          # Pair.state
     LIVE = 1
     FINISHED = 2
+    CONNECTING = 3    # native dial: the upstream socket is still connecting
+    DIALFAIL = 4      # native dial failed: the client waits in the finished list for Python
+    MAX_LISTENERS = 64
+    MAX_SOCKOPTS = 8
+    ACCEPT_BATCH = 128  # clients accepted per listener per batch of the relay thread
+    REPORT_BATCH = 64   # started/finished records that make the thread notify at once
 
 cdef uint64_t WAKE_KEY = 0xFFFFFFFFFFFFFFFF  # epoll key of the thread's wake-up eventfd
+cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native listeners
+# Started and finished pairs are bookkeeping for the loop (the bytes and the sockets are
+# done with): the thread lets them gather for up to this long, or REPORT_BATCH of them,
+# before it wakes the loop, which then handles them in one go. Failed dials (a client is
+# waiting) and errors are announced at once.
+cdef uint64_t REPORT_DELAY_NS = 5000000
 
 # Benchmarks compare splice with plain recv/send through _set_splice(); not an API.
 cdef bint splice_enabled = True
@@ -151,6 +213,32 @@ cdef struct Pair:
     uint8_t state
     uint8_t queued
     uint8_t errcheck    # bit per side: EPOLLERR seen on that side's fd
+    uint8_t owned       # accepted and dialled by the engine: it closes both fds
+    uint8_t fresh       # owned and live, not yet reported by collect()
+    int32_t snext       # started list (fresh pairs)
+    int32_t cprev       # connecting list (CONNECTING pairs, oldest first)
+    int32_t cnext
+    int64_t tag         # owned: the caller's tag of the target it was dialled to
+    uint64_t deadline   # CONNECTING: CLOCK_MONOTONIC ns when the dial times out
+
+
+cdef struct Listener:
+    int fd
+    uint8_t ready       # an edge said clients may be waiting: accept until EAGAIN
+    uint8_t paused      # accept failed for lack of a resource: wait for listen() again
+    uint8_t reported    # the pause was reported by collect()
+    uint8_t tune        # 0: check the first client, 1: clients inherit options, 2: tune each
+    int err
+
+
+cdef struct Target:
+    sockaddr_storage addr
+    socklen_t addrlen   # 0: no address known (a host name): the caller dials it
+    int64_t tag
+    int family
+    int priority
+    int weight
+    uint8_t usable
 
 
 cdef struct Core:
@@ -184,6 +272,28 @@ cdef struct Core:
     int wake_fd         # eventfd in the epoll set: loop -> thread, "stop"
     pthread_mutex_t lock
     pthread_t thread
+    # native accept (threaded mode only): listeners, targets and the dial path
+    Listener lst[MAX_LISTENERS]
+    int nlst
+    Target *targets
+    int ntargets
+    bint plain          # every target has priority 0 and weight 0: plain round-robin
+    uint64_t rr         # the round-robin counter (etcd's pickCount)
+    uint64_t rng        # xorshift64 state for SRV weights
+    int sockopts[MAX_SOCKOPTS][3]
+    int nsockopts
+    uint64_t dial_timeout_ns
+    int32_t limit       # --max-connections (0: none): live + connecting pairs
+    int32_t nconnecting
+    int32_t conn_head
+    int32_t conn_tail
+    int32_t started_head
+    int32_t nunreported  # started pairs and failed dials collect() has not returned yet
+    uint64_t accepted
+    uint64_t accept_errors
+    int32_t nfailed     # failed dials waiting in the finished list
+    int32_t nrecords    # started, finished and failed records waiting for collect()
+    uint64_t report_at  # CLOCK_MONOTONIC ns by which the waiting records are announced
 
 
 cdef inline ssize_t _recv(int fd, char *buf, size_t n) noexcept nogil:
@@ -255,7 +365,9 @@ cdef class Engine:
     def __cinit__(self, *args, **kwargs):
         self.c.epfd = self.c.notify_fd = self.c.wake_fd = -1
         self.c.free_head = self.c.ready_head = self.c.ready_tail = self.c.finished_head = -1
+        self.c.conn_head = self.c.conn_tail = self.c.started_head = -1
         self.c.gen = 1
+        self.c.rng = <uint64_t><size_t>&self.c ^ 0x9E3779B97F4A7C15
         pthread_mutex_init(&self.c.lock, NULL)
 
     def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None:
@@ -300,7 +412,11 @@ cdef class Engine:
     def __dealloc__(self):
         self._close()
         pthread_mutex_destroy(&self.c.lock)
-        PyMem_RawFree(self.c.pairs)
+        if self.c.threaded:
+            free(self.c.pairs)
+        else:
+            PyMem_RawFree(self.c.pairs)
+        free(self.c.targets)
         PyMem_RawFree(self.c.scratch)
 
     def fileno(self) -> int:
@@ -317,18 +433,12 @@ cdef class Engine:
         self._check_open()
         self._lock()
         try:
-            if self.c.free_head < 0:
-                self._grow()
-            slot = self.c.free_head
+            slot = _new_slot(&self.c)
+            if slot < 0:
+                raise MemoryError("too many pairs")
             p = &self.c.pairs[slot]
-            self.c.free_head = p.next
-            memset(p, 0, sizeof(Pair))
-            p.id = (self.c.gen << SLOT_BITS) | <uint64_t>slot
-            self.c.gen += 1
-            p.prev = p.next = -1
             p.dir[0].src = p.dir[1].dst = cfd
             p.dir[0].dst = p.dir[1].src = ufd
-            p.dir[0].pipe[0] = p.dir[0].pipe[1] = p.dir[1].pipe[0] = p.dir[1].pipe[1] = -1
             # Registered once: ET means no epoll_ctl per event; an fd that is already
             # readable reports at the next epoll_wait, so bytes sent before add() are not
             # lost. (The relay thread may see the event at once, but handles it only once
@@ -345,7 +455,7 @@ cdef class Engine:
                 epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, cfd, NULL)
             else:
                 err = errno
-            self._release(slot)
+            _release(&self.c, slot)
         finally:
             self._unlock()
         raise OSError(err, strerror(err).decode())
@@ -354,11 +464,10 @@ cdef class Engine:
         """Handle ready events without blocking; return the pairs that finished.
 
         Threaded: the relay thread handled the events; this only collects what finished.
+        (With native accept, use collect(): run() drops the other records, closing the
+        clients of failed dials.)
         """
         cdef int err = 0, n
-        cdef uint64_t count
-        cdef int32_t slot
-        cdef Pair *p
         self._check_open()
         if not self.c.threaded:
             with nogil:
@@ -369,24 +478,238 @@ cdef class Engine:
                     _handle(&self.c, n)
         if err:  # the pairs finished so far stay listed for the next call
             raise OSError(err, strerror(err).decode())
+        _, finished, failed, _, _, _ = self._collect()
+        for cfd, _, _ in failed:
+            close(cfd)
+        return finished
+
+    def collect(self):
+        """Threaded: everything the relay thread has to report, in one go.
+
+        Returns (started, finished, failed, paused, accepted, accept_errors):
+        started: [(pair_id, tag)] pairs the engine accepted and connected itself (native
+            accept), relayed now; report them before `finished`, which may list them too.
+        finished: [(pair_id, c2u, u2c, errno)] as from run(); the engine has closed the fds
+            of its own pairs already (with SO_LINGER 0 when errno is set).
+        failed: [(client_fd, tag, errno)] accepted clients the engine could not connect;
+            the caller owns client_fd now. tag -1: no usable target (errno 0) or no socket
+            for the dial (errno set); errno 0 with a tag: the target has no address, dial
+            it yourself; else that target's connect failed (ETIMEDOUT: --dial-timeout).
+        paused: [(listen_fd, errno)] listeners whose accept failed for lack of a resource
+            (EMFILE, ENFILE, ENOBUFS, ENOMEM); listen() again to resume.
+        accepted, accept_errors: counts since the last collect().
+        """
+        self._check_open()
+        return self._collect()
+
+    cdef tuple _collect(self):
+        cdef uint64_t count, accepted, accept_errors
+        cdef int32_t slot
+        cdef int err, i
+        cdef Pair *p
+        cdef Listener *lst
+        started = []
         finished = []
+        failed = []
+        paused = []
         self._lock()
         try:
             if self.c.notified:
                 self.c.notified = 0
                 read(self.c.notify_fd, &count, sizeof(count))
             err = self.c.thread_err
+            while self.c.started_head >= 0:
+                p = &self.c.pairs[self.c.started_head]
+                started.append((p.id, p.tag))
+                p.fresh = 0
+                self.c.started_head = p.snext
+                p.snext = -1
             while self.c.finished_head >= 0 and not err:
                 slot = self.c.finished_head
                 p = &self.c.pairs[slot]
-                finished.append((p.id, p.dir[0].moved, p.dir[1].moved, p.err))
+                if p.state == DIALFAIL:
+                    failed.append((p.dir[0].src, p.tag, p.err))
+                else:
+                    finished.append((p.id, p.dir[0].moved, p.dir[1].moved, p.err))
                 self.c.finished_head = p.next
-                self._release(slot)
+                _release(&self.c, slot)
+            for i in range(self.c.nlst):
+                lst = &self.c.lst[i]
+                if lst.fd >= 0 and lst.paused and not lst.reported:
+                    lst.reported = 1
+                    paused.append((lst.fd, lst.err))
+            self.c.nunreported = self.c.nfailed = self.c.nrecords = 0
+            self.c.report_at = 0
+            accepted, accept_errors = self.c.accepted, self.c.accept_errors
+            self.c.accepted = self.c.accept_errors = 0
         finally:
             self._unlock()
         if err:
             raise OSError(err, "relay thread stopped: " + strerror(err).decode())
-        return finished
+        return started, finished, failed, paused, accepted, accept_errors
+
+    # -- native accept (threaded mode) --
+
+    @property
+    def native(self) -> bool:
+        """True if this engine can accept and connect clients itself (threaded mode)."""
+        return self.c.threaded and self.c.epfd >= 0
+
+    def listen(self, listen_fd: int, tcp: bool = True) -> None:
+        """Accept clients on a borrowed, non-blocking listening socket in the relay thread.
+
+        Each client is connected to a target chosen as the caller's balancer would (see
+        set_targets) and relayed; collect() reports it. Calling it again for a listener
+        paused by a resource error resumes it. tcp: check (and if needed set) the
+        set_targets() socket options on each client; False for unix sockets.
+        """
+        cdef int fd = listen_fd, i, free_i = -1, err = 0
+        cdef epoll_event ev
+        cdef uint64_t one = 1
+        self._check_native()
+        self._lock()
+        try:
+            for i in range(self.c.nlst):
+                if self.c.lst[i].fd == fd:
+                    self.c.lst[i].paused = self.c.lst[i].reported = 0
+                    self.c.lst[i].ready = 1
+                    break
+                if self.c.lst[i].fd < 0 and free_i < 0:
+                    free_i = i
+            else:
+                if free_i < 0:
+                    if self.c.nlst >= MAX_LISTENERS:
+                        raise OSError(ENOMEM, "too many listeners")
+                    free_i = self.c.nlst
+                    self.c.nlst += 1
+                ev.events = EPOLLIN | EPOLLET
+                ev.data.u64 = LISTEN_KEY + <uint64_t>free_i
+                if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                    err = errno
+                    raise OSError(err, strerror(err).decode())
+                memset(&self.c.lst[free_i], 0, sizeof(Listener))
+                self.c.lst[free_i].fd = fd
+                self.c.lst[free_i].ready = 1
+                self.c.lst[free_i].tune = 0 if tcp else 1
+        finally:
+            self._unlock()
+        write(self.c.wake_fd, &one, sizeof(one))
+
+    def unlisten(self, listen_fd: int) -> None:
+        """Stop accepting on a listener; when this returns the engine no longer uses its fd."""
+        cdef int fd = listen_fd, i
+        self._check_native()
+        self._lock()
+        try:
+            for i in range(self.c.nlst):
+                if self.c.lst[i].fd == fd:
+                    epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, fd, NULL)
+                    self.c.lst[i].fd = -1
+        finally:
+            self._unlock()
+
+    def set_targets(self, targets, sockopts=(), dial_timeout: float = 5.0,
+                    limit: int = 0) -> None:
+        """What native accept connects clients to, and how.
+
+        targets: [(tag, family, ip or None, port, flowinfo, scope_id, priority, weight,
+            usable)] in the balancer's order. The choice mirrors etcdgw.balancer.pick():
+            round-robin over one counter, skipping unusable targets, when every priority and
+            weight is 0; else the lowest usable priority class, RFC 2782 weighted. A target
+            without an ip is handed back to the caller (collect()'s failed list, errno 0).
+        sockopts: [(level, option, value)] set on every upstream socket (and on clients that
+            do not inherit them from their listener).
+        dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
+        limit: live plus connecting pairs beyond which clients wait in the backlog (0: none).
+        """
+        cdef Py_ssize_t n = len(targets), i
+        cdef Target *arr = NULL
+        cdef Target *old
+        cdef Target *t
+        cdef sockaddr_in *sin
+        cdef sockaddr_in6 *sin6
+        cdef int opts[MAX_SOCKOPTS][3]
+        cdef int nopts = 0, j
+        cdef bint plain = True, changed
+        cdef uint64_t one = 1
+        self._check_native()
+        if len(sockopts) > MAX_SOCKOPTS:
+            raise ValueError("too many socket options")
+        for level, opt, value in sockopts:
+            opts[nopts][0], opts[nopts][1], opts[nopts][2] = level, opt, value
+            nopts += 1
+        if n:
+            arr = <Target *>malloc(n * sizeof(Target))
+            if arr == NULL:
+                raise MemoryError()
+            memset(arr, 0, n * sizeof(Target))
+        try:
+            for i, (tag, family, ip, port, flowinfo, scope_id, prio, weight, usable) \
+                    in enumerate(targets):
+                t = &arr[i]
+                t.tag, t.family, t.priority, t.weight = tag, family, prio, weight
+                t.usable = bool(usable)
+                if prio or weight:
+                    plain = False
+                if ip is None:
+                    continue
+                bip = ip.encode("ascii")
+                if family == AF_INET:
+                    sin = <sockaddr_in *>&t.addr
+                    sin.sin_family = AF_INET
+                    sin.sin_port = htons(port)
+                    if inet_pton(AF_INET, bip, &sin.sin_addr) != 1:
+                        raise ValueError(f"not an IPv4 address: {ip!r}")
+                    t.addrlen = sizeof(sockaddr_in)
+                elif family == AF_INET6:
+                    sin6 = <sockaddr_in6 *>&t.addr
+                    sin6.sin6_family = AF_INET6
+                    sin6.sin6_port = htons(port)
+                    sin6.sin6_flowinfo = flowinfo
+                    sin6.sin6_scope_id = scope_id
+                    if inet_pton(AF_INET6, bip.split(b"%")[0], &sin6.sin6_addr) != 1:
+                        raise ValueError(f"not an IPv6 address: {ip!r}")
+                    t.addrlen = sizeof(sockaddr_in6)
+                else:
+                    raise ValueError(f"unsupported address family: {family}")
+        except BaseException:
+            free(arr)
+            raise
+        self._lock()
+        old = self.c.targets
+        self.c.targets = arr
+        self.c.ntargets = <int>n
+        self.c.plain = plain
+        changed = nopts != self.c.nsockopts
+        for j in range(nopts):
+            if opts[j][0] != self.c.sockopts[j][0] or opts[j][1] != self.c.sockopts[j][1] \
+                    or opts[j][2] != self.c.sockopts[j][2]:
+                changed = True
+            self.c.sockopts[j][0], self.c.sockopts[j][1] = opts[j][0], opts[j][1]
+            self.c.sockopts[j][2] = opts[j][2]
+        self.c.nsockopts = nopts
+        if changed:
+            for j in range(self.c.nlst):
+                if self.c.lst[j].tune == 2:
+                    self.c.lst[j].tune = 0  # check the next client against the new options
+        self.c.dial_timeout_ns = <uint64_t>(max(0.0, dial_timeout) * 1e9)
+        self.c.limit = max(0, limit)
+        self._unlock()
+        free(old)
+        write(self.c.wake_fd, &one, sizeof(one))  # a higher limit may let clients in
+
+    def native_pending(self) -> int:
+        """Clients the engine accepted that collect() has not reported, connecting or not."""
+        cdef int32_t n
+        self._lock()
+        n = self.c.nconnecting + self.c.nunreported
+        self._unlock()
+        return n
+
+    cdef _check_native(self):
+        self._check_open()
+        if not self.c.threaded:
+            raise RuntimeError("native accept needs the threaded engine")
 
     @property
     def pending(self) -> bool:
@@ -405,17 +728,22 @@ cdef class Engine:
             p = self._lookup(pair_id)
             _detach(&self.c, p)
             result = (p.id, p.dir[0].moved, p.dir[1].moved, 0)
-            self._release(p.id & ((1 << SLOT_BITS) - 1))
+            if p.owned:  # the engine's own pair: closed here (FIN, not a reset)
+                _close_fds(p, 0)
+            _release(&self.c, p.id & ((1 << SLOT_BITS) - 1))
         finally:
             self._unlock()
         return result
 
     def stats(self, pair_id: int) -> tuple[int, int]:
-        """(bytes client->upstream, bytes upstream->client) relayed so far for one pair."""
+        """(bytes client->upstream, bytes upstream->client) relayed so far for one pair.
+
+        Also for a pair that finished and was not collected yet (its final counts).
+        """
         cdef Pair *p
         self._lock()
         try:
-            p = self._lookup(pair_id)
+            p = self._lookup(pair_id, True)
             result = (p.dir[0].moved, p.dir[1].moved)
         finally:
             self._unlock()
@@ -465,39 +793,24 @@ cdef class Engine:
         if self.c.running:
             pthread_mutex_unlock(&self.c.lock)
 
-    cdef Pair *_lookup(self, pair_id) except NULL:
+    cdef Pair *_lookup(self, pair_id, bint finished=False) except NULL:
+        # Pairs the caller has not been told about (fresh) are unknown to it; finished
+        # ones (not collected yet) still answer stats().
         cdef uint64_t pid, slot
+        cdef Pair *p
         if isinstance(pair_id, int) and 0 < pair_id < 1 << 63:
             pid = pair_id
             slot = pid & ((1 << SLOT_BITS) - 1)
-            if slot < <uint64_t>self.c.cap and self.c.pairs[slot].id == pid \
-                    and self.c.pairs[slot].state == LIVE:
-                return &self.c.pairs[slot]
+            if slot < <uint64_t>self.c.cap:
+                p = &self.c.pairs[slot]
+                if p.id == pid and not p.fresh and (
+                        p.state == LIVE or (finished and p.state == FINISHED)):
+                    return p
         raise KeyError(pair_id)
-
-    cdef _grow(self):
-        cdef int32_t i, cap = self.c.cap * 2 if self.c.cap else 64
-        cdef Pair *pairs
-        if cap > 1 << SLOT_BITS:
-            raise MemoryError("too many pairs")
-        pairs = <Pair *>PyMem_RawRealloc(self.c.pairs, cap * sizeof(Pair))
-        if pairs == NULL:
-            raise MemoryError()
-        memset(&pairs[self.c.cap], 0, (cap - self.c.cap) * sizeof(Pair))
-        for i in range(cap - 1, self.c.cap - 1, -1):
-            pairs[i].next = self.c.free_head
-            self.c.free_head = i
-        self.c.pairs = pairs
-        self.c.cap = cap
-
-    cdef void _release(self, int32_t slot) noexcept:
-        self.c.pairs[slot].id = 0
-        self.c.pairs[slot].state = FREE
-        self.c.pairs[slot].next = self.c.free_head
-        self.c.free_head = slot
 
     cdef void _close(self) noexcept:
         cdef int32_t i
+        cdef Pair *p
         cdef uint64_t one = 1
         if self.c.running:
             self._lock()
@@ -517,11 +830,17 @@ cdef class Engine:
         close(self.c.epfd)  # drops every registration at once
         self.c.epfd = -1
         for i in range(self.c.cap):
-            if self.c.pairs[i].state != FREE:
-                _detach(&self.c, &self.c.pairs[i])
-                self._release(i)
-        self.c.finished_head = -1
-        self.c.nready = 0
+            p = &self.c.pairs[i]
+            if p.state == FREE:
+                continue
+            if p.state == LIVE or p.state == CONNECTING:
+                _detach(&self.c, p)
+            if p.owned:
+                _close_fds(p, 0)
+            _release(&self.c, i)
+        self.c.finished_head = self.c.started_head = -1
+        self.c.conn_head = self.c.conn_tail = -1
+        self.c.nready = self.c.nconnecting = self.c.nunreported = self.c.nlst = 0
 
 
 # -- hot path (no GIL; in threaded mode, the relay thread with the lock held) --
@@ -538,7 +857,7 @@ cdef int _harvest(Core *c, int timeout) noexcept nogil:
 cdef void _handle(Core *c, int n) noexcept nogil:
     """Continue left-over pairs (within the budget), then turn n harvested events into work."""
     cdef int i, k = c.nready
-    cdef uint64_t key
+    cdef uint64_t key, count
     cdef Pair *p
     c.budget = RUN_BUFS * c.bufsize
     while k > 0 and c.budget > 0:
@@ -548,11 +867,23 @@ cdef void _handle(Core *c, int n) noexcept nogil:
         k -= 1
     for i in range(n):
         key = c.events[i].data.u64
-        if key == WAKE_KEY:
-            continue  # close() woke the thread; it checks c.stopping under the lock
+        if key >= LISTEN_KEY:
+            if key == WAKE_KEY:
+                # The loop changed something (close, listen, targets, remove): the thread
+                # looks at everything after this batch anyway.
+                read(c.wake_fd, &count, sizeof(count))
+            elif key - LISTEN_KEY < <uint64_t>c.nlst and c.lst[key - LISTEN_KEY].fd >= 0:
+                c.lst[key - LISTEN_KEY].ready = 1  # accepted after the events (_accept_all)
+            continue
         p = &c.pairs[(key >> 1) & ((1 << SLOT_BITS) - 1)]
-        if p.id != key >> 1 or p.state != LIVE:
+        if p.id != key >> 1:
             continue  # finished earlier in this batch, or removed since epoll_wait
+        if p.state == CONNECTING:
+            if key & 1 and c.events[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                _connected(c, p, c.events[i].events)
+            continue  # client events wait: the client is read once the dial is done
+        if p.state != LIVE:
+            continue
         _mark(p, key & 1, c.events[i].events)
         if p.queued:
             pass  # already has work waiting its turn: one budget per pair per batch
@@ -570,13 +901,16 @@ cdef void *_thread_main(void *arg) noexcept nogil:
     loop's run() has collected them.
     """
     cdef Core *c = <Core *>arg
-    cdef int n
+    cdef int n, timeout = -1
     cdef uint64_t one = 1
     cdef sigset_t mask
     sigfillset(&mask)  # signals stay with Python's main thread (created blocked, too)
     pthread_sigmask(SIG_BLOCK, &mask, NULL)
     while True:
-        n = _harvest(c, 0 if c.nready > 0 else -1)  # only this thread adds to nready
+        # timeout was computed under the lock at the end of the last batch; whatever the
+        # loop changes since then that needs the thread (listen, set_targets, remove,
+        # close) writes wake_fd.
+        n = _harvest(c, timeout)
         pthread_mutex_lock(&c.lock)
         if c.stopping:
             pthread_mutex_unlock(&c.lock)
@@ -585,9 +919,14 @@ cdef void *_thread_main(void *arg) noexcept nogil:
             c.thread_err = -n  # cannot happen with a valid epoll fd; reported by run()
         else:
             _handle(c, n)
-        if (c.finished_head >= 0 or c.thread_err) and not c.notified:
+            if c.conn_head >= 0:
+                _expire(c)
+            if c.nlst:
+                _accept_all(c)
+        if not c.notified and _report_due(c):
             c.notified = 1
             write(c.notify_fd, &one, sizeof(one))
+        timeout = _timeout(c)
         pthread_mutex_unlock(&c.lock)
         if c.thread_err:
             return NULL
@@ -740,18 +1079,28 @@ cdef void _unpipe(Core *c, Dir *d) noexcept nogil:
     c.npipes -= 1
 
 cdef void _finish(Core *c, Pair *p, int err) noexcept nogil:
-    _detach(c, p)
+    if p.owned:
+        # close() drops the registrations itself: no EPOLL_CTL_DEL for the engine's pairs
+        _detach_bufs(c, p)
+        _close_fds(p, err)
+    else:
+        _detach(c, p)
     p.err = err
     p.state = FINISHED
+    c.nrecords += 1
     p.next = c.finished_head
     c.finished_head = p.id & ((1 << SLOT_BITS) - 1)
 
 cdef void _detach(Core *c, Pair *p) noexcept nogil:
     """Unregister both fds and drop buffers and pipes, so the owner may close the fds."""
-    cdef int i
     if c.epfd >= 0:
         epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
         epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
+    _detach_bufs(c, p)
+
+cdef void _detach_bufs(Core *c, Pair *p) noexcept nogil:
+    """_detach() but the epoll registrations."""
+    cdef int i
     for i in range(2):
         _free(c, p.dir[i].buf)
         p.dir[i].buf = NULL
@@ -760,6 +1109,8 @@ cdef void _detach(Core *c, Pair *p) noexcept nogil:
         _unqueue(c, p)
     if p.state == LIVE:
         c.nlive -= 1
+    elif p.state == CONNECTING:
+        _unconnect(c, p)
 
 cdef void _enqueue(Core *c, Pair *p) noexcept nogil:
     cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
@@ -785,3 +1136,366 @@ cdef void _unqueue(Core *c, Pair *p) noexcept nogil:
         c.ready_tail = p.prev
     p.prev = p.next = -1
     c.nready -= 1
+
+
+# -- native accept: the relay thread accepts, picks a target and connects (threaded mode) --
+
+cdef int _grow(Core *c) noexcept nogil:
+    """Double the pair table; 0, or -1 when out of memory or slots."""
+    cdef int32_t i, cap = c.cap * 2 if c.cap else 64
+    cdef Pair *pairs
+    if cap > 1 << SLOT_BITS:
+        return -1
+    if c.threaded:
+        pairs = <Pair *>realloc(c.pairs, cap * sizeof(Pair))
+    else:
+        pairs = <Pair *>PyMem_RawRealloc(c.pairs, cap * sizeof(Pair))
+    if pairs == NULL:
+        return -1
+    memset(&pairs[c.cap], 0, (cap - c.cap) * sizeof(Pair))
+    for i in range(cap - 1, c.cap - 1, -1):
+        pairs[i].next = c.free_head
+        c.free_head = i
+    c.pairs = pairs
+    c.cap = cap
+    return 0
+
+cdef int32_t _new_slot(Core *c) noexcept nogil:
+    """A zeroed pair with a fresh id and no fds, or -1. May move c.pairs (realloc)."""
+    cdef int32_t slot
+    cdef Pair *p
+    if c.free_head < 0 and _grow(c) < 0:
+        return -1
+    slot = c.free_head
+    p = &c.pairs[slot]
+    c.free_head = p.next
+    memset(p, 0, sizeof(Pair))
+    p.id = (c.gen << SLOT_BITS) | <uint64_t>slot
+    c.gen += 1
+    p.prev = p.next = p.snext = p.cprev = p.cnext = -1
+    p.tag = -1
+    p.dir[0].pipe[0] = p.dir[0].pipe[1] = p.dir[1].pipe[0] = p.dir[1].pipe[1] = -1
+    return slot
+
+cdef void _release(Core *c, int32_t slot) noexcept nogil:
+    c.pairs[slot].id = 0
+    c.pairs[slot].state = FREE
+    c.pairs[slot].next = c.free_head
+    c.free_head = slot
+
+cdef void _close_fds(Pair *p, int err) noexcept nogil:
+    """Close an owned pair's sockets; after an error with SO_LINGER 0, so a reset goes on."""
+    cdef linger lg
+    cdef int i, fd
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    for i in range(2):
+        fd = p.dir[i].src
+        if fd >= 0:
+            if err:
+                setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+            close(fd)
+    p.dir[0].src = p.dir[0].dst = p.dir[1].src = p.dir[1].dst = -1
+
+cdef uint64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+cdef int _timeout(Core *c) noexcept nogil:
+    """epoll_wait's timeout for the relay thread's next wait, in ms (-1: none)."""
+    cdef uint64_t now, d = 0
+    cdef int i
+    if c.nready > 0:
+        return 0
+    if not c.limit or c.nlive + c.nconnecting < c.limit:
+        for i in range(c.nlst):
+            if c.lst[i].fd >= 0 and c.lst[i].ready and not c.lst[i].paused:
+                return 0  # an accept batch ran out before EAGAIN: go on after the events
+    if c.conn_head >= 0:
+        d = c.pairs[c.conn_head].deadline
+    if c.report_at and not c.notified and (d == 0 or c.report_at < d):
+        d = c.report_at
+    if d == 0:
+        return -1
+    now = _now_ns()
+    if d <= now:
+        return 0
+    return <int>min((d - now + 999999) // 1000000, <uint64_t>3600000)
+
+cdef bint _report_due(Core *c) noexcept nogil:
+    """Whether the thread should wake the loop now (see REPORT_DELAY_NS)."""
+    cdef uint64_t now
+    if c.thread_err or c.nfailed or _pause_news(c):
+        return True
+    if c.finished_head < 0 and c.started_head < 0:
+        return False
+    if not c.threaded or c.nrecords >= REPORT_BATCH:
+        return True
+    now = _now_ns()
+    if c.report_at == 0:
+        c.report_at = now + REPORT_DELAY_NS
+    return now >= c.report_at
+
+cdef bint _pause_news(Core *c) noexcept nogil:
+    cdef int i
+    for i in range(c.nlst):
+        if c.lst[i].fd >= 0 and c.lst[i].paused and not c.lst[i].reported:
+            return True
+    return False
+
+cdef void _accept_all(Core *c) noexcept nogil:
+    """Accept on every ready listener (up to ACCEPT_BATCH each) and dial each client."""
+    cdef int i, k, cfd, e
+    cdef Listener *lst
+    for i in range(c.nlst):
+        lst = &c.lst[i]
+        k = 0
+        while lst.fd >= 0 and lst.ready and not lst.paused and k < ACCEPT_BATCH:
+            if c.limit and c.nlive + c.nconnecting >= c.limit:
+                return  # --max-connections: clients wait in the backlog (ready stays set)
+            cfd = accept4(lst.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if cfd < 0:
+                e = errno
+                if e == EAGAIN:
+                    lst.ready = 0
+                elif e != EINTR:
+                    c.accept_errors += 1
+                    if e == EMFILE or e == ENFILE or e == ENOBUFS or e == ENOMEM:
+                        # Out of a resource: the caller pauses (and sheds) and resumes us.
+                        lst.paused = 1
+                        lst.reported = 0
+                        lst.err = e
+                    # else ECONNABORTED, EPROTO, EPERM...: that one client is gone
+                continue
+            k += 1
+            c.accepted += 1
+            _tune(c, lst, cfd)
+            _dial(c, cfd)
+
+cdef void _tune(Core *c, Listener *lst, int fd) noexcept nogil:
+    """Give a client the socket options unless it inherited them from its listener."""
+    cdef int j, v
+    cdef socklen_t n
+    if lst.tune == 0:  # first client since the options changed: did it inherit them?
+        lst.tune = 1
+        for j in range(c.nsockopts):
+            v = 0
+            n = sizeof(v)
+            if getsockopt(fd, c.sockopts[j][0], c.sockopts[j][1], &v, &n) < 0 \
+                    or v != c.sockopts[j][2]:
+                lst.tune = 2
+                break
+    if lst.tune == 2:
+        _setopts(c, fd)
+
+cdef void _setopts(Core *c, int fd) noexcept nogil:
+    cdef int j
+    for j in range(c.nsockopts):
+        setsockopt(fd, c.sockopts[j][0], c.sockopts[j][1], &c.sockopts[j][2], sizeof(int))
+
+cdef uint64_t _rand(Core *c) noexcept nogil:
+    c.rng ^= c.rng >> 12
+    c.rng ^= c.rng << 25
+    c.rng ^= c.rng >> 27
+    return c.rng * <uint64_t>2685821657736338717
+
+cdef bint _member(Target *t, int mode, int prio) noexcept nogil:
+    # mode 0: every target; 1: usable ones of class prio; 2: usable weight-0 ones of it
+    if mode == 0:
+        return True
+    if not t.usable or t.priority != prio:
+        return False
+    return mode == 1 or t.weight == 0
+
+cdef int _round_robin(Core *c, int mode, int prio) noexcept nogil:
+    """balancer.Balancer._round_robin over the members of mode: one shared counter."""
+    cdef int i, j, m = 0, idx, _tries
+    for i in range(c.ntargets):
+        if _member(&c.targets[i], mode, prio):
+            m += 1
+    for _tries in range(m):
+        idx = <int>(c.rr % <uint64_t>m)
+        c.rr += 1
+        j = -1
+        for i in range(c.ntargets):
+            if _member(&c.targets[i], mode, prio):
+                j += 1
+                if j == idx:
+                    break
+        if c.targets[i].usable:
+            return i
+    return -1
+
+cdef int _pick(Core *c) noexcept nogil:
+    """balancer.Balancer.pick(): the index of the target for the next client, or -1."""
+    cdef int i, best = 0, last = -1
+    cdef bint found = False
+    cdef uint64_t total = 0, draw, running = 0, lo
+    cdef int nzero = 0
+    cdef Target *t
+    if c.ntargets == 0:
+        return -1
+    if c.plain:
+        return _round_robin(c, 0, 0)
+    for i in range(c.ntargets):
+        t = &c.targets[i]
+        if t.usable and (not found or t.priority < best):
+            best = t.priority
+            found = True
+    if not found:
+        return -1
+    for i in range(c.ntargets):
+        t = &c.targets[i]
+        if t.usable and t.priority == best:
+            total += <uint64_t>t.weight
+            if t.weight == 0:
+                nzero += 1
+    if total == 0:
+        return _round_robin(c, 1, best)
+    lo = 0 if nzero else 1
+    draw = lo + _rand(c) % (total - lo + 1)
+    if draw == 0:
+        return _round_robin(c, 2, best)
+    for i in range(c.ntargets):
+        t = &c.targets[i]
+        if t.usable and t.priority == best and t.weight > 0:
+            running += <uint64_t>t.weight
+            last = i
+            if running >= draw:
+                return i
+    return last
+
+cdef void _dial(Core *c, int cfd) noexcept nogil:
+    """Connect an accepted client to the next target and relay it, or hand it back."""
+    cdef int32_t slot = _new_slot(c)
+    cdef Pair *p
+    cdef Target *t
+    cdef int ti, ufd, r, err
+    cdef epoll_event ev
+    cdef sockaddr_storage peer
+    cdef socklen_t plen = sizeof(peer)
+    if slot < 0:
+        close(cfd)  # out of memory for the table: nothing better to do with it
+        return
+    p = &c.pairs[slot]
+    p.owned = 1
+    p.dir[0].src = p.dir[1].dst = cfd
+    p.dir[0].dst = p.dir[1].src = -1
+    ti = _pick(c)
+    if ti < 0:
+        _dial_fail(c, p, -1, 0)  # nothing usable: the caller's fallback decides
+        return
+    t = &c.targets[ti]
+    p.tag = t.tag
+    if t.addrlen == 0:
+        _dial_fail(c, p, t.tag, 0)  # a host name not resolved yet: the caller dials
+        return
+    ufd = socket(t.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if ufd < 0:
+        _dial_fail(c, p, -1, errno)  # out of fds: not the endpoint's fault
+        return
+    _setopts(c, ufd)
+    p.dir[0].dst = p.dir[1].src = ufd
+    r = connect(ufd, <sockaddr *>&t.addr, t.addrlen)
+    if r < 0 and errno != EINPROGRESS:
+        _dial_fail(c, p, t.tag, errno)
+        return
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+    ev.data.u64 = p.id << 1
+    if epoll_ctl(c.epfd, EPOLL_CTL_ADD, cfd, &ev) < 0:
+        _dial_fail(c, p, -1, errno)
+        return
+    ev.data.u64 = (p.id << 1) | 1
+    if epoll_ctl(c.epfd, EPOLL_CTL_ADD, ufd, &ev) < 0:
+        err = errno
+        epoll_ctl(c.epfd, EPOLL_CTL_DEL, cfd, NULL)
+        _dial_fail(c, p, -1, err)
+        return
+    if r == 0 or getpeername(ufd, <sockaddr *>&peer, &plen) == 0:
+        # Over loopback the handshake is done inside connect(): relay at once. The fds'
+        # first epoll events (registration of ready fds) bring any early bytes.
+        _go_live(c, p)
+        return
+    p.state = CONNECTING
+    p.deadline = _now_ns() + c.dial_timeout_ns
+    p.cnext = -1
+    p.cprev = c.conn_tail
+    if c.conn_tail >= 0:
+        c.pairs[c.conn_tail].cnext = slot
+    else:
+        c.conn_head = slot
+    c.conn_tail = slot
+    c.nconnecting += 1
+
+cdef void _unconnect(Core *c, Pair *p) noexcept nogil:
+    if p.cprev >= 0:
+        c.pairs[p.cprev].cnext = p.cnext
+    else:
+        c.conn_head = p.cnext
+    if p.cnext >= 0:
+        c.pairs[p.cnext].cprev = p.cprev
+    else:
+        c.conn_tail = p.cprev
+    p.cprev = p.cnext = -1
+    c.nconnecting -= 1
+
+cdef void _go_live(Core *c, Pair *p) noexcept nogil:
+    cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
+    p.state = LIVE
+    c.nlive += 1
+    p.fresh = 1
+    p.snext = c.started_head
+    c.started_head = slot
+    c.nunreported += 1
+    c.nrecords += 1
+
+cdef void _connected(Core *c, Pair *p, uint32_t events) noexcept nogil:
+    """The upstream socket of a CONNECTING pair reported: relay, or hand the client back."""
+    cdef int so_error = 0
+    cdef socklen_t optlen = sizeof(so_error)
+    _unconnect(c, p)
+    getsockopt(p.dir[1].src, SOL_SOCKET, SO_ERROR, &so_error, &optlen)
+    if so_error == 0 and events & (EPOLLERR | EPOLLHUP):
+        so_error = ECONNREFUSED
+    if so_error:
+        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
+        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
+        _dial_fail(c, p, p.tag, so_error)
+        return
+    _go_live(c, p)
+    # Edges of the client that came while connecting were not acted on: read it now.
+    p.dir[0].ready = p.dir[0].drain = 1
+    _mark(p, 1, events)
+    if c.budget > 0:
+        _visit(c, p)
+    else:
+        _enqueue(c, p)
+
+cdef void _dial_fail(Core *c, Pair *p, int64_t tag, int err) noexcept nogil:
+    """Close the upstream socket (if any) and queue the client for the caller."""
+    cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
+    if p.dir[1].src >= 0:
+        close(p.dir[1].src)
+    p.dir[0].dst = p.dir[1].src = -1
+    p.tag = tag
+    p.err = err
+    p.state = DIALFAIL
+    p.next = c.finished_head
+    c.finished_head = slot
+    c.nunreported += 1
+    c.nfailed += 1
+    c.nrecords += 1
+
+cdef void _expire(Core *c) noexcept nogil:
+    """Fail the dials whose --dial-timeout passed (the list is oldest first)."""
+    cdef uint64_t now = _now_ns()
+    cdef Pair *p
+    while c.conn_head >= 0:
+        p = &c.pairs[c.conn_head]
+        if p.deadline > now:
+            return
+        _unconnect(c, p)
+        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
+        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
+        _dial_fail(c, p, p.tag, ETIMEDOUT)

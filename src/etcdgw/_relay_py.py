@@ -11,7 +11,7 @@ import errno
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 MAX_EVENTS = 256
 VISIT_BUFS = 16  # per direction per visit: fairness between busy pairs
@@ -119,6 +119,45 @@ class Engine:
     def pending(self) -> bool:
         """True if run() stopped early for fairness: call run() again soon."""
         return bool(self._ready)
+
+    # Native accept (the Cython engine's relay thread accepts and connects) needs a thread
+    # that runs without the GIL; this twin has the interface and never accepts itself.
+
+    @property
+    def native(self) -> bool:
+        """Always False: the caller accepts and connects (see the Cython twin)."""
+        return False
+
+    def collect(
+        self,
+    ) -> tuple[
+        list[tuple[int, int]],
+        list[tuple[int, int, int, int]],
+        list[tuple[int, int, int]],
+        list[tuple[int, int]],
+        int,
+        int,
+    ]:
+        """run(), in the shape of the Cython twin's collect(): nothing but finished pairs."""
+        return [], self.run(), [], [], 0, 0
+
+    def listen(self, listen_fd: int, tcp: bool = True) -> None:
+        raise RuntimeError("native accept needs the threaded Cython engine")
+
+    def unlisten(self, listen_fd: int) -> None:
+        raise RuntimeError("native accept needs the threaded Cython engine")
+
+    def set_targets(
+        self,
+        targets: Sequence[tuple[int, int, str | None, int, int, int, int, int, bool]],
+        sockopts: Sequence[tuple[int, int, int]] = (),
+        dial_timeout: float = 5.0,
+        limit: int = 0,
+    ) -> None:
+        raise RuntimeError("native accept needs the threaded Cython engine")
+
+    def native_pending(self) -> int:
+        return 0
 
     def remove(self, pair_id: int) -> tuple[int, int, int, int]:
         """Stop relaying a pair now; its fds are unregistered when this returns."""

@@ -15,11 +15,14 @@ fixes it where it is not:
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Endpoint
+
+_TAGS = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -46,6 +49,8 @@ class Remote:
     health_ok_total: int = 0
     health_failed_total: int = 0
     last_health_error: str = ""
+    # Unique for the process: how the relay engine names this remote (native accept).
+    tag: int = field(default_factory=lambda: next(_TAGS), repr=False)
 
     @property
     def addr(self) -> str:

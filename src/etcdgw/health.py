@@ -350,6 +350,7 @@ class HealthChecker:
             if not remote.healthy:
                 remote.healthy = True
                 self.log.info("endpoint healthy", address=remote.addr, reason="checks off")
+        self.gw.sync_endpoints()
 
     def _done(self, remote: Remote, task: asyncio.Task[None]) -> None:
         if self._inflight.get(remote) is task:
@@ -401,3 +402,5 @@ class HealthChecker:
             )
         elif changed is True:
             self.log.info("endpoint healthy", address=remote.addr, passes=remote.checks_ok)
+        if changed is not None:
+            self.gw.sync_endpoints()

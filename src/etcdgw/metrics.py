@@ -400,6 +400,8 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain; charset=utf-8", b"method not allowed\n"
         gw = self.gw
+        if path in ("/metrics", "/status"):
+            gw.collect_now()  # what the relay thread has not reported yet (native accept)
         if path == "/metrics":
             return 200, CONTENT_TYPE, generate_latest(self.registry)
         if path == "/health":

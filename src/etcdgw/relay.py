@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 __all__ = ["IMPLEMENTATION", "NO_EXTENSIONS", "Engine", "Finished", "Relay"]
@@ -33,6 +33,11 @@ else:
 Finished = tuple[int, int, int, int]
 """(pair_id, bytes client->upstream, bytes upstream->client, errno or 0)."""
 
+NativeCallback = Callable[
+    [list[tuple[int, int]], list[tuple[int, int, int]], list[tuple[int, int]], int, int], None
+]
+"""on_native(started, failed, paused, accepted, accept_errors): see Engine.collect()."""
+
 
 class Relay:
     """Ties one Engine to an asyncio loop: one loop callback per batch of ready events.
@@ -44,6 +49,9 @@ class Relay:
             pairs taken back with remove(), which returns the same tuple instead.
         engine_cls: the engine to drive (either twin); the facade's choice by default.
         bufsize: the engine's read size and the unit of its fairness budgets.
+        on_native: to use native accept (listen(), set_targets()) when the engine can:
+            called as on_native(started, failed, paused, accepted, accept_errors) with
+            Engine.collect()'s lists, before the finished pairs of the same wake-up.
     """
 
     def __init__(
@@ -53,13 +61,46 @@ class Relay:
         *,
         engine_cls: type[Engine] = Engine,
         bufsize: int = 65536,
+        on_native: NativeCallback | None = None,
     ) -> None:
         self._loop = loop
         self._on_finished = on_finished
         self._engine = engine_cls(bufsize)
+        self._on_native = on_native if on_native is not None and self._engine.native else None
         self._again: asyncio.Handle | None = None
         self._fd = self._engine.fileno()
         loop.add_reader(self._fd, self._on_ready)
+
+    @property
+    def native(self) -> bool:
+        """Whether native accept is on: the engine accepts and connects clients itself."""
+        return self._on_native is not None
+
+    def listen(self, listen_fd: int, tcp: bool = True) -> None:
+        """Native accept: let the engine accept on this listener (again, after a pause)."""
+        self._engine.listen(listen_fd, tcp)
+
+    def unlisten(self, listen_fd: int) -> None:
+        """Native accept: stop accepting on it; the engine no longer uses the fd."""
+        self._engine.unlisten(listen_fd)
+
+    def set_targets(
+        self,
+        targets: Sequence[tuple[int, int, str | None, int, int, int, int, int, bool]],
+        sockopts: Sequence[tuple[int, int, int]],
+        dial_timeout: float,
+        limit: int,
+    ) -> None:
+        """Native accept: where clients go and how (Engine.set_targets)."""
+        self._engine.set_targets(targets, sockopts, dial_timeout, limit)
+
+    def native_pending(self) -> int:
+        """Native accept: clients accepted that the callbacks have not reported yet."""
+        return self._engine.native_pending()
+
+    def poll(self) -> None:
+        """Collect and report now what the engine has (as a wake-up would)."""
+        self._on_ready()
 
     def add(self, client_fd: int, upstream_fd: int) -> int:
         """Start relaying two connected non-blocking sockets; return the pair id."""
@@ -98,7 +139,17 @@ class Relay:
     def _on_ready(self) -> None:
         if self._fd < 0:
             return
-        for finished in self._engine.run():
+        if self._on_native is not None:
+            started, done, failed, paused, accepted, errors = self._engine.collect()
+            try:
+                self._on_native(started, failed, paused, accepted, errors)
+            except Exception as exc:
+                self._loop.call_exception_handler(
+                    {"message": "relay on_native callback failed", "exception": exc}
+                )
+        else:
+            done = self._engine.run()
+        for finished in done:
             try:
                 self._on_finished(*finished)
             except Exception as exc:  # one failing callback must not strand the other pairs

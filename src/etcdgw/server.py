@@ -6,8 +6,16 @@ wake-up accepts until EAGAIN (bounded batch). A client then goes through a small
 object, `_Dial`, that picks a remote, connects non-blockingly with a timer for
 --dial-timeout, and on failure marks the remote down and tries the next one, without an
 asyncio Task per connection. A connected pair is handed to the relay engine (`relay.Relay`),
-which moves bytes in C and reports only pairs that finished. This module owns every socket:
-it creates them, and closes each exactly once after the engine has unregistered it.
+which moves bytes in C and reports only pairs that finished. This module owns every socket
+it creates, and closes each exactly once after the engine has unregistered it.
+
+Native accept (the Cython engine's threaded mode): the listeners are given to the engine
+instead, whose relay thread accepts, picks a remote exactly as `Balancer.pick()` would (the
+remotes' order, priorities, weights and usable flags are mirrored into it by
+`_sync_native()` whenever they change) and connects, with --dial-timeout, without Python.
+The loop hears of each such pair once (to count it per remote) and of clients whose dial
+failed, which it takes over: the remote is marked down as above and `_Dial` connects the
+client to the next one. The engine owns (and closes) the sockets of its own pairs.
 """
 
 from __future__ import annotations
@@ -44,6 +52,13 @@ ACCEPT_PAUSE_MAX = 1.0
 # (a thread hop for getaddrinfo) per client connection.
 RESOLVE_TTL = 5.0
 LINGER_RESET = struct.pack("ii", 1, 0)
+# Accept and connect in the Cython engine's relay thread when it can (see the module
+# docstring). ETCDGW_NATIVE_ACCEPT=0 keeps accept and connect in Python, for benchmarks
+# that compare the two; not an API.
+NATIVE_ACCEPT = os.environ.get("ETCDGW_NATIVE_ACCEPT", "1") != "0"
+# How often the loop re-resolves host names for native accept and re-checks what the
+# engine was told (health verdicts and reloads are also pushed at once).
+NATIVE_UPKEEP = 1.0
 
 AsyncResolver = Callable[[str], Awaitable[list[str]]]
 
@@ -61,11 +76,16 @@ class Counters:
 
 
 class Conn:
-    """A relayed pair: the owner's view (sockets, remote, start time)."""
+    """A relayed pair: the owner's view (sockets, remote, start time).
+
+    client and upstream are None for the engine's own pairs (native accept): it closes them.
+    """
 
     __slots__ = ("client", "upstream", "remote", "started")
 
-    def __init__(self, client: socket.socket, upstream: socket.socket, remote: Remote) -> None:
+    def __init__(
+        self, client: socket.socket | None, upstream: socket.socket | None, remote: Remote
+    ) -> None:
         self.client = client
         self.upstream = upstream
         self.remote = remote
@@ -113,6 +133,11 @@ class Gateway:
         self._drain_handle: asyncio.TimerHandle | None = None
         self._refuse_log_at = 0.0
         self._refuse_suppressed = 0
+        # Native accept: on when the engine can (set in run()); remotes by tag; what the
+        # engine was last told (so unchanged state is not sent again).
+        self._native = False
+        self._tags: dict[int, Remote] = {}
+        self._native_state: tuple[Any, ...] | None = None
         self.ready = False
         # Hooks for other modules (discovery refresh, reload, metrics): set by cli.
         self.on_sighup: Callable[[], None] | None = None
@@ -206,18 +231,31 @@ class Gateway:
         self._loop = loop
         self._done = loop.create_future()
         self._relay = Relay(
-            loop, self._on_finished, engine_cls=self.engine_cls, bufsize=self.cfg.buffer_size
+            loop,
+            self._on_finished,
+            engine_cls=self.engine_cls,
+            bufsize=self.cfg.buffer_size,
+            on_native=self._on_native if NATIVE_ACCEPT else None,
         )
+        self._native = self._relay.native
         try:
             self._reserve_spare_fd()
+            self._sync_native()
             self._start_accepting()
             self._spawn(self._monitor())
+            if self._native:
+                self._spawn(self._native_upkeep())
             self._install_signals()
             self.ready = True
             self.log.info(
                 "ready to proxy client requests",
                 endpoints=[r.addr for r in self.balancer.remotes],
-                **{"listen-addrs": [_sock_name(s) for s in self.listeners]},
+                **{
+                    "listen-addrs": [_sock_name(s) for s in self.listeners],
+                    # who accepts and connects clients: the engine's relay thread (native
+                    # accept, Cython) or the asyncio loop
+                    "accept": "relay-thread" if self._native else "loop",
+                },
             )
             await self._done
         finally:
@@ -230,14 +268,23 @@ class Gateway:
         if self._accepting or self._draining:
             return
         for s in self.listeners:
-            self._loop.add_reader(s.fileno(), self._on_accept, s)
+            if self._native and self._relay is not None:
+                tcp = s.family != socket.AF_UNIX
+                if tcp:
+                    self._listener_tuned(s)  # the engine checks the clients against it
+                self._relay.listen(s.fileno(), tcp)
+            else:
+                self._loop.add_reader(s.fileno(), self._on_accept, s)
         self._accepting = True
 
     def _stop_accepting(self) -> None:
         if not self._accepting or self._loop is None:
             return
         for s in self.listeners:
-            self._loop.remove_reader(s.fileno())
+            if self._native and self._relay is not None:
+                self._relay.unlisten(s.fileno())
+            else:
+                self._loop.remove_reader(s.fileno())
         self._accepting = False
 
     def _on_accept(self, lsock: socket.socket) -> None:
@@ -324,7 +371,13 @@ class Gateway:
         return self._draining
 
     def active_connections(self) -> int:
-        return len(self.conns) + len(self.dials)
+        return len(self.conns) + len(self.dials) + self._native_pending()
+
+    def _native_pending(self) -> int:
+        """Clients the engine accepted that the loop has not heard of yet."""
+        if not self._native or self._relay is None:
+            return 0
+        return self._relay.native_pending()
 
     def _sockopts(self) -> list[tuple[int, int, int]]:
         """(level, option, value) for every TCP socket, for the current --tcp-keepalive."""
@@ -420,7 +473,10 @@ class Gateway:
                 raise
             addrs = stale[1]
             self.log.debug("resolving failed; using the last good addresses", host=host)
+        old = self._addr_cache.get(host)
         self._addr_cache[host] = (time.monotonic() + RESOLVE_TTL, addrs)
+        if old is None or old[1] != addrs:
+            self._sync_native()
         return addrs
 
     async def _lookup(self, host: str) -> list[tuple[int, Any]]:
@@ -477,10 +533,111 @@ class Gateway:
                 interval=format_duration(self.retry_interval),
                 error=error,
             )
+            self._sync_native()
 
     def activate(self, remote: Remote) -> None:
         if self.balancer.mark_up(remote):
             self.log.info("activated", address=remote.addr)
+            self._sync_native()
+
+    # --- native accept -------------------------------------------------------------------
+
+    def sync_endpoints(self) -> None:
+        """Tell the engine about changed endpoint state (health verdicts, reload)."""
+        self._sync_native()
+
+    def _sync_native(self) -> None:
+        """Mirror the balancer (order, priority, weight, usable, address) into the engine."""
+        if not self._native or self._relay is None:
+            return
+        targets = []
+        for r in self.balancer.remotes:
+            self._tags[r.tag] = r
+            ep = r.endpoint
+            hit = self._addr_cache.get(ep.host)  # stale or not: the upkeep refreshes it
+            addrs = hit[1] if hit is not None else self.cached_addrs(ep.host)
+            fam: int = socket.AF_INET
+            ip: str | None = None
+            if addrs and "%" not in addrs[0][1][0]:  # scoped IPv6: dialled by _Dial
+                fam, ip = addrs[0][0], addrs[0][1][0]
+            targets.append((r.tag, int(fam), ip, ep.port, 0, 0, ep.priority, ep.weight, r.usable))
+        sockopts = self._sockopts()
+        state = (tuple(targets), tuple(sockopts), self.cfg.dial_timeout, self.cfg.max_connections)
+        if state == self._native_state:
+            return
+        self._relay.set_targets(targets, sockopts, self.cfg.dial_timeout, self.cfg.max_connections)
+        self._native_state = state
+        if self._accepting:
+            for s in self.listeners:
+                if s.family != socket.AF_UNIX:
+                    self._listener_tuned(s)  # after a reload changed --tcp-keepalive
+
+    async def _native_upkeep(self) -> None:
+        """Keep host names resolved for the engine (RESOLVE_TTL) and its state current."""
+        while True:
+            await asyncio.sleep(NATIVE_UPKEEP)
+            for r in list(self.balancer.remotes):
+                host = r.endpoint.host
+                if self.cached_addrs(host) is None:
+                    try:
+                        await self.resolve_addrs(host)
+                    except (TimeoutError, OSError):
+                        pass  # no answer, none before: the engine hands such clients back
+            self._sync_native()
+
+    def _on_native(
+        self,
+        started: list[tuple[int, int]],
+        failed: list[tuple[int, int, int]],
+        paused: list[tuple[int, int]],
+        accepted: int,
+        accept_errors: int,
+    ) -> None:
+        """What the engine's relay thread accepted, connected and could not connect."""
+        if accepted:
+            self.counters.accepted += accepted
+            self._accept_pause = ACCEPT_PAUSE
+        self.counters.accept_errors += accept_errors
+        tags = self._tags
+        for pid, tag in started:
+            remote = tags[tag]
+            self.conns[pid] = Conn(None, None, remote)
+            remote.connections_active += 1
+            remote.connections_total += 1
+        for cfd, tag, err in failed:
+            client = socket.socket(fileno=cfd)
+            client.setblocking(False)
+            self._native_failed(client, tags.get(tag), err)
+        for lfd, err in paused:
+            lsock = next((s for s in self.listeners if s.fileno() == lfd), None)
+            if lsock is None or not self._accepting:
+                continue  # closed or stopped meanwhile
+            shed = self._shed(lsock) if err in ACCEPT_SHED_ERRNOS else 0
+            self._pause_accepting(OSError(err, os.strerror(err)), shed)
+
+    def _native_failed(self, client: socket.socket, remote: Remote | None, err: int) -> None:
+        """Take over a client the engine could not connect (see Engine.collect)."""
+        if remote is None:
+            if err:
+                self.refuse(client)  # no socket for the dial: not an endpoint's fault
+            else:
+                _Dial(self, client).start()  # nothing usable: the fallback round
+            return
+        if remote.removed:
+            _Dial(self, client).start()
+            return
+        if err == 0:
+            _Dial(self, client).start_with(remote)  # no address yet: resolve, then dial
+            return
+        ep = remote.endpoint
+        hit = self._addr_cache.get(ep.host)
+        addrs = list(hit[1]) if hit is not None else []
+        if err == errno.ETIMEDOUT:
+            # The whole dial (every address of the endpoint) shares one --dial-timeout.
+            _Dial(self, client).resume(remote, [], f"dial tcp {ep.addr}: i/o timeout")
+            return
+        ip = addrs[0][1][0] if addrs else ""
+        _Dial(self, client).resume(remote, addrs[1:], dial_error(ep, ip, err))
 
     @property
     def retry_interval(self) -> float:
@@ -505,15 +662,18 @@ class Gateway:
         self.counters.bytes_finished[0] += c2u
         self.counters.bytes_finished[1] += u2c
         if err:
-            # Pass a reset on as a reset: close with SO_LINGER 0 sends RST, not FIN.
             self.counters.reset += 1
-            for s in (conn.client, conn.upstream):
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-                except OSError:
-                    pass
-        conn.client.close()
-        conn.upstream.close()
+        if conn.client is not None and conn.upstream is not None:
+            if err:
+                # Pass a reset on as a reset: close with SO_LINGER 0 sends RST, not FIN.
+                for s in (conn.client, conn.upstream):
+                    try:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                    except OSError:
+                        pass
+            conn.client.close()
+            conn.upstream.close()
+        # else the engine's own pair: it closed both sockets already (or in remove())
         if self.log.enabled("debug"):
             self.log.debug(
                 "connection closed",
@@ -526,7 +686,7 @@ class Gateway:
 
     def _maybe_resume(self) -> None:
         if self._draining:
-            if not self.conns and not self.dials:
+            if not self.conns and not self.dials and not self._native_pending():
                 self._finish()
             return
         if (
@@ -596,6 +756,7 @@ class Gateway:
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
         """Replace the endpoint set: new ones get clients, removed ones keep their live ones."""
         added, removed = self.balancer.set_endpoints(endpoints)
+        self._sync_native()
         if added or removed:
             self.log.info(
                 "endpoints updated",
@@ -628,6 +789,8 @@ class Gateway:
         self._draining = True
         self._stop_accepting()
         self.close_listeners()
+        if self._relay is not None:
+            self._relay.poll()  # clients the engine accepted before it stopped accepting
         for cb in self.on_stop:
             cb()
         try:
@@ -659,7 +822,10 @@ class Gateway:
         for s in self.listeners:
             if self._loop is not None and self._accepting:
                 try:
-                    self._loop.remove_reader(s.fileno())
+                    if self._native and self._relay is not None:
+                        self._relay.unlisten(s.fileno())
+                    else:
+                        self._loop.remove_reader(s.fileno())
                 except (ValueError, OSError):
                     pass
             s.close()
@@ -686,9 +852,15 @@ class Gateway:
         for d in list(self.dials):
             d.abort()
         if self._relay is not None:
+            self._relay.poll()  # pairs the engine started or finished since the last wake-up
             for pid in list(self.conns):
-                _, c2u, u2c, _ = self._relay.remove(pid)
+                try:
+                    _, c2u, u2c, _ = self._relay.remove(pid)
+                except KeyError:  # finished by the relay thread just now: unregistered
+                    c2u = u2c = 0
                 self._close_conn(self.conns.pop(pid), c2u, u2c, 0)
+            for d in list(self.dials):
+                d.abort()  # clients of failed native dials collected by the poll above
             self._relay.close()
             self._relay = None
         if self._loop is not None:
@@ -721,11 +893,23 @@ class Gateway:
             return b[0], b[1]
         return self._relay.totals()
 
+    def collect_now(self) -> None:
+        """Take in what the engine has to report now (started and finished pairs), so
+        counters read right after are current (the relay thread batches its reports)."""
+        if self._relay is not None:
+            self._relay.poll()
+
     def live_bytes(self) -> dict[int, tuple[int, int]]:
         """Per relayed pair, the bytes moved so far (for per-endpoint status)."""
         if self._relay is None:
             return {}
-        return {pid: self._relay.stats(pid) for pid in self.conns}
+        out = {}
+        for pid in self.conns:
+            try:
+                out[pid] = self._relay.stats(pid)
+            except KeyError:  # gone from the engine in a race with its report: skip it
+                pass
+        return out
 
 
 class _Dial:
@@ -760,6 +944,22 @@ class _Dial:
         self.gw.dials.add(self)
         self._next_remote()
 
+    def start_with(self, remote: Remote) -> None:
+        """Dial this remote first (the engine picked it but had no address for it)."""
+        self.gw.dials.add(self)
+        self._dial_remote(remote)
+
+    def resume(self, remote: Remote, addrs: list[tuple[int, Any]], error: str) -> None:
+        """Go on with a dial the engine started: its first address failed with error."""
+        gw = self.gw
+        assert gw._loop is not None
+        gw.dials.add(self)
+        self.remote = remote
+        self.deadline = gw._loop.time() + gw.cfg.dial_timeout
+        self.addrs = addrs
+        self.error = error
+        self._connect_next()
+
     def _next_remote(self) -> None:
         gw = self.gw
         remote: Remote | None = None
@@ -774,6 +974,10 @@ class _Dial:
                 gw.refuse(self.client)
                 return
             remote = self.fallback.pop(0)
+        self._dial_remote(remote)
+
+    def _dial_remote(self, remote: Remote) -> None:
+        gw = self.gw
         self.remote = remote
         assert gw._loop is not None
         self.deadline = gw._loop.time() + gw.cfg.dial_timeout

@@ -1,0 +1,341 @@
+"""Native accept: the Cython engine's relay thread accepts, picks a target and connects.
+
+Engine-level tests on real loopback sockets. The gateway-level behaviour (failover,
+--max-connections, drain, metrics) is covered once per engine by test_server.py,
+test_ops.py and test_metrics.py, which run the Cython engine with native accept on.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from _gateway import silent_listener
+from etcdgw import _relay_py
+
+pytestmark = pytest.mark.c_extension
+
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+class Backend:
+    """A loopback server that answers every connection with its tag, then echoes until EOF."""
+
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(128)
+        self.lsock.settimeout(5)
+        self.port = self.lsock.getsockname()[1]
+
+    def accept(self) -> socket.socket:
+        conn, _ = self.lsock.accept()
+        conn.settimeout(5)
+        return conn
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+class Native:
+    """An engine with native accept on one loopback listener, and what collect() said."""
+
+    def __init__(self) -> None:
+        from etcdgw import _relay
+
+        self.engine = _relay.Engine()
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(128)
+        self.lsock.setblocking(False)
+        self.addr = self.lsock.getsockname()
+        self.started: list[tuple[int, int]] = []
+        self.finished: list[tuple[int, int, int, int]] = []
+        self.failed: list[tuple[int, int, int]] = []
+        self.paused: list[tuple[int, int]] = []
+        self.accepted = 0
+
+    def targets(self, *rows: tuple[int, str | None, int, int, int, bool], **kw: Any) -> None:
+        """rows: (tag, ip, port, priority, weight, usable)."""
+        self.engine.set_targets(
+            [(t, socket.AF_INET, ip, port, 0, 0, pr, w, u) for t, ip, port, pr, w, u in rows],
+            kw.get("sockopts", NODELAY),
+            kw.get("dial_timeout", 5.0),
+            kw.get("limit", 0),
+        )
+
+    def listen(self) -> None:
+        self.engine.listen(self.lsock.fileno(), True)
+
+    def poll(self) -> None:
+        started, finished, failed, paused, accepted, _ = self.engine.collect()
+        self.started += started
+        self.finished += finished
+        self.failed += failed
+        self.paused += paused
+        self.accepted += accepted
+
+    def wait(self, what: str, n: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(getattr(self, what)) < n:
+            assert time.monotonic() < deadline, f"{what}: {getattr(self, what)} (want {n})"
+            time.sleep(0.005)
+            self.poll()
+
+    def close(self) -> None:
+        for cfd, _, _ in self.failed:
+            socket.socket(fileno=cfd).close()
+        self.engine.close()
+        self.lsock.close()
+
+
+@pytest.fixture
+def native(no_fd_leak: None) -> Iterator[Native]:
+    n = Native()
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def backends(no_fd_leak: None) -> Iterator[list[Backend]]:
+    bs = [Backend(b"a"), Backend(b"b"), Backend(b"c")]
+    yield bs
+    for b in bs:
+        b.close()
+
+
+def client_to(native: Native) -> socket.socket:
+    return socket.create_connection(native.addr, timeout=5)
+
+
+def roundtrip(native: Native, backends: list[Backend], tag_of: dict[int, Backend]) -> bytes:
+    """One client through the engine: which backend got it (its tag byte)."""
+    c = client_to(native)
+    native.wait("started", len(native.started) + 1)
+    tag = native.started[-1][1]
+    server = tag_of[tag].accept()
+    c.sendall(b"ping")
+    assert server.recv(4) == b"ping"
+    server.sendall(tag_of[tag].tag)
+    got = c.recv(1)
+    c.close()
+    assert server.recv(1) == b""  # the client's EOF is passed on
+    server.close()
+    return got
+
+
+def test_round_robin_in_order_skipping_unusable(native: Native, backends: list[Backend]) -> None:
+    a, b, c = backends
+    tag_of = {1: a, 2: b, 3: c}
+    native.targets(
+        (1, "127.0.0.1", a.port, 0, 0, True),
+        (2, "127.0.0.1", b.port, 0, 0, True),
+        (3, "127.0.0.1", c.port, 0, 0, True),
+    )
+    native.listen()
+    assert b"".join(roundtrip(native, backends, tag_of) for _ in range(6)) == b"abcabc"
+    native.targets(  # b down: the shared counter goes on, as balancer.pick() does
+        (1, "127.0.0.1", a.port, 0, 0, True),
+        (2, "127.0.0.1", b.port, 0, 0, False),
+        (3, "127.0.0.1", c.port, 0, 0, True),
+    )
+    assert b"".join(roundtrip(native, backends, tag_of) for _ in range(4)) == b"acac"
+    native.wait("finished", 10)
+    assert all(f[1] == 4 and f[2] == 1 and f[3] == 0 for f in native.finished)
+    assert native.accepted == 10 and not native.failed
+    assert len(native.engine) == 0 and native.engine.native_pending() == 0
+
+
+def test_priority_then_weights(native: Native, backends: list[Backend]) -> None:
+    a, b, c = backends
+    # c has the lowest priority number but is down: class 10 (a weight 1, b weight 3).
+    native.targets(
+        (1, "127.0.0.1", a.port, 10, 1, True),
+        (2, "127.0.0.1", b.port, 10, 3, True),
+        (3, "127.0.0.1", c.port, 5, 1, False),
+    )
+    native.listen()
+    n = 100  # within the backends' accept backlog (128)
+    clients = []
+    for _ in range(n):
+        clients.append(client_to(native))
+    native.wait("started", n)
+    counts = collections.Counter(tag for _, tag in native.started)
+    assert set(counts) <= {1, 2}
+    # Binomial(100, 3/4): mean 75, sd 4.3; 5 sd of slack either way.
+    assert 53 <= counts[2] <= 97, counts
+    for s in clients:
+        s.close()
+    for be in (a, b):
+        be.lsock.setblocking(False)
+        while True:
+            try:
+                be.lsock.accept()[0].close()
+            except BlockingIOError:
+                break
+    native.wait("finished", n)
+
+
+def test_failed_dial_hands_the_client_back(native: Native, backends: list[Backend]) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: ECONNREFUSED
+    native.targets((7, "127.0.0.1", port, 0, 0, True))
+    native.listen()
+    c = client_to(native)
+    native.wait("failed", 1)
+    cfd, tag, err = native.failed[0]
+    assert (tag, err) == (7, errno.ECONNREFUSED)
+    # The caller owns the client now: it is the other end of our connection.
+    s = socket.socket(fileno=cfd)
+    native.failed.clear()
+    assert s.getpeername() == c.getsockname()
+    s.sendall(b"from the caller")
+    assert c.recv(100) == b"from the caller"
+    s.close()
+    c.close()
+    assert not native.started
+
+
+def test_nothing_usable_or_no_address(native: Native, backends: list[Backend]) -> None:
+    a = backends[0]
+    native.targets((1, "127.0.0.1", a.port, 0, 0, False), (2, None, 2379, 0, 0, False))
+    native.listen()
+    c1 = client_to(native)
+    native.wait("failed", 1)
+    assert native.failed[0][1:] == (-1, 0)  # no usable target: the caller's fallback
+    native.targets((2, None, 2379, 0, 0, True))
+    c2 = client_to(native)
+    native.wait("failed", 2)
+    assert native.failed[1][1:] == (2, 0)  # a host name without an address: caller dials
+    c1.close()
+    c2.close()
+
+
+def test_dial_timeout(native: Native) -> None:
+    lst, fillers = silent_listener()
+    try:
+        native.targets((3, "127.0.0.1", lst.getsockname()[1], 0, 0, True), dial_timeout=0.3)
+        native.listen()
+        t0 = time.monotonic()
+        c = client_to(native)
+        native.wait("failed", 1, timeout=5)
+        took = time.monotonic() - t0
+        assert native.failed[0][1:] == (3, errno.ETIMEDOUT)
+        assert 0.25 <= took < 2.0, took
+        assert native.engine.native_pending() == 0
+        c.close()
+    finally:
+        for f in fillers:
+            f.close()
+        lst.close()
+
+
+def test_limit_keeps_clients_in_the_backlog(native: Native, backends: list[Backend]) -> None:
+    a = backends[0]
+    native.targets((1, "127.0.0.1", a.port, 0, 0, True), limit=2)
+    native.listen()
+    clients = [client_to(native) for _ in range(4)]
+    native.wait("started", 2)
+    time.sleep(0.2)
+    native.poll()
+    assert len(native.started) == 2 and native.accepted == 2
+    servers = [a.accept() for _ in range(2)]
+    clients[0].close()  # the first pair ends: one more client gets in
+    servers[0].close()
+    native.wait("started", 3)
+    time.sleep(0.1)
+    native.poll()
+    assert len(native.started) == 3
+    native.targets((1, "127.0.0.1", a.port, 0, 0, True), limit=0)  # no limit: the rest
+    native.wait("started", 4)
+    servers += [a.accept() for _ in range(2)]
+    for s in clients + servers:
+        s.close()
+    native.wait("finished", 4)
+
+
+def test_unlisten_stops_accepting(native: Native, backends: list[Backend]) -> None:
+    a = backends[0]
+    native.targets((1, "127.0.0.1", a.port, 0, 0, True))
+    native.listen()
+    c1 = client_to(native)
+    native.wait("started", 1)
+    native.engine.unlisten(native.lsock.fileno())
+    c2 = client_to(native)  # completes in the kernel's backlog, nobody accepts it
+    time.sleep(0.2)
+    native.poll()
+    assert native.accepted == 1 and len(native.started) == 1
+    native.engine.listen(native.lsock.fileno())  # and again
+    native.wait("started", 2)
+    for s in (c1, c2, a.accept(), a.accept()):
+        s.close()
+    native.wait("finished", 2)
+
+
+def test_reset_is_passed_on_and_remove_closes(native: Native, backends: list[Backend]) -> None:
+    a = backends[0]
+    native.targets((1, "127.0.0.1", a.port, 0, 0, True))
+    native.listen()
+    c1 = client_to(native)
+    s1 = a.accept()
+    c2 = client_to(native)
+    s2 = a.accept()
+    native.wait("started", 2)
+    s1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s1.close()  # RST to the engine: passed on to the client as a RST
+    with pytest.raises(ConnectionResetError):
+        c1.recv(1)
+    native.wait("finished", 1)
+    assert native.finished[0][3] == errno.ECONNRESET
+    pid2 = next(pid for pid, _ in native.started if pid != native.finished[0][0])
+    assert native.engine.remove(pid2)[0] == pid2  # the engine closes its own pair: FIN
+    assert c2.recv(1) == b""
+    assert s2.recv(1) == b""
+    for s in (c1, c2, s2):
+        s.close()
+
+
+def test_close_with_live_and_connecting_pairs(no_fd_leak: None, backends: list[Backend]) -> None:
+    lst, fillers = silent_listener()
+    n = Native()
+    try:
+        a = backends[0]
+        n.targets((1, "127.0.0.1", a.port, 0, 0, True))
+        n.listen()
+        live = client_to(n)
+        n.wait("started", 1)
+        n.targets((2, "127.0.0.1", lst.getsockname()[1], 0, 0, True), dial_timeout=60)
+        connecting = client_to(n)
+        deadline = time.monotonic() + 5
+        while n.engine.native_pending() == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        n.close()  # closes every socket of its own: the fd check of the fixture says so
+        for f in fillers:
+            f.close()
+        lst.close()
+    assert live.recv(1) == b""
+    assert connecting.recv(1) == b""
+    a.accept().close()
+    live.close()
+    connecting.close()
+
+
+def test_loop_mode_and_the_python_twin_refuse_native_accept() -> None:
+    from etcdgw import _relay
+
+    for engine in (_relay.Engine(threaded=False), _relay_py.Engine()):
+        assert engine.native is False
+        with pytest.raises(RuntimeError, match="native accept"):
+            engine.listen(0)
+        engine.close()
