@@ -20,6 +20,8 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 # Proxies that are peers of etcdgw (the "best peer" ratio is taken over these).
 PEERS = ("go-gateway", "haproxy", "nginx", "pen")
 ETCDGW = ("etcdgw-cython", "etcdgw-python")
+# Run only when named in --only: the Cython engine with accept and connect in Python.
+OPTIONAL = ("etcdgw-cython-loopaccept",)
 
 
 @dataclass
@@ -86,8 +88,11 @@ def _etcdgw_check(pure: bool) -> Callable[[], str | None]:
     return check
 
 
-def _etcdgw(pure: bool) -> Callable[[int, list[str], Path], Launch]:
+def _etcdgw(pure: bool, loop_accept: bool = False) -> Callable[[int, list[str], Path], Launch]:
     def launch(port: int, endpoints: list[str], tmpdir: Path) -> Launch:
+        env = _etcdgw_env(pure)
+        if loop_accept:  # accept and connect in Python, as before native accept
+            env["ETCDGW_NATIVE_ACCEPT"] = "0"
         return Launch(
             [
                 sys.executable,
@@ -97,7 +102,7 @@ def _etcdgw(pure: bool) -> Callable[[int, list[str], Path], Launch]:
                 f"--endpoints={','.join(endpoints)}",
                 f"--listen-addr=127.0.0.1:{port}",
             ],
-            env=_etcdgw_env(pure),
+            env=env,
             ready_line="ready to proxy client requests",
         )
 
@@ -262,6 +267,12 @@ PROXIES: dict[str, Proxy] = {
             "etcdgw-cython", _etcdgw(False), _etcdgw_check(False), lambda: _etcdgw_version(False)
         ),
         Proxy("etcdgw-python", _etcdgw(True), _etcdgw_check(True), lambda: _etcdgw_version(True)),
+        Proxy(
+            "etcdgw-cython-loopaccept",
+            _etcdgw(False, loop_accept=True),
+            _etcdgw_check(False),
+            lambda: _etcdgw_version(False) + " with ETCDGW_NATIVE_ACCEPT=0",
+        ),
         Proxy("go-gateway", _go_gateway, _need("etcd"), _first_line(["etcd", "--version"])),
         Proxy("haproxy", _haproxy, _need("haproxy"), _first_line(["haproxy", "-v"])),
         Proxy("nginx", _nginx, _nginx_check, _first_line(["nginx", "-v"])),

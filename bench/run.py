@@ -20,7 +20,7 @@ from typing import Any
 # bench/ is sys.path[0] when run as `python3 bench/run.py`: its modules import as top-level.
 from backends import Backend, EtcdBackend, HttpBackend, IperfBackend
 from procs import Proc, free_port, raise_nofile, run
-from proxies import PROXIES
+from proxies import OPTIONAL, PROXIES
 from report import markdown, summarize, write_json, write_results_md
 from workloads import WORKLOADS, Cell, Metrics, PartialResult, Settings
 
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _pick(text: str, known: dict[str, Any], what: str) -> list[str]:
     if not text:
-        return list(known)
+        return [k for k in known if k not in OPTIONAL]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import collections
 import errno
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from _gateway import silent_listener
+from _gateway import silent_listener, wait_for
 from etcdgw import _relay_py
 
 pytestmark = pytest.mark.c_extension
@@ -75,7 +76,8 @@ class Native:
         self.engine.listen(self.lsock.fileno(), True)
 
     def poll(self) -> None:
-        started, finished, failed, paused, accepted, _ = self.engine.collect()
+        started, finished, failed, paused, accepted, _, short = self.engine.collect()
+        assert not short  # not asked for
         self.started += started
         self.finished += finished
         self.failed += failed
@@ -339,3 +341,80 @@ def test_loop_mode_and_the_python_twin_refuse_native_accept() -> None:
         with pytest.raises(RuntimeError, match="native accept"):
             engine.listen(0)
         engine.close()
+
+
+def test_short_pairs_are_summed_per_target(native: Native, backends: list[Backend]) -> None:
+    a, b = backends[0], backends[1]
+    native.targets((1, "127.0.0.1", a.port, 0, 0, True), (2, "127.0.0.1", b.port, 0, 0, True))
+    native.listen()
+    n = 20
+    for i in range(n):
+        c = client_to(native)
+        server = (a if i % 2 == 0 else b).accept()
+        c.sendall(b"12345")
+        c.shutdown(socket.SHUT_WR)
+        assert server.recv(10) == b"12345"
+        server.sendall(b"abc")
+        server.close()
+        assert c.recv(10) == b"abc"
+        c.close()
+    sums: dict[int, list[int]] = {}
+    deadline = time.monotonic() + 5
+    while sum(v[0] for v in sums.values()) < n:
+        assert time.monotonic() < deadline, sums
+        time.sleep(0.01)
+        started, finished, failed, _, _, _, short = native.engine.collect(True)
+        # A pair still open at a collect is reported one by one (started, then finished).
+        for _, tag in started:
+            sums.setdefault(tag, [0, 0, 0, 0])
+        for pid, c2u, u2c, _ in finished:
+            tag = next(t for p, t in native.started + started if p == pid)
+            row = sums.setdefault(tag, [0, 0, 0, 0])
+            row[0] += 1
+            row[1] += c2u
+            row[2] += u2c
+        native.started += started
+        assert not failed
+        for tag, pairs, c2u, u2c, errs in short:
+            row = sums.setdefault(tag, [0, 0, 0, 0])
+            row[0] += pairs
+            row[1] += c2u
+            row[2] += u2c
+            row[3] += errs
+    assert sums == {1: [10, 50, 30, 0], 2: [10, 50, 30, 0]}
+    assert len(native.engine) == 0
+
+
+def test_late_options_reach_long_lived_upstreams(native: Native, backends: list[Backend]) -> None:
+    a = backends[0]
+    native.engine.set_targets(
+        [(1, socket.AF_INET, "127.0.0.1", a.port, 0, 0, 0, 0, True)],
+        NODELAY,
+        5.0,
+        0,
+        [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 7)],
+        1.5,
+    )
+    native.listen()
+    c = client_to(native)
+    server = a.accept()
+    native.wait("started", 1)
+
+    def upstream_timer() -> str:
+        out = subprocess.run(
+            ["ss", "-tnoH", "state", "established", f"( dport = :{a.port} )"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert out.strip(), "the upstream connection should be listed"
+        return out
+
+    assert "keepalive" not in upstream_timer()  # not yet: it may be short-lived
+
+    def with_keepalive() -> str | None:
+        out = upstream_timer()
+        return out if "keepalive" in out else None
+
+    assert "keepalive" in wait_for(with_keepalive, 10)
+    for s in (c, server):
+        s.close()
+    native.wait("finished", 1)

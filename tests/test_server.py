@@ -329,6 +329,13 @@ def test_keepalive_and_nodelay_on_both_sockets(gateway: Start) -> None:
                 ).stdout  # fmt: skip
 
             accepted = timers(f"( sport = :{port} )")
-            upstream = timers(f"( dport = :{backend.port} )")
             assert "keepalive" in accepted, accepted
+
+            # Native accept sets keep-alive on the upstream socket once the connection has
+            # lived 1 s (it cannot matter sooner; short connections save the syscalls).
+            def with_keepalive() -> str | None:
+                out = timers(f"( dport = :{backend.port} )")
+                return out if "keepalive" in out else None
+
+            upstream = wait_for(with_keepalive, 5)
             assert "keepalive" in upstream, upstream

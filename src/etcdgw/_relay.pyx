@@ -50,6 +50,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLET
         EPOLL_CTL_ADD
         EPOLL_CTL_DEL
+        EPOLL_CTL_MOD
         EPOLL_CLOEXEC
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
@@ -215,6 +216,8 @@ cdef struct Pair:
     uint8_t errcheck    # bit per side: EPOLLERR seen on that side's fd
     uint8_t owned       # accepted and dialled by the engine: it closes both fds
     uint8_t fresh       # owned and live, not yet reported by collect()
+    uint8_t short       # started and finished before collect(): reported in a sum
+    uint8_t outarmed    # bit per side: that fd is registered for EPOLLOUT too
     int32_t snext       # started list (fresh pairs)
     int32_t cprev       # connecting list (CONNECTING pairs, oldest first)
     int32_t cnext
@@ -229,6 +232,12 @@ cdef struct Listener:
     uint8_t reported    # the pause was reported by collect()
     uint8_t tune        # 0: check the first client, 1: clients inherit options, 2: tune each
     int err
+
+
+cdef struct Late:
+    int32_t slot        # a pair whose upstream socket gets the late options at `due`
+    uint64_t id
+    uint64_t due
 
 
 cdef struct Target:
@@ -293,6 +302,14 @@ cdef struct Core:
     uint64_t accept_errors
     int32_t nfailed     # failed dials waiting in the finished list
     int32_t nrecords    # started, finished and failed records waiting for collect()
+    # late options (keep-alive): set on upstream sockets of pairs still live after late_ns
+    int late_opts[MAX_SOCKOPTS][3]
+    int nlate_opts
+    uint64_t late_ns
+    Late *late          # ring, oldest first
+    int32_t late_cap
+    int32_t late_head
+    int32_t late_n
     uint64_t report_at  # CLOCK_MONOTONIC ns by which the waiting records are announced
 
 
@@ -417,6 +434,7 @@ cdef class Engine:
         else:
             PyMem_RawFree(self.c.pairs)
         free(self.c.targets)
+        free(self.c.late)
         PyMem_RawFree(self.c.scratch)
 
     def fileno(self) -> int:
@@ -443,7 +461,7 @@ cdef class Engine:
             # readable reports at the next epoll_wait, so bytes sent before add() are not
             # lost. (The relay thread may see the event at once, but handles it only once
             # it gets the lock, when the pair is complete.)
-            ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+            ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
             ev.data.u64 = p.id << 1
             if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, cfd, &ev) == 0:
                 ev.data.u64 = (p.id << 1) | 1
@@ -478,15 +496,15 @@ cdef class Engine:
                     _handle(&self.c, n)
         if err:  # the pairs finished so far stay listed for the next call
             raise OSError(err, strerror(err).decode())
-        _, finished, failed, _, _, _ = self._collect()
+        _, finished, failed, _, _, _, _ = self._collect(False)
         for cfd, _, _ in failed:
             close(cfd)
         return finished
 
-    def collect(self):
+    def collect(self, aggregate: bool = False):
         """Threaded: everything the relay thread has to report, in one go.
 
-        Returns (started, finished, failed, paused, accepted, accept_errors):
+        Returns (started, finished, failed, paused, accepted, accept_errors, short):
         started: [(pair_id, tag)] pairs the engine accepted and connected itself (native
             accept), relayed now; report them before `finished`, which may list them too.
         finished: [(pair_id, c2u, u2c, errno)] as from run(); the engine has closed the fds
@@ -498,16 +516,22 @@ cdef class Engine:
         paused: [(listen_fd, errno)] listeners whose accept failed for lack of a resource
             (EMFILE, ENFILE, ENOBUFS, ENOMEM); listen() again to resume.
         accepted, accept_errors: counts since the last collect().
+        short: with aggregate, the engine's pairs that started and finished since the last
+            collect() are left out of started and finished and summed per target instead:
+            [(tag, pairs, c2u, u2c, pairs_with_errno)] (a churn of short connections then
+            costs the caller one row per target, not two records per connection).
         """
         self._check_open()
-        return self._collect()
+        return self._collect(aggregate)
 
-    cdef tuple _collect(self):
+    cdef tuple _collect(self, bint aggregate):
         cdef uint64_t count, accepted, accept_errors
         cdef int32_t slot
         cdef int err, i
         cdef Pair *p
         cdef Listener *lst
+        cdef dict sums = {}
+        cdef list acc
         started = []
         finished = []
         failed = []
@@ -520,7 +544,17 @@ cdef class Engine:
             err = self.c.thread_err
             while self.c.started_head >= 0:
                 p = &self.c.pairs[self.c.started_head]
-                started.append((p.id, p.tag))
+                if aggregate and p.state == FINISHED:
+                    acc = sums.get(p.tag)
+                    if acc is None:
+                        acc = sums[p.tag] = [p.tag, 0, 0, 0, 0]
+                    acc[1] += 1
+                    acc[2] += p.dir[0].moved
+                    acc[3] += p.dir[1].moved
+                    acc[4] += p.err != 0
+                    p.short = 1
+                else:
+                    started.append((p.id, p.tag))
                 p.fresh = 0
                 self.c.started_head = p.snext
                 p.snext = -1
@@ -529,7 +563,7 @@ cdef class Engine:
                 p = &self.c.pairs[slot]
                 if p.state == DIALFAIL:
                     failed.append((p.dir[0].src, p.tag, p.err))
-                else:
+                elif not p.short:
                     finished.append((p.id, p.dir[0].moved, p.dir[1].moved, p.err))
                 self.c.finished_head = p.next
                 _release(&self.c, slot)
@@ -546,7 +580,8 @@ cdef class Engine:
             self._unlock()
         if err:
             raise OSError(err, "relay thread stopped: " + strerror(err).decode())
-        return started, finished, failed, paused, accepted, accept_errors
+        short = [tuple(acc) for acc in sums.values()]
+        return started, finished, failed, paused, accepted, accept_errors, short
 
     # -- native accept (threaded mode) --
 
@@ -609,7 +644,7 @@ cdef class Engine:
             self._unlock()
 
     def set_targets(self, targets, sockopts=(), dial_timeout: float = 5.0,
-                    limit: int = 0) -> None:
+                    limit: int = 0, late_sockopts=(), late_after: float = 1.0) -> None:
         """What native accept connects clients to, and how.
 
         targets: [(tag, family, ip or None, port, flowinfo, scope_id, priority, weight,
@@ -621,6 +656,10 @@ cdef class Engine:
             do not inherit them from their listener).
         dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
         limit: live plus connecting pairs beyond which clients wait in the backlog (0: none).
+        late_sockopts: set on the upstream socket of a pair that is still live late_after
+            seconds after its connect (keep-alive settings, which cannot matter sooner: a
+            connection that lives less saves the syscalls); clients that do not inherit
+            options from their listener get them at once with the others.
         """
         cdef Py_ssize_t n = len(targets), i
         cdef Target *arr = NULL
@@ -629,15 +668,19 @@ cdef class Engine:
         cdef sockaddr_in *sin
         cdef sockaddr_in6 *sin6
         cdef int opts[MAX_SOCKOPTS][3]
-        cdef int nopts = 0, j
+        cdef int late[MAX_SOCKOPTS][3]
+        cdef int nopts = 0, nlate = 0, j
         cdef bint plain = True, changed
         cdef uint64_t one = 1
         self._check_native()
-        if len(sockopts) > MAX_SOCKOPTS:
+        if len(sockopts) > MAX_SOCKOPTS or len(late_sockopts) > MAX_SOCKOPTS:
             raise ValueError("too many socket options")
         for level, opt, value in sockopts:
             opts[nopts][0], opts[nopts][1], opts[nopts][2] = level, opt, value
             nopts += 1
+        for level, opt, value in late_sockopts:
+            late[nlate][0], late[nlate][1], late[nlate][2] = level, opt, value
+            nlate += 1
         if n:
             arr = <Target *>malloc(n * sizeof(Target))
             if arr == NULL:
@@ -688,6 +731,15 @@ cdef class Engine:
             self.c.sockopts[j][0], self.c.sockopts[j][1] = opts[j][0], opts[j][1]
             self.c.sockopts[j][2] = opts[j][2]
         self.c.nsockopts = nopts
+        changed = changed or nlate != self.c.nlate_opts
+        for j in range(nlate):
+            if late[j][0] != self.c.late_opts[j][0] or late[j][1] != self.c.late_opts[j][1] \
+                    or late[j][2] != self.c.late_opts[j][2]:
+                changed = True
+            self.c.late_opts[j][0], self.c.late_opts[j][1] = late[j][0], late[j][1]
+            self.c.late_opts[j][2] = late[j][2]
+        self.c.nlate_opts = nlate
+        self.c.late_ns = <uint64_t>(max(0.0, late_after) * 1e9)
         if changed:
             for j in range(self.c.nlst):
                 if self.c.lst[j].tune == 2:
@@ -841,6 +893,7 @@ cdef class Engine:
         self.c.finished_head = self.c.started_head = -1
         self.c.conn_head = self.c.conn_tail = -1
         self.c.nready = self.c.nconnecting = self.c.nunreported = self.c.nlst = 0
+        self.c.late_n = self.c.late_head = 0
 
 
 # -- hot path (no GIL; in threaded mode, the relay thread with the lock held) --
@@ -923,6 +976,8 @@ cdef void *_thread_main(void *arg) noexcept nogil:
                 _expire(c)
             if c.nlst:
                 _accept_all(c)
+            if c.late_n:
+                _apply_late(c)
         if not c.notified and _report_due(c):
             c.notified = 1
             write(c.notify_fd, &one, sizeof(one))
@@ -951,11 +1006,16 @@ cdef void _visit(Core *c, Pair *p) noexcept nogil:
     cdef socklen_t optlen
     for i in range(2):
         if p.dir[i].ready:
-            r = _pump(c, &p.dir[i], i)
+            r = _pump(c, &p.dir[i], i, p.owned and p.dir[1 - i].done)
             if r < 0:
                 _finish(c, p, -r)
                 return
             p.dir[i].ready = r == MORE
+            if (p.dir[i].buf != NULL or p.dir[i].piped) and not p.outarmed & (1 << (1 - i)):
+                r = _arm_out(c, p, 1 - i)
+                if r < 0:
+                    _finish(c, p, -r)
+                    return
     if p.errcheck:
         # A reset on a socket we no longer read from (it already sent EOF) would only
         # show at our next send, which may never come; SO_ERROR surfaces it now. An error
@@ -975,8 +1035,12 @@ cdef void _visit(Core *c, Pair *p) noexcept nogil:
     elif (p.dir[0].ready or p.dir[1].ready) and not p.queued:
         _enqueue(c, p)
 
-cdef int _pump(Core *c, Dir *d, int i) noexcept nogil:
-    """Move bytes one way until dst is full or src is empty: WAIT, MORE or -errno."""
+cdef int _pump(Core *c, Dir *d, int i, bint last) noexcept nogil:
+    """Move bytes one way until dst is full or src is empty: WAIT, MORE or -errno.
+
+    last: the engine closes dst as soon as this direction is done (its own pair, the other
+    direction done already), and close() sends the FIN: no shutdown() needed.
+    """
     cdef ssize_t n, m
     cdef size_t moved = 0
     while not d.done:
@@ -1004,7 +1068,7 @@ cdef int _pump(Core *c, Dir *d, int i) noexcept nogil:
         elif d.eof:
             # Pass the half-close on (etcd's gateway closes both sockets at the first
             # EOF and drops the reply). ENOTCONN: dst is already gone, nothing to tell.
-            if shutdown(d.dst, SHUT_WR) < 0 and errno != ENOTCONN:
+            if not last and shutdown(d.dst, SHUT_WR) < 0 and errno != ENOTCONN:
                 return -errno
             d.done = 1
         elif moved >= VISIT_BUFS * c.bufsize:
@@ -1216,6 +1280,8 @@ cdef int _timeout(Core *c) noexcept nogil:
         d = c.pairs[c.conn_head].deadline
     if c.report_at and not c.notified and (d == 0 or c.report_at < d):
         d = c.report_at
+    if c.late_n and (d == 0 or c.late[c.late_head].due < d):
+        d = c.late[c.late_head].due
     if d == 0:
         return -1
     now = _now_ns()
@@ -1276,18 +1342,21 @@ cdef void _accept_all(Core *c) noexcept nogil:
 cdef void _tune(Core *c, Listener *lst, int fd) noexcept nogil:
     """Give a client the socket options unless it inherited them from its listener."""
     cdef int j, v
+    cdef int *opt
     cdef socklen_t n
     if lst.tune == 0:  # first client since the options changed: did it inherit them?
         lst.tune = 1
-        for j in range(c.nsockopts):
+        for j in range(c.nsockopts + c.nlate_opts):
+            opt = &c.sockopts[j][0] if j < c.nsockopts else &c.late_opts[j - c.nsockopts][0]
             v = 0
             n = sizeof(v)
-            if getsockopt(fd, c.sockopts[j][0], c.sockopts[j][1], &v, &n) < 0 \
-                    or v != c.sockopts[j][2]:
+            if getsockopt(fd, opt[0], opt[1], &v, &n) < 0 or v != opt[2]:
                 lst.tune = 2
                 break
     if lst.tune == 2:
         _setopts(c, fd)
+        for j in range(c.nlate_opts):
+            setsockopt(fd, c.late_opts[j][0], c.late_opts[j][1], &c.late_opts[j][2], sizeof(int))
 
 cdef void _setopts(Core *c, int fd) noexcept nogil:
     cdef int j
@@ -1401,12 +1470,15 @@ cdef void _dial(Core *c, int cfd) noexcept nogil:
     if r < 0 and errno != EINPROGRESS:
         _dial_fail(c, p, t.tag, errno)
         return
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
     ev.data.u64 = p.id << 1
     if epoll_ctl(c.epfd, EPOLL_CTL_ADD, cfd, &ev) < 0:
         _dial_fail(c, p, -1, errno)
         return
     ev.data.u64 = (p.id << 1) | 1
+    if r < 0:  # still connecting: its completion shows as EPOLLOUT
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        p.outarmed = 2
     if epoll_ctl(c.epfd, EPOLL_CTL_ADD, ufd, &ev) < 0:
         err = errno
         epoll_ctl(c.epfd, EPOLL_CTL_DEL, cfd, NULL)
@@ -1442,6 +1514,8 @@ cdef void _unconnect(Core *c, Pair *p) noexcept nogil:
 
 cdef void _go_live(Core *c, Pair *p) noexcept nogil:
     cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
+    if c.nlate_opts:
+        _late_push(c, slot, p.id)
     p.state = LIVE
     c.nlive += 1
     p.fresh = 1
@@ -1499,3 +1573,64 @@ cdef void _expire(Core *c) noexcept nogil:
         epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
         epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
         _dial_fail(c, p, p.tag, ETIMEDOUT)
+
+
+cdef void _late_push(Core *c, int32_t slot, uint64_t pid) noexcept nogil:
+    """Remember to set the late options on this pair's upstream socket (see set_targets)."""
+    cdef Late *ring
+    cdef int32_t i, cap
+    if c.late_n == c.late_cap:
+        cap = c.late_cap * 2 if c.late_cap else 256
+        ring = <Late *>malloc(cap * sizeof(Late))
+        if ring == NULL:
+            _setopts_late(c, c.pairs[slot].dir[1].src)  # no memory: set them now
+            return
+        for i in range(c.late_n):  # unroll the ring, oldest first
+            ring[i] = c.late[(c.late_head + i) % c.late_cap]
+        free(c.late)
+        c.late = ring
+        c.late_cap = cap
+        c.late_head = 0
+    i = (c.late_head + c.late_n) % c.late_cap
+    c.late[i].slot = slot
+    c.late[i].id = pid
+    c.late[i].due = _now_ns() + c.late_ns
+    c.late_n += 1
+
+cdef void _apply_late(Core *c) noexcept nogil:
+    """Set the late options on the upstream sockets of pairs that are still live."""
+    cdef uint64_t now = _now_ns()
+    cdef Late *e
+    cdef Pair *p
+    while c.late_n:
+        e = &c.late[c.late_head]
+        if e.due > now:
+            return
+        p = &c.pairs[e.slot]
+        if p.id == e.id and p.state == LIVE:
+            _setopts_late(c, p.dir[1].src)
+        c.late_head = (c.late_head + 1) % c.late_cap
+        c.late_n -= 1
+
+cdef void _setopts_late(Core *c, int fd) noexcept nogil:
+    cdef int j
+    for j in range(c.nlate_opts):
+        setsockopt(fd, c.late_opts[j][0], c.late_opts[j][1], &c.late_opts[j][2], sizeof(int))
+
+
+cdef int _arm_out(Core *c, Pair *p, int side) noexcept nogil:
+    """Add EPOLLOUT to one fd of a pair: its peer direction has bytes the fd refused.
+
+    Fds are registered without EPOLLOUT: with it, every ACK that frees send space raises an
+    edge and wakes the relay thread for nothing (for small request/response traffic, about
+    as many wake-ups as the data itself). The first time a destination refuses bytes it is
+    armed for good (bulk pairs pay one EPOLL_CTL_MOD); the modify re-checks readiness, so
+    space that appeared meanwhile still raises the edge. 0, or -errno.
+    """
+    cdef epoll_event ev
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+    ev.data.u64 = (p.id << 1) | <uint64_t>side
+    if epoll_ctl(c.epfd, EPOLL_CTL_MOD, p.dir[side].src, &ev) < 0:
+        return -errno
+    p.outarmed |= 1 << side
+    return 0

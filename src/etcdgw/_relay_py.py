@@ -129,7 +129,7 @@ class Engine:
         return False
 
     def collect(
-        self,
+        self, aggregate: bool = False
     ) -> tuple[
         list[tuple[int, int]],
         list[tuple[int, int, int, int]],
@@ -137,9 +137,10 @@ class Engine:
         list[tuple[int, int]],
         int,
         int,
+        list[tuple[int, int, int, int, int]],
     ]:
         """run(), in the shape of the Cython twin's collect(): nothing but finished pairs."""
-        return [], self.run(), [], [], 0, 0
+        return [], self.run(), [], [], 0, 0, []
 
     def listen(self, listen_fd: int, tcp: bool = True) -> None:
         raise RuntimeError("native accept needs the threaded Cython engine")
@@ -153,6 +154,8 @@ class Engine:
         sockopts: Sequence[tuple[int, int, int]] = (),
         dial_timeout: float = 5.0,
         limit: int = 0,
+        late_sockopts: Sequence[tuple[int, int, int]] = (),
+        late_after: float = 1.0,
     ) -> None:
         raise RuntimeError("native accept needs the threaded Cython engine")
 

@@ -34,9 +34,17 @@ Finished = tuple[int, int, int, int]
 """(pair_id, bytes client->upstream, bytes upstream->client, errno or 0)."""
 
 NativeCallback = Callable[
-    [list[tuple[int, int]], list[tuple[int, int, int]], list[tuple[int, int]], int, int], None
+    [
+        list[tuple[int, int]],
+        list[tuple[int, int, int]],
+        list[tuple[int, int]],
+        int,
+        int,
+        list[tuple[int, int, int, int, int]],
+    ],
+    None,
 ]
-"""on_native(started, failed, paused, accepted, accept_errors): see Engine.collect()."""
+"""on_native(started, failed, paused, accepted, accept_errors, short): Engine.collect()."""
 
 
 class Relay:
@@ -50,8 +58,9 @@ class Relay:
         engine_cls: the engine to drive (either twin); the facade's choice by default.
         bufsize: the engine's read size and the unit of its fairness budgets.
         on_native: to use native accept (listen(), set_targets()) when the engine can:
-            called as on_native(started, failed, paused, accepted, accept_errors) with
-            Engine.collect()'s lists, before the finished pairs of the same wake-up.
+            called as on_native(started, failed, paused, accepted, accept_errors, short)
+            with Engine.collect()'s lists, before the finished pairs of the same wake-up;
+            `aggregate` (default True) asks collect() to sum short-lived pairs.
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class Relay:
         self._engine = engine_cls(bufsize)
         self._on_native = on_native if on_native is not None and self._engine.native else None
         self._again: asyncio.Handle | None = None
+        self.aggregate = True
         self._fd = self._engine.fileno()
         loop.add_reader(self._fd, self._on_ready)
 
@@ -90,9 +100,11 @@ class Relay:
         sockopts: Sequence[tuple[int, int, int]],
         dial_timeout: float,
         limit: int,
+        late_sockopts: Sequence[tuple[int, int, int]] = (),
+        late_after: float = 1.0,
     ) -> None:
         """Native accept: where clients go and how (Engine.set_targets)."""
-        self._engine.set_targets(targets, sockopts, dial_timeout, limit)
+        self._engine.set_targets(targets, sockopts, dial_timeout, limit, late_sockopts, late_after)
 
     def native_pending(self) -> int:
         """Native accept: clients accepted that the callbacks have not reported yet."""
@@ -140,9 +152,11 @@ class Relay:
         if self._fd < 0:
             return
         if self._on_native is not None:
-            started, done, failed, paused, accepted, errors = self._engine.collect()
+            started, done, failed, paused, accepted, errors, short = self._engine.collect(
+                self.aggregate
+            )
             try:
-                self._on_native(started, failed, paused, accepted, errors)
+                self._on_native(started, failed, paused, accepted, errors, short)
             except Exception as exc:
                 self._loop.call_exception_handler(
                     {"message": "relay on_native callback failed", "exception": exc}

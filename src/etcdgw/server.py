@@ -237,6 +237,7 @@ class Gateway:
             bufsize=self.cfg.buffer_size,
             on_native=self._on_native if NATIVE_ACCEPT else None,
         )
+        self._relay.aggregate = not self.log.enabled("debug")
         self._native = self._relay.native
         try:
             self._reserve_spare_fd()
@@ -561,11 +562,16 @@ class Gateway:
             if addrs and "%" not in addrs[0][1][0]:  # scoped IPv6: dialled by _Dial
                 fam, ip = addrs[0][0], addrs[0][1][0]
             targets.append((r.tag, int(fam), ip, ep.port, 0, 0, ep.priority, ep.weight, r.usable))
-        sockopts = self._sockopts()
-        state = (tuple(targets), tuple(sockopts), self.cfg.dial_timeout, self.cfg.max_connections)
+        # TCP_NODELAY at once; keep-alive only once a connection lived 1 s (the shortest
+        # --tcp-keepalive: it cannot matter sooner, and short connections save 5 syscalls).
+        opts = self._sockopts()
+        now, late = opts[:1], opts[1:]
+        state = (tuple(targets), tuple(opts), self.cfg.dial_timeout, self.cfg.max_connections)
         if state == self._native_state:
             return
-        self._relay.set_targets(targets, sockopts, self.cfg.dial_timeout, self.cfg.max_connections)
+        self._relay.set_targets(
+            targets, now, self.cfg.dial_timeout, self.cfg.max_connections, late, 1.0
+        )
         self._native_state = state
         if self._accepting:
             for s in self.listeners:
@@ -592,13 +598,31 @@ class Gateway:
         paused: list[tuple[int, int]],
         accepted: int,
         accept_errors: int,
+        short: list[tuple[int, int, int, int, int]],
     ) -> None:
-        """What the engine's relay thread accepted, connected and could not connect."""
+        """What the engine's relay thread accepted, connected and could not connect.
+
+        short: pairs that started and finished between two reports, summed per remote
+        (pairs, bytes up, bytes down, resets): per-connection Python work for the churn
+        case is gone. Not used at --log-level=debug, which logs each connection.
+        """
         if accepted:
             self.counters.accepted += accepted
             self._accept_pause = ACCEPT_PAUSE
         self.counters.accept_errors += accept_errors
         tags = self._tags
+        if short:
+            c = self.counters
+            for tag, n, c2u, u2c, resets in short:
+                remote = tags[tag]
+                remote.connections_total += n
+                remote.bytes_to_endpoint += c2u
+                remote.bytes_from_endpoint += u2c
+                c.finished += n
+                c.reset += resets
+                c.bytes_finished[0] += c2u
+                c.bytes_finished[1] += u2c
+            self._maybe_resume()
         for pid, tag in started:
             remote = tags[tag]
             self.conns[pid] = Conn(None, None, remote)
