@@ -21,7 +21,7 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 PEERS = ("go-gateway", "haproxy", "nginx", "pen")
 ETCDGW = ("etcdgw-cython", "etcdgw-python")
 # Run only when named in --only: the Cython engine with accept and connect in Python.
-OPTIONAL = ("etcdgw-cython-loopaccept",)
+OPTIONAL = ("etcdgw-cython-loopaccept", "etcdgw-python-ownepoll")
 
 
 @dataclass
@@ -88,11 +88,15 @@ def _etcdgw_check(pure: bool) -> Callable[[], str | None]:
     return check
 
 
-def _etcdgw(pure: bool, loop_accept: bool = False) -> Callable[[int, list[str], Path], Launch]:
+def _etcdgw(
+    pure: bool, loop_accept: bool = False, own_epoll: bool = False
+) -> Callable[[int, list[str], Path], Launch]:
     def launch(port: int, endpoints: list[str], tmpdir: Path) -> Launch:
         env = _etcdgw_env(pure)
         if loop_accept:  # accept and connect in Python, as before native accept
             env["ETCDGW_NATIVE_ACCEPT"] = "0"
+        if own_epoll:  # the pure engine on an epoll of its own, as before RelaySelector
+            env["ETCDGW_RELAY_SELECTOR"] = "0"
         return Launch(
             [
                 sys.executable,
@@ -272,6 +276,12 @@ PROXIES: dict[str, Proxy] = {
             _etcdgw(False, loop_accept=True),
             _etcdgw_check(False),
             lambda: _etcdgw_version(False) + " with ETCDGW_NATIVE_ACCEPT=0",
+        ),
+        Proxy(
+            "etcdgw-python-ownepoll",
+            _etcdgw(True, own_epoll=True),
+            _etcdgw_check(True),
+            lambda: _etcdgw_version(True) + " with ETCDGW_RELAY_SELECTOR=0",
         ),
         Proxy("go-gateway", _go_gateway, _need("etcd"), _first_line(["etcd", "--version"])),
         Proxy("haproxy", _haproxy, _need("haproxy"), _first_line(["haproxy", "-v"])),

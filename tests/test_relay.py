@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from etcdgw import _relay_py
-from etcdgw.relay import Relay
+from etcdgw.relay import Relay, new_event_loop
 
 Finished = tuple[int, int, int, int]
 Sockets = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
@@ -870,9 +870,16 @@ def test_close_with_live_busy_pairs(sockets: Any) -> None:
 # -- the asyncio driver --
 
 
+@pytest.mark.parametrize("selector", ["default", "relay"])
 def test_relay_drives_the_engine_from_asyncio(
-    engine_cls: Any, threaded: bool, sockets: Any, monkeypatch: pytest.MonkeyPatch
+    engine_cls: Any,
+    threaded: bool,
+    sockets: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    selector: str,
 ) -> None:
+    """Both ways of driving: the engine's fd as a loop reader, or (pure engine on a loop
+    with relay.RelaySelector, as etcdgw serves) its fds in the loop's own epoll."""
     rigs = [sockets("tcp") for _ in range(5)]
     finished: list[Finished] = []
     errors: list[dict[str, Any]] = []
@@ -911,6 +918,8 @@ def test_relay_drives_the_engine_from_asyncio(
         loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
         # A tiny bufsize makes the fairness budget bite, exercising the call_soon path.
         relay = Relay(loop, on_finished, engine_cls=engine_cls, bufsize=512)
+        attached = relay._selector is not None
+        assert attached == (selector == "relay" and isinstance(relay._engine, _relay_py.Engine))
         try:
             pids = [relay.add(r[1].fileno(), r[2].fileno()) for r in rigs]
             replies = await asyncio.wait_for(
@@ -929,7 +938,8 @@ def test_relay_drives_the_engine_from_asyncio(
             relay.close()
             relay.close()
 
-    replies = asyncio.run(main())
+    with asyncio.Runner(loop_factory=new_event_loop if selector == "relay" else None) as r:
+        replies = r.run(main())
     assert replies == [b"q" * (200_000 + i) + b"!" for i in range(len(rigs))]
     assert [str(e["exception"]) for e in errors] == ["boom"]
     # (The relay thread applies the budget by itself: run() is never pending then.)

@@ -69,6 +69,7 @@ class Engine:
         self._next_id = 1
         self._total = [0, 0]
         self._budget = 0
+        self._attached = False  # registered in the asyncio loop's own epoll (_attach)
 
     def fileno(self) -> int:
         """The engine's epoll fd: register it with loop.add_reader."""
@@ -95,17 +96,32 @@ class Engine:
     def run(self) -> list[tuple[int, int, int, int]]:
         """Handle ready events without blocking; return the pairs that finished."""
         ep = self._open()
+        return self._dispatch([] if self._attached else ep.poll(0, MAX_EVENTS))
+
+    def _attach(self, ep: select.epoll) -> None:
+        """Register relayed fds in `ep` (the asyncio loop's epoll, see relay.RelaySelector)
+        instead of an epoll of our own; its owner passes our events to _dispatch(). Saves an
+        epoll_wait and a loop callback per wake-up. Before any add()."""
+        own = self._open()
+        if self._pairs:
+            raise RuntimeError("_attach() after add()")
+        own.close()
+        self._epoll = ep
+        self._attached = True
+
+    def _dispatch(self, events: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+        """Continue left-over pairs (within the budget), then handle these epoll events."""
         self._budget = RUN_BUFS * self._bufsize
         for _ in range(len(self._ready)):
             if self._budget <= 0:
                 break
             self._visit(self._ready.pop(next(iter(self._ready))))
-        for fd, events in ep.poll(0, MAX_EVENTS):
+        for fd, events_ in events:
             entry = self._fds.get(fd)
             if entry is None:
                 continue  # finished earlier in this batch
             pair, side = entry
-            self._mark(pair, side, events)
+            self._mark(pair, side, events_)
             if pair.id in self._ready:
                 pass  # already has work waiting its turn: one budget per pair per run
             elif self._budget > 0:
@@ -184,7 +200,14 @@ class Engine:
         """Close the epoll fd (idempotent); relayed fds stay open, they belong to the caller."""
         if self._epoll is None:
             return
-        self._epoll.close()
+        if self._attached:  # the epoll is the loop's: only take our fds out of it
+            for fd in self._fds:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+        else:
+            self._epoll.close()
         self._epoll = None
         self._pairs.clear()
         self._fds.clear()

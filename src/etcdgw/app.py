@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from .config import (
     parse_endpoints,
 )
 from .log import Logger
-from .relay import IMPLEMENTATION
+from .relay import IMPLEMENTATION, new_event_loop
 
 if TYPE_CHECKING:
     from .discovery import Refresher
@@ -60,7 +61,11 @@ def start(cfg: Config, raw_endpoints: Sequence[str], argv: Sequence[str]) -> int
         stream.flush()
         return 1
     try:
-        asyncio.run(serve(run, reload_args=list(argv[1:])))
+        # The pure engine relays inside this loop's own epoll_wait (relay.RelaySelector);
+        # ETCDGW_RELAY_SELECTOR=0 keeps it on an epoll of its own (benchmarks; not an API).
+        factory = new_event_loop if os.environ.get("ETCDGW_RELAY_SELECTOR", "1") != "0" else None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(run, reload_args=list(argv[1:])))
     except KeyboardInterrupt:
         pass
     log.info("stopped")

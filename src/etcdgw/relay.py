@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import select
+import selectors
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-__all__ = ["IMPLEMENTATION", "NO_EXTENSIONS", "Engine", "Finished", "Relay"]
+__all__ = [
+    "IMPLEMENTATION",
+    "NO_EXTENSIONS",
+    "Engine",
+    "Finished",
+    "Relay",
+    "RelaySelector",
+    "new_event_loop",
+]
 
 # Any non-empty value disables the compiled engine (the aio-libs *_NO_EXTENSIONS rule);
 # other interpreters than CPython always use the pure twin.
@@ -47,6 +58,60 @@ NativeCallback = Callable[
 """on_native(started, failed, paused, accepted, accept_errors, short): Engine.collect()."""
 
 
+class RelaySelector(selectors.EpollSelector):
+    """The asyncio loop's selector, whose epoll set may also hold a pure-Python engine's fds.
+
+    A pure engine normally has an epoll fd of its own, registered with the loop: each
+    wake-up then costs the loop's epoll_wait, a loop callback and the engine's own
+    epoll_wait. Attached to this selector (Relay does it when the loop has one), the engine
+    registers its fds in the loop's epoll set directly, and every event of an fd the
+    selector does not know goes to `hook` during select(): one epoll_wait per wake-up.
+    (The Cython engine relays in its own thread and does not use this.)
+    """
+
+    hook: Callable[[list[tuple[int, int]]], None] | None = None
+    EXTRA_EVENTS = 256  # room in each poll for the hook's events
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        hook = self.hook
+        if hook is None:
+            return super().select(timeout)
+        # As EpollSelector.select, plus the events of fds registered behind our back.
+        if timeout is None:
+            t = -1.0
+        elif timeout <= 0:
+            t = 0.0
+        else:
+            t = math.ceil(timeout * 1e3) * 1e-3
+        fd_to_key: dict[int, selectors.SelectorKey] = self._fd_to_key  # type: ignore[attr-defined]
+        max_ev = len(fd_to_key) + self.EXTRA_EVENTS
+        ready: list[tuple[selectors.SelectorKey, int]] = []
+        try:
+            fd_event_list = self._selector.poll(t, max_ev)  # type: ignore[attr-defined]
+        except InterruptedError:
+            return ready
+        extra: list[tuple[int, int]] = []
+        for fd, event in fd_event_list:
+            key = fd_to_key.get(fd)
+            if key is None:
+                extra.append((fd, event))
+                continue
+            events = 0
+            if event & ~select.EPOLLIN:
+                events |= selectors.EVENT_WRITE
+            if event & ~select.EPOLLOUT:
+                events |= selectors.EVENT_READ
+            ready.append((key, events & key.events))
+        if extra:
+            hook(extra)
+        return ready
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """An asyncio loop with a RelaySelector (what etcdgw serves on)."""
+    return asyncio.SelectorEventLoop(RelaySelector())
+
+
 class Relay:
     """Ties one Engine to an asyncio loop: one loop callback per batch of ready events.
 
@@ -78,8 +143,16 @@ class Relay:
         self._on_native = on_native if on_native is not None and self._engine.native else None
         self._again: asyncio.Handle | None = None
         self.aggregate = True
+        self._selector: RelaySelector | None = None
         self._fd = self._engine.fileno()
-        loop.add_reader(self._fd, self._on_ready)
+        sel = getattr(loop, "_selector", None)
+        attach = getattr(self._engine, "_attach", None)
+        if isinstance(sel, RelaySelector) and sel.hook is None and attach is not None:
+            attach(sel._selector)  # type: ignore[attr-defined]
+            sel.hook = self._on_events
+            self._selector = sel
+        else:
+            loop.add_reader(self._fd, self._on_ready)
 
     @property
     def native(self) -> bool:
@@ -137,7 +210,11 @@ class Relay:
         """Stop watching the engine and close it (idempotent); the caller still owns every fd."""
         if self._fd < 0:
             return
-        self._loop.remove_reader(self._fd)
+        if self._selector is not None:
+            self._selector.hook = None
+            self._selector = None
+        else:
+            self._loop.remove_reader(self._fd)
         self._fd = -1
         if self._again is not None:
             self._again.cancel()
@@ -147,6 +224,17 @@ class Relay:
     def _on_again(self) -> None:
         self._again = None
         self._on_ready()
+
+    def _on_events(self, events: list[tuple[int, int]]) -> None:
+        """RelaySelector's hook: the engine's events, straight from the loop's epoll_wait."""
+        if self._fd < 0:
+            return
+        try:
+            done = self._engine._dispatch(events)
+        except Exception as exc:  # never out of select(): that would stop the loop
+            self._loop.call_exception_handler({"message": "relay failed", "exception": exc})
+            return
+        self._report(done)
 
     def _on_ready(self) -> None:
         if self._fd < 0:
@@ -163,6 +251,9 @@ class Relay:
                 )
         else:
             done = self._engine.run()
+        self._report(done)
+
+    def _report(self, done: list[Finished]) -> None:
         for finished in done:
             try:
                 self._on_finished(*finished)
