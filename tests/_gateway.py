@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -289,3 +291,22 @@ def silent_listener() -> tuple[socket.socket, list[socket.socket]]:
         fillers.append(c)
     time.sleep(0.2)
     return lst, fillers
+
+
+TEXT_LOG = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z (DEBUG|INFO |WARN |ERROR) ")
+
+
+def error_lines(text: str) -> list[str]:
+    """Lines that are neither log records (JSON or --log-format=text) nor the usage hint."""
+    keep = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("Run 'etcdgw start --help'"):
+            continue
+        if TEXT_LOG.match(line):
+            continue
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                json.loads(line)
+                continue
+        keep.append(line)
+    return keep

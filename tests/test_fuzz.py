@@ -16,7 +16,6 @@ import errno
 import io
 import os
 import random
-import re
 import select
 import socket
 import struct
@@ -31,6 +30,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from _dns import Dnsmasq
+from _gateway import error_lines
 
 # hypothesis reads mypy_extensions.TypedDict while it reports a falsifying example; under
 # the suite's warnings-as-errors that deprecation would turn the report into an INTERNALERROR.
@@ -615,27 +615,6 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     finally:
         app.serve = real_serve
     return code, out.getvalue(), err.getvalue()
-
-
-TEXT_LOG = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z (DEBUG|INFO |WARN |ERROR) ")
-
-
-def error_lines(text: str) -> list[str]:
-    """Lines that are neither log records (JSON or --log-format=text) nor the usage hint."""
-    import json
-
-    keep = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("Run 'etcdgw start --help'"):
-            continue
-        if TEXT_LOG.match(line):
-            continue
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                json.loads(line)
-                continue
-        keep.append(line)
-    return keep
 
 
 def test_cli_fuzz(dns_server: Dnsmasq, ports: dict[str, Any], tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from _gateway import (
     read_line,
     wait_for,
 )
+from _gateway import error_lines as text_error_lines
 
 Start = Callable[..., GatewayProc]
 
@@ -1028,17 +1029,8 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 
 
 def error_lines(r: subprocess.CompletedProcess[str]) -> list[str]:
-    """Output lines that are not JSON log records nor the usage hint."""
-    out = []
-    for line in (r.stdout + r.stderr).splitlines():
-        if not line.strip() or line.startswith("Run 'etcdgw start --help'"):
-            continue
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                json.loads(line)
-                continue
-        out.append(line)
-    return out
+    """Output lines that are not log records nor the usage hint."""
+    return text_error_lines(r.stdout + r.stderr)
 
 
 def assert_one_clear_line(r: subprocess.CompletedProcess[str], text: str) -> None:

@@ -1533,9 +1533,7 @@ cdef void _connected(Core *c, Pair *p, uint32_t events) noexcept nogil:
     if so_error == 0 and events & (EPOLLERR | EPOLLHUP):
         so_error = ECONNREFUSED
     if so_error:
-        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
-        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
-        _dial_fail(c, p, p.tag, so_error)
+        _dial_fail_registered(c, p, so_error)
         return
     _go_live(c, p)
     # Edges of the client that came while connecting were not acted on: read it now.
@@ -1561,6 +1559,12 @@ cdef void _dial_fail(Core *c, Pair *p, int64_t tag, int err) noexcept nogil:
     c.nfailed += 1
     c.nrecords += 1
 
+cdef void _dial_fail_registered(Core *c, Pair *p, int err) noexcept nogil:
+    """_dial_fail() for a pair whose two fds are in the epoll set (it was connecting)."""
+    epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
+    epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
+    _dial_fail(c, p, p.tag, err)
+
 cdef void _expire(Core *c) noexcept nogil:
     """Fail the dials whose --dial-timeout passed (the list is oldest first)."""
     cdef uint64_t now = _now_ns()
@@ -1570,9 +1574,7 @@ cdef void _expire(Core *c) noexcept nogil:
         if p.deadline > now:
             return
         _unconnect(c, p)
-        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
-        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
-        _dial_fail(c, p, p.tag, ETIMEDOUT)
+        _dial_fail_registered(c, p, ETIMEDOUT)
 
 
 cdef void _late_push(Core *c, int32_t slot, uint64_t pid) noexcept nogil:

@@ -927,13 +927,8 @@ class Gateway:
         """Per relayed pair, the bytes moved so far (for per-endpoint status)."""
         if self._relay is None:
             return {}
-        out = {}
-        for pid in self.conns:
-            try:
-                out[pid] = self._relay.stats(pid)
-            except KeyError:  # gone from the engine in a race with its report: skip it
-                pass
-        return out
+        # (The engine answers stats() for a pair that finished but was not collected yet.)
+        return {pid: self._relay.stats(pid) for pid in self.conns}
 
 
 class _Dial:
