@@ -80,9 +80,9 @@ def resolve_endpoints(
     Raises:
         ConfigError: with the Go gateway's message and stream.
     """
-    from . import discovery
+    from . import discovery, resolver
 
-    resolve_host = discovery.host_resolver(cfg)
+    resolve_host = resolver.host_resolver(cfg)
     endpoints: tuple[Endpoint, ...] = ()
     discovered = None
     if cfg.discovery_srv:
@@ -106,11 +106,11 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
     Raises:
         ConfigError: any start-up failure, with the message to print.
     """
-    from . import discovery
+    from . import discovery, resolver
     from .server import Gateway
 
     endpoints, discovered = resolve_endpoints(cfg, raw_endpoints, log)
-    resolve_host = discovery.host_resolver(cfg)
+    resolve_host = resolver.host_resolver(cfg)
     for ls in cfg.listen:
         if ls.path is None and not is_loopback_host(ls.host, resolve_host):
             log.warn(
@@ -121,7 +121,6 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
     gw = Gateway(
         cfg,
         log,
-        resolve=discovery.async_host_resolver(cfg) if cfg.discovery_dns else None,
         inherited=systemd.listen_fds(),
     )
     gw.bind()

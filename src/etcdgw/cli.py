@@ -370,7 +370,7 @@ def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
     if bool(ns.health_cert_file) != bool(ns.health_key_file):
         raise UsageError("--health-cert-file and --health-key-file go together")
     if ns.discovery_dns:
-        from .discovery import parse_dns_server
+        from .resolver import parse_dns_server
 
         parse_dns_server(ns.discovery_dns)  # ConfigError on a malformed value
     listens = ns.listen_addr or [DEFAULT_LISTEN_ADDR]
