@@ -16,10 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# `python3 bench/launch.py` puts bench/ first on sys.path: its modules (report, run, stats,
-# ...) must not shadow anything etcdgw or its dependencies import.
 _BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 
 def parse_value(text: str) -> int | bool | str:
@@ -51,6 +48,9 @@ def apply(assignments: list[tuple[str, str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `python3 bench/launch.py` puts bench/ first on sys.path: its modules (report, run,
+    # stats, ...) must not shadow anything etcdgw or its dependencies import.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
     args = list(sys.argv[1:] if argv is None else argv)
     if "--" in args:
         i = args.index("--")

@@ -13,8 +13,9 @@ Definitions used everywhere (bench/README.md repeats them for readers of RESULTS
   (each repetition's value over the other proxy's value in the same repetition: the
   repetitions are interleaved, so the two ran minutes apart under the same conditions);
 - a target "ratio <= bound" is met when every per-repetition ratio is <= bound, missed when
-  every one is > bound, and not decidable when they straddle the bound (or fewer than
-  MIN_PAIRS repetitions paired up).
+  every one is > bound, and not decidable when they straddle the bound, fewer than
+  MIN_PAIRS repetitions paired up, or either side drifted (`!`) from its recent runs;
+- a cost at or below zero (an added machine CPU smaller than the noise) has no ratio.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def paired_ratios(
     out = []
     for rep in sorted(set(mine) & set(other)):
         a, b = mine[rep], other[rep]
-        if a is not None and b:
+        # A cost at or below zero (an added machine CPU smaller than the noise) has no ratio.
+        if a is not None and b is not None and a >= 0 and b > 0:
             out.append(a / b)
     return out
 
@@ -114,7 +116,7 @@ class Ratio:
 def ratio(mine: Mapping[int, float | None], other: Mapping[int, float | None]) -> Ratio | None:
     a = spread(mine.values())
     b = spread(other.values())
-    if a is None or b is None or b.median == 0:
+    if a is None or b is None or a.median < 0 or b.median <= 0:
         return None
     per_rep = paired_ratios(mine, other)
     return Ratio(
@@ -128,17 +130,29 @@ def ratio(mine: Mapping[int, float | None], other: Mapping[int, float | None]) -
 MET, MISSED, UNDECIDED = "met", "missed", "not decidable"
 
 
-def verdict(r: Ratio | None, bound: float) -> tuple[str, str]:
-    """(verdict, reason) for the target "ratio <= bound", from the per-repetition ratios."""
+def verdict(r: Ratio | None, bound: float, drifted: Iterable[str] = ()) -> tuple[str, str]:
+    """(verdict, reason) for the target "ratio <= bound", from the per-repetition ratios.
+
+    `drifted` names the proxies of the ratio whose median drifted from their recent runs
+    (flag `!`): pairing cancels what changed for both within the run, not a reference that
+    ran unlike itself all run long, so such a run decides nothing."""
     if r is None:
         return UNDECIDED, "not measured"
     if r.pairs < MIN_PAIRS or r.low is None or r.high is None:
         return UNDECIDED, f"{r.pairs} paired repetition(s); need {MIN_PAIRS}"
     if r.high <= bound:
-        return MET, f"every repetition <= {bound:g}"
-    if r.low > bound:
-        return MISSED, f"every repetition > {bound:g}"
-    return UNDECIDED, f"spreads overlap: repetitions {r.low:.2f}-{r.high:.2f} straddle {bound:g}"
+        result, why = MET, f"every repetition <= {bound:g}"
+    elif r.low > bound:
+        result, why = MISSED, f"every repetition > {bound:g}"
+    else:
+        return (
+            UNDECIDED,
+            f"spreads overlap: repetitions {r.low:.2f}-{r.high:.2f} straddle {bound:g}",
+        )
+    drifted = list(drifted)
+    if drifted:
+        return UNDECIDED, f"{why}, but drifted from recent runs: {', '.join(drifted)}"
+    return result, why
 
 
 def subtract_by_rep(
