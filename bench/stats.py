@@ -30,7 +30,7 @@ from typing import Any
 SPREAD_FLAG = 0.15
 DRIFT_FLAG = 0.25
 HISTORY_KEEP = 5
-MIN_PAIRS = 2
+MIN_PAIRS = 3  # "several runs": the default --reps; two agreeing repetitions are too few
 
 # /proc/stat "cpu" columns: user nice system idle iowait irq softirq steal guest guest_nice.
 # Busy = everything but idle and iowait; guest time is already counted inside user/nice.

@@ -74,7 +74,8 @@ def test_ratio_of_medians_with_range_of_paired_repetitions() -> None:
     ("mine", "other", "bound", "expected"),
     [
         ({0: 40, 1: 45, 2: 42}, {0: 100, 1: 95, 2: 98}, 0.5, stats.MET),
-        ({0: 60, 1: 65}, {0: 100, 1: 95}, 0.5, stats.MISSED),
+        ({0: 60, 1: 65, 2: 70}, {0: 100, 1: 95, 2: 110}, 0.5, stats.MISSED),
+        ({0: 40, 1: 45}, {0: 100, 1: 95}, 0.5, stats.UNDECIDED),  # two pairs are too few
         # Medians 0.47x, but one repetition is above the bound: not decidable.
         ({0: 40, 1: 55, 2: 47}, {0: 100, 1: 100, 2: 100}, 0.5, stats.UNDECIDED),
         ({0: 40}, {0: 100}, 0.5, stats.UNDECIDED),  # one pair proves nothing
@@ -88,12 +89,12 @@ def test_verdict(
 
 
 def test_verdict_with_a_drifted_proxy_decides_nothing() -> None:
-    r = stats.ratio({0: 40, 1: 45}, {0: 100, 1: 95})
+    r = stats.ratio({0: 40, 1: 45, 2: 44}, {0: 100, 1: 95, 2: 99})
     assert stats.verdict(r, 0.5, ["go-gateway"]) == (
         stats.UNDECIDED,
         "every repetition <= 0.5, but drifted from recent runs: go-gateway",
     )
-    straddling = stats.ratio({0: 40, 1: 55}, {0: 100, 1: 100})
+    straddling = stats.ratio({0: 40, 1: 55, 2: 45}, {0: 100, 1: 100, 2: 100})
     assert stats.verdict(straddling, 0.5, ["pen"])[1].startswith("spreads overlap")
 
 
