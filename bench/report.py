@@ -204,20 +204,21 @@ def summarize(results: list[Result]) -> Summary:
 
 
 def medians(summary: Summary) -> dict[str, dict[str, dict[str, float]]]:
-    """The numeric medians of a run, for the history file."""
-    return {
-        wl: {
-            proxy: {
-                k: v
-                for k, v in cell.items()
-                if isinstance(v, int | float)
-                and not isinstance(v, bool)
-                and not k.endswith(("_all", "_by_rep"))
+    """A run's medians of the columns its tables show (and their cost metric), for the
+    history file."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for wl, per_proxy in summary.items():
+        table = TABLES[wl]
+        keys = {c.key for c in table.columns} | ({table.cost} if table.cost else set())
+        for proxy, cell in per_proxy.items():
+            values = {
+                k: cell[k]
+                for k in sorted(keys)
+                if isinstance(cell.get(k), int | float) and not isinstance(cell.get(k), bool)
             }
-            for proxy, cell in per_proxy.items()
-        }
-        for wl, per_proxy in summary.items()
-    }
+            if values:
+                out.setdefault(wl, {})[proxy] = values
+    return out
 
 
 def _fmt(value: Any, digits: int) -> str:

@@ -199,6 +199,17 @@ def test_history_drift_uses_same_profile_and_earlier_runs_only() -> None:
     assert history_lookup(h, {})("rr", "go-gateway", "cpu") == []
 
 
+def test_history_records_the_medians_of_the_table_columns() -> None:
+    results = [
+        _res("churn", "pen", rep, cpu_us_per_conn=v, cpu_us_per_gb=1.0, requests=10)
+        for rep, v in enumerate((90.0, 80.0, 100.0))
+    ]
+    results.append({"workload": "grpc", "proxy": "pen", "rep": 0, "metrics": {"pass": True}})
+    assert report.medians(report.summarize(results)) == {
+        "churn": {"pen": {"cpu_us_per_conn": 90.0}}
+    }
+
+
 def test_history_keeps_the_last_runs_and_replaces_a_rerun(tmp_path: Path) -> None:
     h: dict[str, object] = {"runs": []}
     for i in range(8):
