@@ -88,29 +88,53 @@ def _etcdgw_check(pure: bool) -> Callable[[], str | None]:
     return check
 
 
+# The variants' switches: module attributes set by bench/launch.py before etcdgw starts (no
+# environment variable in production code). Each is (module:attribute, value).
+LOOP_ACCEPT = ("etcdgw.server:NATIVE_ACCEPT", "0")  # accept and connect in Python
+OWN_EPOLL = ("etcdgw.app:RELAY_SELECTOR", "0")  # the pure engine on an epoll of its own
+
+
 def _etcdgw(
-    pure: bool, loop_accept: bool = False, own_epoll: bool = False
+    pure: bool, sets: tuple[tuple[str, str], ...] = ()
 ) -> Callable[[int, list[str], Path], Launch]:
     def launch(port: int, endpoints: list[str], tmpdir: Path) -> Launch:
-        env = _etcdgw_env(pure)
-        if loop_accept:  # accept and connect in Python, as before native accept
-            env["ETCDGW_NATIVE_ACCEPT"] = "0"
-        if own_epoll:  # the pure engine on an epoll of its own, as before RelaySelector
-            env["ETCDGW_RELAY_SELECTOR"] = "0"
-        return Launch(
-            [
-                sys.executable,
-                "-m",
-                "etcdgw",
-                "start",
-                f"--endpoints={','.join(endpoints)}",
-                f"--listen-addr=127.0.0.1:{port}",
-            ],
-            env=env,
-            ready_line="ready to proxy client requests",
-        )
+        args = [
+            "start",
+            f"--endpoints={','.join(endpoints)}",
+            f"--listen-addr=127.0.0.1:{port}",
+        ]
+        if sets:
+            head = [sys.executable, str(BENCH / "launch.py")]
+            head += [f"--set={target}={value}" for target, value in sets]
+            argv = [*head, "--", *args]
+        else:
+            argv = [sys.executable, "-m", "etcdgw", *args]
+        return Launch(argv, env=_etcdgw_env(pure), ready_line="ready to proxy client requests")
 
     return launch
+
+
+def _variant_version(pure: bool, sets: tuple[tuple[str, str], ...]) -> str:
+    return _etcdgw_version(pure) + " with " + ", ".join(f"{t}={v}" for t, v in sets)
+
+
+def _variant_check(pure: bool, sets: tuple[tuple[str, str], ...]) -> Callable[[], str | None]:
+    def check() -> str | None:
+        if (why := _etcdgw_check(pure)()) is not None:
+            return why
+        argv = [sys.executable, str(BENCH / "launch.py")]
+        argv += [f"--set={t}={v}" for t, v in sets] + ["--", "version"]
+        try:
+            res = subprocess.run(
+                argv, capture_output=True, text=True, timeout=30, env=_etcdgw_env(pure)
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"bench/launch.py failed: {exc}"
+        if res.returncode != 0:
+            return (res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}")[-300:]
+        return None
+
+    return check
 
 
 # -- the Go gateway -------------------------------------------------------------------------
@@ -273,15 +297,15 @@ PROXIES: dict[str, Proxy] = {
         Proxy("etcdgw-python", _etcdgw(True), _etcdgw_check(True), lambda: _etcdgw_version(True)),
         Proxy(
             "etcdgw-cython-loopaccept",
-            _etcdgw(False, loop_accept=True),
-            _etcdgw_check(False),
-            lambda: _etcdgw_version(False) + " with ETCDGW_NATIVE_ACCEPT=0",
+            _etcdgw(False, (LOOP_ACCEPT,)),
+            _variant_check(False, (LOOP_ACCEPT,)),
+            lambda: _variant_version(False, (LOOP_ACCEPT,)),
         ),
         Proxy(
             "etcdgw-python-ownepoll",
-            _etcdgw(True, own_epoll=True),
-            _etcdgw_check(True),
-            lambda: _etcdgw_version(True) + " with ETCDGW_RELAY_SELECTOR=0",
+            _etcdgw(True, (OWN_EPOLL,)),
+            _variant_check(True, (OWN_EPOLL,)),
+            lambda: _variant_version(True, (OWN_EPOLL,)),
         ),
         Proxy("go-gateway", _go_gateway, _need("etcd"), _first_line(["etcd", "--version"])),
         Proxy("haproxy", _haproxy, _need("haproxy"), _first_line(["haproxy", "-v"])),
