@@ -20,8 +20,16 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 # Proxies that are peers of etcdgw (the "best peer" ratio is taken over these).
 PEERS = ("go-gateway", "haproxy", "nginx", "pen")
 ETCDGW = ("etcdgw-cython", "etcdgw-python")
-# Run only when named in --only: the Cython engine with accept and connect in Python.
-OPTIONAL = ("etcdgw-cython-loopaccept", "etcdgw-python-ownepoll")
+# Run only when named in --only: the Cython engine with accept and connect in Python, the
+# pure engine on an epoll of its own, and both engines from another source tree (A/B of a
+# change in one run: ETCDGW_BENCH_BASE=/path/to/other/checkout/src, its extension built).
+OPTIONAL = (
+    "etcdgw-cython-loopaccept",
+    "etcdgw-python-ownepoll",
+    "etcdgw-cython-base",
+    "etcdgw-python-base",
+)
+BASE_SRC = os.environ.get("ETCDGW_BENCH_BASE", "")
 
 
 @dataclass
@@ -53,18 +61,19 @@ class Proxy:
 # -- etcdgw ---------------------------------------------------------------------------------
 
 
-def _etcdgw_env(pure: bool) -> dict[str, str]:
+def _etcdgw_env(pure: bool, src: str = "") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "ETCDGW_NO_EXTENSIONS"}
     # Benchmark the working tree (src/ layout), whether or not it is pip-installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    src = src or str(REPO / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     if pure:
         env["ETCDGW_NO_EXTENSIONS"] = "1"
     return env
 
 
-def _etcdgw_version(pure: bool) -> str:
+def _etcdgw_version(pure: bool, src: str = "") -> str:
     try:
-        out = run([sys.executable, "-m", "etcdgw", "version"], 30, env=_etcdgw_env(pure))
+        out = run([sys.executable, "-m", "etcdgw", "version"], 30, env=_etcdgw_env(pure, src))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"error: {exc}"
     return out.strip().splitlines()[-1] if out.strip() else "error: no output"
@@ -75,12 +84,14 @@ def _engine(version_text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def _etcdgw_check(pure: bool) -> Callable[[], str | None]:
+def _etcdgw_check(pure: bool, src: str = "") -> Callable[[], str | None]:
     def check() -> str | None:
-        text = _etcdgw_version(pure)
+        if src == "-":
+            return "set ETCDGW_BENCH_BASE to the src/ of the checkout to compare with"
+        text = _etcdgw_version(pure, src)
         if _engine(text) is None:
             return f"`python3 -m etcdgw version` failed: {text[-300:]}"
-        if not pure and _engine(text) == _engine(_etcdgw_version(True)):
+        if not pure and _engine(text) == _engine(_etcdgw_version(True, src)):
             # The facade falls back to pure Python only when the module is missing.
             return f"compiled relay engine not built (reports {text!r}); run `make build`"
         return None
@@ -95,7 +106,7 @@ OWN_EPOLL = ("etcdgw.app:RELAY_SELECTOR", "0")  # the pure engine on an epoll of
 
 
 def _etcdgw(
-    pure: bool, sets: tuple[tuple[str, str], ...] = ()
+    pure: bool, sets: tuple[tuple[str, str], ...] = (), src: str = ""
 ) -> Callable[[int, list[str], Path], Launch]:
     def launch(port: int, endpoints: list[str], tmpdir: Path) -> Launch:
         args = [
@@ -109,7 +120,7 @@ def _etcdgw(
             argv = [*head, "--", *args]
         else:
             argv = [sys.executable, "-m", "etcdgw", *args]
-        return Launch(argv, env=_etcdgw_env(pure), ready_line="ready to proxy client requests")
+        return Launch(argv, env=_etcdgw_env(pure, src), ready_line="ready to proxy client requests")
 
     return launch
 
@@ -306,6 +317,18 @@ PROXIES: dict[str, Proxy] = {
             _etcdgw(True, (OWN_EPOLL,)),
             _variant_check(True, (OWN_EPOLL,)),
             lambda: _variant_version(True, (OWN_EPOLL,)),
+        ),
+        Proxy(
+            "etcdgw-cython-base",
+            _etcdgw(False, src=BASE_SRC),
+            _etcdgw_check(False, BASE_SRC or "-"),
+            lambda: _etcdgw_version(False, BASE_SRC) + f" from {BASE_SRC}",
+        ),
+        Proxy(
+            "etcdgw-python-base",
+            _etcdgw(True, src=BASE_SRC),
+            _etcdgw_check(True, BASE_SRC or "-"),
+            lambda: _etcdgw_version(True, BASE_SRC) + f" from {BASE_SRC}",
         ),
         Proxy("go-gateway", _go_gateway, _need("etcd"), _first_line(["etcd", "--version"])),
         Proxy("haproxy", _haproxy, _need("haproxy"), _first_line(["haproxy", "-v"])),
