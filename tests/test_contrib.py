@@ -218,3 +218,23 @@ def test_gateway_fits_the_unit_sandbox(relay_impl: str, tmp_path: Path) -> None:
         and ("PROT_WRITE" in ln or "mprotect(" in ln)
     ]
     assert not wx, f"writable+executable memory (MemoryDenyWriteExecute=yes): {wx[:5]}"
+
+
+# --- self-contained docs -------------------------------------------------------------------
+
+
+def test_readme_man_and_contrib_point_nowhere_outside_the_repository() -> None:
+    """What ships (README, man page, contrib/) names no path outside the repository."""
+    files = [ROOT / "README.md", ROOT / "man" / "etcdgw.1", ROOT / "man" / "sections.ini"]
+    files += [p for p in (ROOT / "contrib").rglob("*") if p.is_file()]
+    outside = re.compile(r"\.\./shared|/work/|\]\(\.\./")
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {ln.strip()}"
+        for p in files
+        for n, ln in enumerate(p.read_text().splitlines(), 1)
+        if outside.search(ln)
+    ]
+    assert not hits, "\n".join(hits)
+    # Relative links in the README resolve inside the checkout.
+    for target in re.findall(r"\]\((?!https?://|#)([^)]+)\)", (ROOT / "README.md").read_text()):
+        assert (ROOT / target.split("#", 1)[0]).exists(), target
