@@ -29,7 +29,7 @@ from libc.errno cimport (
 )
 from libc.signal cimport SIG_DFL, SIGPIPE
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset, strerror
 from posix.signal cimport SIG_BLOCK, SIG_SETMASK, sigaction, sigaction_t, sigfillset
 from posix.types cimport sigset_t
@@ -1089,7 +1089,7 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n) -> list:
     balancer.Selector; not an API.
     """
     cdef Core *c = <Core *>calloc(1, sizeof(Core))
-    cdef int i
+    cdef int i, _i
     cdef bint plain = True
     if c == NULL:
         raise MemoryError()
@@ -1109,7 +1109,7 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n) -> list:
         c.plain = plain
         c.rr = rr
         c.rng = rng if rng else 0x9E3779B97F4A7C15
-        for i in range(n):
+        for _i in range(n):
             out.append(_pick(c))
     finally:
         free(c.targets)
