@@ -16,28 +16,49 @@ pytestmark = pytest.mark.c_extension
 
 U64 = st.integers(0, (1 << 64) - 1)
 
-# (priority, weight, usable): small ranges so that classes, ties and weight-0 records occur.
-rows = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 6), st.booleans()), max_size=9)
-plain_rows = st.lists(st.tuples(st.just(0), st.just(0), st.booleans()), max_size=9)
+Row = tuple[int, int, bool, int]
+
+# (priority, weight, usable, live): small ranges so that classes, ties and weight-0 records
+# occur.
+LIVE = st.integers(0, 5)
+rows = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 6), st.booleans(), LIVE), max_size=9)
+plain_rows = st.lists(st.tuples(st.just(0), st.just(0), st.booleans(), LIVE), max_size=9)
 
 
-def c_sequence(targets: list[tuple[int, int, bool]], rr: int, rng: int, n: int) -> list[int]:
+def c_sequence(targets: list[Row], rr: int, rng: int, n: int, least: bool = False) -> list[int]:
     from etcdgw import _relay
 
-    return list(_relay.pick_sequence(targets, rr, rng, n))
+    return list(_relay.pick_sequence(targets, rr, rng, n, least))
 
 
-def py_sequence(targets: list[tuple[int, int, bool]], rr: int, rng: int, n: int) -> list[int]:
-    sel = Selector(seed=rng, rr=rr)
+def py_sequence(targets: list[Row], rr: int, rng: int, n: int, least: bool = False) -> list[int]:
+    sel = Selector(seed=rng, rr=rr, least=least)
     return [sel.pick(targets) for _ in range(n)]
 
 
 @settings(max_examples=400, deadline=None)
-@given(targets=rows | plain_rows, rr=U64, rng=U64, n=st.integers(1, 40))
+@given(targets=rows | plain_rows, rr=U64, rng=U64, n=st.integers(1, 40), least=st.booleans())
 def test_c_and_python_choose_the_same(
-    targets: list[tuple[int, int, bool]], rr: int, rng: int, n: int
+    targets: list[Row], rr: int, rng: int, n: int, least: bool
 ) -> None:
-    assert c_sequence(targets, rr, rng, n) == py_sequence(targets, rr, rng, n)
+    assert c_sequence(targets, rr, rng, n, least) == py_sequence(targets, rr, rng, n, least)
+
+
+@settings(max_examples=200, deadline=None)
+@given(targets=rows | plain_rows, rr=U64, n=st.integers(1, 60))
+def test_least_connections_as_connections_accumulate(targets: list[Row], rr: int, n: int) -> None:
+    """Each choice adds a connection to the chosen target, as a real client would: both
+    copies still agree step by step (the counts fed back are the same)."""
+    py = [list(t) for t in targets]
+    sel = Selector(rr=rr, least=True)
+    state = rr
+    for _ in range(n):
+        rows_now: list[Row] = [(p, w, u, live) for p, w, u, live in py]  # type: ignore[misc]
+        want = sel.pick(rows_now)
+        assert c_sequence(rows_now, state, 1, 1, True) == [want]
+        state = sel.rr
+        if want >= 0:
+            py[want][3] += 1
 
 
 @settings(max_examples=100, deadline=None)
@@ -46,7 +67,7 @@ def test_c_and_python_choose_the_same(
     rng=U64,
 )
 def test_same_choices_when_usable_flags_change_between_picks(
-    phases: list[tuple[list[tuple[int, int, bool]], int]], rng: int
+    phases: list[tuple[list[Row], int]], rng: int
 ) -> None:
     """The state (counter, generator) carries over when the targets change, as it does when
     an endpoint goes down or a refresh replaces the list while clients keep coming."""
@@ -64,17 +85,38 @@ def test_same_choices_when_usable_flags_change_between_picks(
 
 
 def test_edge_cases_agree() -> None:
-    cases: list[list[tuple[int, int, bool]]] = [
+    cases: list[list[Row]] = [
         [],
-        [(0, 0, False)] * 3,
-        [(1, 0, True), (0, 0, False)],  # priority honoured even with weight 0 (RFC 2782)
-        [(0, 5, False), (1, 1, True)],  # the next class takes over
-        [(0, 0, True), (0, 7, True)],  # weight-0 record with a small share
-        [(2, 3, True), (2, 3, True), (2, 0, True), (2, 0, True)],
+        [(0, 0, False, 0)] * 3,
+        [(1, 0, True, 0), (0, 0, False, 0)],  # priority honoured even with weight 0 (RFC 2782)
+        [(0, 5, False, 0), (1, 1, True, 0)],  # the next class takes over
+        [(0, 0, True, 0), (0, 7, True, 0)],  # weight-0 record with a small share
+        [(2, 3, True, 1), (2, 3, True, 0), (2, 0, True, 0), (2, 0, True, 4)],
     ]
     for targets in cases:
         for seed in (1, 7, 12345, (1 << 64) - 1):
-            assert c_sequence(targets, 0, seed, 200) == py_sequence(targets, 0, seed, 200)
+            for least in (False, True):
+                assert c_sequence(targets, 0, seed, 200, least) == py_sequence(
+                    targets, 0, seed, 200, least
+                )
+
+
+def test_least_connections_fills_the_emptiest_and_follows_weights() -> None:
+    # A member back from a restart with 0 of 30 connections gets the next ones.
+    sel = Selector(least=True)
+    live = [15, 15, 0]
+    got = []
+    for _ in range(9):
+        i = sel.pick([(0, 0, True, n) for n in live])
+        got.append(i)
+        live[i] += 1
+    assert got == [2] * 9
+    # SRV weights 1:2:3: 60 connections split 10:20:30.
+    live = [0, 0, 0]
+    for _ in range(60):
+        i = sel.pick([(0, w, True, n) for w, n in zip((1, 2, 3), live, strict=True)])
+        live[i] += 1
+    assert live == [10, 20, 30]
 
 
 def test_balancer_pick_is_the_selector() -> None:
@@ -87,7 +129,7 @@ def test_balancer_pick_is_the_selector() -> None:
     b = Balancer(eps, seed=99)
     b.mark_down(b.remotes[1], "x", 0.0)
     sel = Selector(seed=99)
-    view = [(ep.priority, ep.weight, ep.host != "b") for ep in eps]
+    view = [(ep.priority, ep.weight, ep.host != "b", 0) for ep in eps]
     for _ in range(100):
         r = b.pick()
         i = sel.pick(view)

@@ -89,6 +89,7 @@ cdef void _dial(Core *c, int cfd) noexcept nogil:
         return
     t = &c.targets[ti]
     p.tag = t.tag
+    _track(c, p)  # a client being connected counts for least-connections already
     if t.addrlen == 0:
         _dial_fail(c, p, t.tag, 0)  # a host name not resolved yet: the caller dials
         return
@@ -179,6 +180,7 @@ cdef void _connected(Core *c, Pair *p, uint32_t events) noexcept nogil:
 cdef void _dial_fail(Core *c, Pair *p, int64_t tag, int err) noexcept nogil:
     """Close the upstream socket (if any) and queue the client for the caller."""
     cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
+    _untrack(c, p)
     if p.dir[1].src >= 0:
         close(p.dir[1].src)
     p.dir[0].dst = p.dir[1].src = -1

@@ -39,6 +39,73 @@ cdef int _round_robin(Core *c, int mode, int prio) noexcept nogil:
             return i
     return -1
 
+cdef Target *_target_of(Core *c, int64_t tag) noexcept nogil:
+    cdef int i
+    for i in range(c.ntargets):
+        if c.targets[i].tag == tag:
+            return &c.targets[i]
+    return NULL
+
+cdef void _track(Core *c, Pair *p) noexcept nogil:
+    """Count a pair in its target's live connections (least-connections)."""
+    cdef Target *t = _target_of(c, p.tag)
+    if t != NULL and not p.counted:
+        t.live += 1
+        p.counted = 1
+
+cdef void _untrack(Core *c, Pair *p) noexcept nogil:
+    cdef Target *t
+    if not p.counted:
+        return
+    p.counted = 0
+    t = _target_of(c, p.tag)
+    if t != NULL and t.live > 0:
+        t.live -= 1  # (a target that left the list took its count with it)
+
+cdef bint _fewer(Target *a, Target *b, bint weighted) noexcept nogil:
+    """a has fewer connections than b: (live + 1) / weight when weighted, else live."""
+    if weighted:
+        return <int64_t>(a.live + 1) * b.weight < <int64_t>(b.live + 1) * a.weight
+    return a.live < b.live
+
+cdef int _least(Core *c) noexcept nogil:
+    """Selector._least(): fewest live connections in the best usable class."""
+    cdef int i, best = 0, lo = -1, ntied = 0, k
+    cdef bint found = False, weighted = False
+    cdef Target *t
+    for i in range(c.ntargets):
+        t = &c.targets[i]
+        if t.usable and (not found or t.priority < best):
+            best = t.priority
+            found = True
+    if not found:
+        return -1
+    for i in range(c.ntargets):
+        t = &c.targets[i]
+        if t.usable and t.priority == best and t.weight > 0:
+            weighted = True
+    for i in range(c.ntargets):
+        t = &c.targets[i]
+        if not t.usable or t.priority != best or (weighted and t.weight == 0):
+            continue
+        if lo < 0 or _fewer(t, &c.targets[lo], weighted):
+            lo = i
+    for i in range(c.ntargets):  # the tied ones, in list order
+        t = &c.targets[i]
+        if t.usable and t.priority == best and not (weighted and t.weight == 0) \
+                and not _fewer(&c.targets[lo], t, weighted):
+            ntied += 1
+    k = <int>(c.rr % <uint64_t>ntied)
+    c.rr += 1
+    for i in range(c.ntargets):
+        t = &c.targets[i]
+        if t.usable and t.priority == best and not (weighted and t.weight == 0) \
+                and not _fewer(&c.targets[lo], t, weighted):
+            if k == 0:
+                return i
+            k -= 1
+    return lo
+
 cdef int _pick(Core *c) noexcept nogil:
     """Selector.pick(): the index of the target for the next client, or -1."""
     cdef int i, best = 0, last = -1
@@ -48,6 +115,8 @@ cdef int _pick(Core *c) noexcept nogil:
     cdef Target *t
     if c.ntargets == 0:
         return -1
+    if c.least:
+        return _least(c)
     if c.plain:
         return _round_robin(c, 0, 0)
     for i in range(c.ntargets):

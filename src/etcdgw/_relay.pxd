@@ -172,6 +172,7 @@ cdef struct Pair:
     uint8_t fresh       # owned and live, not yet reported by collect()
     uint8_t short       # started and finished before collect(): reported in a sum
     uint8_t outarmed    # bit per side: that fd is registered for EPOLLOUT too
+    uint8_t counted     # counted in its target's `live` (tag >= 0)
     int32_t snext       # started list (fresh pairs)
     int32_t cprev       # connecting list (CONNECTING pairs, oldest first)
     int32_t cnext
@@ -202,6 +203,7 @@ cdef struct Target:
     int priority
     int weight
     uint8_t usable
+    int32_t live        # pairs of this target being dialled or relayed (least-connections)
 
 
 cdef struct Core:
@@ -241,6 +243,7 @@ cdef struct Core:
     Target *targets
     int ntargets
     bint plain          # every target has priority 0 and weight 0: plain round-robin
+    bint least          # --balance=least-connections
     uint64_t rr         # the round-robin counter (etcd's pickCount)
     uint64_t rng        # xorshift64 state for SRV weights
     int sockopts[MAX_SOCKOPTS][3]

@@ -185,8 +185,12 @@ cdef class Engine:
         self._check_open()
         return self.c.notify_fd if self.c.threaded else self.c.epfd
 
-    def add(self, client_fd: int, upstream_fd: int) -> int:
-        """Start relaying between two connected non-blocking sockets; return the pair id."""
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
+        """Start relaying between two connected non-blocking sockets; return the pair id.
+
+        tag: the target (set_targets) the upstream socket is connected to, so the pair
+        counts in its live connections (least-connections); -1: none.
+        """
         cdef int cfd = client_fd, ufd = upstream_fd, err
         cdef int32_t slot
         cdef Pair *p
@@ -211,6 +215,9 @@ cdef class Engine:
                 if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, ufd, &ev) == 0:
                     p.state = LIVE
                     self.c.nlive += 1
+                    if tag >= 0:
+                        p.tag = tag
+                        _track(&self.c, p)
                     return p.id
                 err = errno
                 epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, cfd, NULL)
@@ -388,7 +395,8 @@ cdef class Engine:
             self._unlock()
 
     def set_targets(self, targets, sockopts=(), dial_timeout: float = 5.0,
-                    limit: int = 0, late_sockopts=(), late_after: float = 1.0) -> None:
+                    limit: int = 0, late_sockopts=(), late_after: float = 1.0,
+                    least: bool = False) -> None:
         """What native accept connects clients to, and how.
 
         targets: [engine.Target] in the balancer's order. The choice is the rule of
@@ -401,6 +409,8 @@ cdef class Engine:
             do not inherit them from their listener).
         dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
         limit: live plus connecting pairs beyond which clients wait in the backlog (0: none).
+        least: choose by least connections (Selector's rule) instead of round-robin; each
+            target's live count carries over from the previous call by tag.
         late_sockopts: set on the upstream socket of a pair that is still live late_after
             seconds after its connect (keep-alive settings, which cannot matter sooner: a
             connection that lives less saves the syscalls); clients that do not inherit
@@ -462,9 +472,15 @@ cdef class Engine:
             raise
         self._lock()
         old = self.c.targets
+        for i in range(n):  # live counts follow their target (a handful of targets)
+            for j in range(self.c.ntargets):
+                if old[j].tag == arr[i].tag:
+                    arr[i].live = old[j].live
+                    break
         self.c.targets = arr
         self.c.ntargets = <int>n
         self.c.plain = plain
+        self.c.least = least
         changed = nopts != self.c.nsockopts
         for j in range(nopts):
             if opts[j][0] != self.c.sockopts[j][0] or opts[j][1] != self.c.sockopts[j][1] \
@@ -535,6 +551,7 @@ cdef class Engine:
         try:
             p = self._lookup(pair_id)
             _detach(&self.c, p)
+            _untrack(&self.c, p)
             result = Finished(p.id, p.dir[0].moved, p.dir[1].moved, 0)
             if p.owned:  # the engine's own pair: closed here (FIN, not a reset)
                 _close_fds(p, 0)
@@ -899,6 +916,7 @@ cdef void _unpipe(Core *c, Dir *d) noexcept nogil:
     c.npipes -= 1
 
 cdef void _finish(Core *c, Pair *p, int err) noexcept nogil:
+    _untrack(c, p)
     if p.owned:
         # close() drops the registrations itself: no EPOLL_CTL_DEL for the engine's pairs
         _detach_bufs(c, p)
@@ -1081,12 +1099,12 @@ include "_pick.pxi"
 include "_accept.pxi"
 
 
-def pick_sequence(rows, uint64_t rr, uint64_t rng, int n) -> list:
+def pick_sequence(rows, uint64_t rr, uint64_t rng, int n, bint least=False) -> list:
     """The first n choices of the C selection rule (_pick.pxi) from this state.
 
-    rows: [(priority, weight, usable)]; rr, rng: the counter and the xorshift state. Returns
-    the chosen indexes (-1: none usable). For tests/test_selection.py, which compares it with
-    balancer.Selector; not an API.
+    rows: [(priority, weight, usable, live)]; rr, rng: the counter and the xorshift state;
+    least: least-connections. Returns the chosen indexes (-1: none usable). For
+    tests/test_selection.py, which compares it with balancer.Selector; not an API.
     """
     cdef Core *c = <Core *>calloc(1, sizeof(Core))
     cdef int i, _i
@@ -1099,14 +1117,16 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n) -> list:
         c.targets = <Target *>calloc(max(1, c.ntargets), sizeof(Target))
         if c.targets == NULL:
             raise MemoryError()
-        for i, (prio, weight, usable) in enumerate(rows):
+        for i, (prio, weight, usable, live) in enumerate(rows):
             c.targets[i].tag = i
             c.targets[i].priority = prio
             c.targets[i].weight = weight
             c.targets[i].usable = bool(usable)
+            c.targets[i].live = live
             if prio or weight:
                 plain = False
         c.plain = plain
+        c.least = least
         c.rr = rr
         c.rng = rng if rng else 0x9E3779B97F4A7C15
         for _i in range(n):

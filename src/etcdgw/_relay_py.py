@@ -81,8 +81,11 @@ class Engine:
         """The engine's epoll fd: register it with loop.add_reader."""
         return self._open().fileno()
 
-    def add(self, client_fd: int, upstream_fd: int) -> int:
-        """Start relaying between two connected non-blocking sockets; return the pair id."""
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
+        """Start relaying between two connected non-blocking sockets; return the pair id.
+
+        tag is for the Cython twin's live counts (native accept); unused here.
+        """
         ep = self._open()
         pair = _Pair(self._next_id, client_fd, upstream_fd)
         # Registered once: ET means no epoll_ctl per event; an fd that is already readable

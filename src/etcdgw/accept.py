@@ -235,11 +235,12 @@ class NativeAccept(Acceptor):
         cfg = gw.cfg
         opts = gw.tcp.options(cfg.tcp_keepalive)
         now, late = opts[:1], opts[1:]  # TCP_NODELAY at once, keep-alive late
-        told = (tuple(targets), tuple(opts), cfg.dial_timeout, cfg.max_connections)
+        least = gw.balancer.selector.least
+        told = (tuple(targets), tuple(opts), cfg.dial_timeout, cfg.max_connections, least)
         if told == self._told:
             return
         gw.relay.set_targets(
-            targets, now, cfg.dial_timeout, cfg.max_connections, late, LATE_OPTIONS_AFTER
+            targets, now, cfg.dial_timeout, cfg.max_connections, late, LATE_OPTIONS_AFTER, least
         )
         self._told = told
         if self.accepting:

@@ -42,6 +42,7 @@ class Remote:
     down_since: float | None = None
     # Counters, read by metrics and `etcdgw status`.
     connections_active: int = 0
+    dialing: int = 0  # clients being connected to it by the loop (least-connections)
     connections_total: int = 0
     dial_failures: int = 0
     bytes_to_endpoint: int = 0
@@ -60,6 +61,11 @@ class Remote:
         return self.endpoint.addr
 
     @property
+    def live(self) -> int:
+        """Connections that count for least-connections: relayed and being dialled."""
+        return self.connections_active + self.dialing
+
+    @property
     def usable(self) -> bool:
         return self.active and self.healthy and not self.removed
 
@@ -74,13 +80,21 @@ class Selector:
 
     State: the round-robin counter (etcd's pickCount, shared by every pick) and the
     xorshift64* state of the weighted draws.
+
+    Two rules (--balance):
+    * round-robin (etcd's): see the module docstring.
+    * least-connections: within the lowest priority class that has a usable target, the
+      target with the fewest live connections; when the class has SRV weights, the lowest
+      (live + 1) / weight among its weighted targets (HAProxy's leastconn, which prefers the
+      heavier of two idle servers); ties go round-robin over the shared counter.
     """
 
-    __slots__ = ("rr", "rng")
+    __slots__ = ("rr", "rng", "least")
 
-    def __init__(self, seed: int = DEFAULT_SEED, rr: int = 0) -> None:
+    def __init__(self, seed: int = DEFAULT_SEED, rr: int = 0, *, least: bool = False) -> None:
         self.rr = rr & _MASK
         self.rng = (seed & _MASK) or DEFAULT_SEED  # xorshift must not start at 0
+        self.least = least
 
     def rand(self) -> int:
         x = self.rng
@@ -90,16 +104,18 @@ class Selector:
         self.rng = x
         return (x * _XS_MUL) & _MASK
 
-    def pick(self, targets: Sequence[tuple[int, int, bool]]) -> int:
+    def pick(self, targets: Sequence[tuple[int, int, bool, int]]) -> int:
         """The index of the target for the next client, or -1 when none is usable.
 
-        targets: (priority, weight, usable) in list order.
+        targets: (priority, weight, usable, live connections) in list order.
         """
         if not targets:
             return -1
-        if all(p == 0 and w == 0 for p, w, _ in targets):
+        if self.least:
+            return self._least(targets)
+        if all(t[0] == 0 and t[1] == 0 for t in targets):
             return self._round_robin(targets, range(len(targets)))
-        usable = [i for i, (_, _, u) in enumerate(targets) if u]
+        usable = [i for i, t in enumerate(targets) if t[2]]
         if not usable:
             return -1
         best = min(targets[i][0] for i in usable)
@@ -124,7 +140,34 @@ class Selector:
                     return i
         return last
 
-    def _round_robin(self, targets: Sequence[tuple[int, int, bool]], members: Sequence[int]) -> int:
+    def _least(self, targets: Sequence[tuple[int, int, bool, int]]) -> int:
+        usable = [i for i, t in enumerate(targets) if t[2]]
+        if not usable:
+            return -1
+        best = min(targets[i][0] for i in usable)
+        klass = [i for i in usable if targets[i][0] == best]
+        if any(targets[i][1] > 0 for i in klass):
+            # (live + 1) / weight, compared as fractions: a * wb < b * wa.
+            members = [i for i in klass if targets[i][1] > 0]
+            lo = members[0]
+            for i in members[1:]:
+                if (targets[i][3] + 1) * targets[lo][1] < (targets[lo][3] + 1) * targets[i][1]:
+                    lo = i
+            tied = [
+                i
+                for i in members
+                if (targets[i][3] + 1) * targets[lo][1] == (targets[lo][3] + 1) * targets[i][1]
+            ]
+        else:
+            fewest = min(targets[i][3] for i in klass)
+            tied = [i for i in klass if targets[i][3] == fewest]
+        i = tied[self.rr % len(tied)]
+        self.rr = (self.rr + 1) & _MASK
+        return i
+
+    def _round_robin(
+        self, targets: Sequence[tuple[int, int, bool, int]], members: Sequence[int]
+    ) -> int:
         n = len(members)
         for _ in range(n):
             i = members[self.rr % n]
@@ -144,15 +187,18 @@ class Balancer:
     Connection counts are kept here too, but do not signal: they change per connection.
     """
 
-    def __init__(self, endpoints: Iterable[Endpoint], *, seed: int = DEFAULT_SEED) -> None:
-        self.selector = Selector(seed)
+    def __init__(
+        self, endpoints: Iterable[Endpoint], *, seed: int = DEFAULT_SEED, least: bool = False
+    ) -> None:
+        self.selector = Selector(seed, least=least)
         self.remotes: list[Remote] = [Remote(ep) for ep in endpoints]
         self.on_change: Callable[[], None] | None = None
         # Native accept: the relay thread picks with its own copy of the rule and its own
         # counter; while it runs, pick() asks it (`Engine.pick`), so there is one counter.
         self.delegate: Callable[[], int] | None = None
         self._by_tag: dict[int, Remote] = {}
-        self._view: list[tuple[int, int, bool]] | None = None  # selector input, until changed
+        # The selector's input, kept until a change (round-robin reads no live counts).
+        self._view: list[tuple[int, int, bool, int]] | None = None
 
     # --- selection ---------------------------------------------------------------------
 
@@ -162,8 +208,12 @@ class Balancer:
             tag = self.delegate()
             return self.by_tag(tag) if tag >= 0 else None
         view = self._view
-        if view is None:
-            view = [(r.endpoint.priority, r.endpoint.weight, r.usable) for r in self.remotes]
+        if self.selector.least:
+            view = [
+                (r.endpoint.priority, r.endpoint.weight, r.usable, r.live) for r in self.remotes
+            ]
+        elif view is None:
+            view = [(r.endpoint.priority, r.endpoint.weight, r.usable, 0) for r in self.remotes]
             self._view = view
         i = self.selector.pick(view)
         return self.remotes[i] if i >= 0 else None
@@ -213,6 +263,12 @@ class Balancer:
         remote.down_since = None
         self.changed()
         return True
+
+    def set_least(self, least: bool) -> None:
+        """--balance: least-connections (True) or round-robin (etcd's, False)."""
+        if self.selector.least != least:
+            self.selector.least = least
+            self.changed()
 
     def set_healthy(self, remote: Remote, healthy: bool) -> bool:
         """Record a health verdict (health.py decides it). Returns True if it changed."""

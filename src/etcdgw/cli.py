@@ -179,8 +179,16 @@ def add_start_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--health-check", default="tcp", choices=("none", "tcp", "etcd"),
         help="tcp: re-probe inactive endpoints every --retry-delay (etcd's behaviour); etcd: "
-        "also GET /health on every endpoint every --health-interval; none: no probing "
+        "also GET /health on every endpoint every --health-interval; none: no probing, and a "
+        "failed dial never takes an endpoint out of rotation (the client goes to the next) "
         "(default: %(default)s)",
+    )  # fmt: skip
+    o.add_argument(
+        "--balance", default="round-robin", choices=("round-robin", "least-connections"),
+        help="round-robin: the next endpoint in list order (etcd's behaviour); "
+        "least-connections: the endpoint with the fewest live connections (divided by the "
+        "SRV weight when weights are set), ties round-robin; within the best usable SRV "
+        "priority class either way (default: %(default)s)",
     )  # fmt: skip
     o.add_argument(
         "--health-interval", default="5s", metavar="DURATION",
@@ -393,6 +401,7 @@ def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
         max_connections=max_conns,
         listen_unix_mode=unix_mode,
         health_check=ns.health_check,
+        balance=ns.balance,
         health_interval=health_interval,
         health_rise=rise,
         health_fall=fall,

@@ -89,6 +89,7 @@ class Config:
     listen_unix_mode: int = 0o660
     buffer_size: int = 65536
     health_check: str = "tcp"  # none | tcp | etcd
+    balance: str = "round-robin"  # round-robin | least-connections
     health_interval: float = 5.0
     health_rise: int = 2
     health_fall: int = 3

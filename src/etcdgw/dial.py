@@ -70,7 +70,7 @@ class Dial:
         """Go on with a dial the engine started: its first address failed with error."""
         gw = self.gw
         gw.dials.add(self)
-        self.remote = remote
+        self._set_remote(remote)
         self.deadline = gw.loop.time() + gw.cfg.dial_timeout
         self.addrs = addrs
         self.error = error
@@ -86,15 +86,24 @@ class Dial:
         if remote is None:
             assert self.fallback is not None
             if not self.fallback:
+                self._set_remote(None)
                 gw.dials.discard(self)
                 gw.refuse(self.client)
                 return
             remote = self.fallback.pop(0)
         self._dial_remote(remote)
 
+    def _set_remote(self, remote: Remote | None) -> None:
+        # A client being connected counts for least-connections (Remote.live).
+        if self.remote is not None:
+            self.remote.dialing -= 1
+        self.remote = remote
+        if remote is not None:
+            remote.dialing += 1
+
     def _dial_remote(self, remote: Remote) -> None:
         gw = self.gw
-        self.remote = remote
+        self._set_remote(remote)
         self.deadline = gw.loop.time() + gw.cfg.dial_timeout
         addrs = gw.addresses.known(remote.endpoint.host)
         if addrs is None:
@@ -132,6 +141,7 @@ class Dial:
         except OSError as e:
             # Out of fds: this client cannot be served now; do not blame the endpoint.
             self.error = f"dial tcp {remote.addr}: {e.strerror}"
+            self._set_remote(None)
             gw.dials.discard(self)
             gw.refuse(self.client)
             return
@@ -198,6 +208,7 @@ class Dial:
         assert sock is not None and remote is not None
         gw.dials.discard(self)
         self.sock = None
+        self._set_remote(None)
         gw.monitor.dial_succeeded(remote)
         gw.start_relay(self.client, sock, remote)
 
@@ -210,6 +221,7 @@ class Dial:
         if self.sock is not None:
             self.gw.loop.remove_writer(self.sock.fileno())
             self.sock.close()
+        self._set_remote(None)
         self.client.close()
         self.gw.dials.discard(self)
 

@@ -114,8 +114,12 @@ class Engine(Protocol):
         """For loop.add_reader: readable when run() has something to do or report."""
         ...
 
-    def add(self, client_fd: int, upstream_fd: int) -> int:
-        """Start relaying two connected non-blocking sockets; return the pair id."""
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
+        """Start relaying two connected non-blocking sockets; return the pair id.
+
+        tag: the Target the upstream is connected to, for a NativeAccept engine's live
+        counts (least-connections); others ignore it.
+        """
         ...
 
     def run(self) -> list[Finished]:
@@ -180,6 +184,7 @@ class NativeAccept(Protocol):
         limit: int = 0,
         late_sockopts: Sequence[tuple[int, int, int]] = (),
         late_after: float = 1.0,
+        least: bool = False,
     ) -> None: ...
 
     def pick(self) -> int:

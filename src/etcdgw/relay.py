@@ -195,10 +195,11 @@ class Relay:
         limit: int,
         late_sockopts: Sequence[tuple[int, int, int]] = (),
         late_after: float = 1.0,
+        least: bool = False,
     ) -> None:
         """Native accept: where clients go and how (Engine.set_targets)."""
         self._native_accept().set_targets(
-            targets, sockopts, dial_timeout, limit, late_sockopts, late_after
+            targets, sockopts, dial_timeout, limit, late_sockopts, late_after, least
         )
 
     def pick(self) -> int:
@@ -218,9 +219,9 @@ class Relay:
         """Collect and report now what the engine has (as a wake-up would)."""
         self._on_ready()
 
-    def add(self, client_fd: int, upstream_fd: int) -> int:
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
         """Start relaying two connected non-blocking sockets; return the pair id."""
-        return self._engine.add(client_fd, upstream_fd)
+        return self._engine.add(client_fd, upstream_fd, tag)
 
     def remove(self, pair_id: int) -> Finished:
         """Stop relaying a pair now; both fds are unregistered, the caller may close them."""

@@ -93,7 +93,7 @@ class Gateway:
     ) -> None:
         self.cfg = cfg
         self.log = log
-        self.balancer = Balancer(cfg.endpoints)
+        self.balancer = Balancer(cfg.endpoints, least=cfg.balance == "least-connections")
         self.addresses = AddressBook(
             resolve if resolve is not None else async_host_resolver(cfg),
             on_change=self.balancer.changed,
@@ -194,7 +194,11 @@ class Gateway:
         return task
 
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
-        """Replace the endpoint set: new ones get clients, removed ones keep their live ones."""
+        """Replace the endpoint set: new ones get clients, removed ones keep their live ones.
+
+        Also applies what a reload may have changed in self.cfg for the balancer (--balance).
+        """
+        self.balancer.set_least(self.cfg.balance == "least-connections")
         added, removed = self.balancer.set_endpoints(endpoints)
         if added or removed:
             self.log.info(
@@ -213,7 +217,7 @@ class Gateway:
     def start_relay(self, client: socket.socket, upstream: socket.socket, remote: Remote) -> None:
         """A Dial connected client to remote: relay them (this module owns both sockets)."""
         try:
-            pid = self.relay.add(client.fileno(), upstream.fileno())
+            pid = self.relay.add(client.fileno(), upstream.fileno(), remote.tag)
         except OSError as e:
             self.log.warn("failed to start relaying", address=remote.addr, error=str(e))
             client.close()
