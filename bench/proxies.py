@@ -28,6 +28,8 @@ OPTIONAL = (
     "etcdgw-python-ownepoll",
     "etcdgw-cython-base",
     "etcdgw-python-base",
+    "etcdgw-cython-leastconn",
+    "etcdgw-python-leastconn",
 )
 BASE_SRC = os.environ.get("ETCDGW_BENCH_BASE", "")
 
@@ -106,13 +108,14 @@ OWN_EPOLL = ("etcdgw.app:RELAY_SELECTOR", "0")  # the pure engine on an epoll of
 
 
 def _etcdgw(
-    pure: bool, sets: tuple[tuple[str, str], ...] = (), src: str = ""
+    pure: bool, sets: tuple[tuple[str, str], ...] = (), src: str = "", extra: tuple[str, ...] = ()
 ) -> Callable[[int, list[str], Path], Launch]:
     def launch(port: int, endpoints: list[str], tmpdir: Path) -> Launch:
         args = [
             "start",
             f"--endpoints={','.join(endpoints)}",
             f"--listen-addr=127.0.0.1:{port}",
+            *extra,
         ]
         if sets:
             head = [sys.executable, str(BENCH / "launch.py")]
@@ -329,6 +332,18 @@ PROXIES: dict[str, Proxy] = {
             _etcdgw(True, src=BASE_SRC),
             _etcdgw_check(True, BASE_SRC or "-"),
             lambda: _etcdgw_version(True, BASE_SRC) + f" from {BASE_SRC}",
+        ),
+        Proxy(
+            "etcdgw-cython-leastconn",
+            _etcdgw(False, extra=("--balance=least-connections",)),
+            _etcdgw_check(False),
+            lambda: _etcdgw_version(False) + " with --balance=least-connections",
+        ),
+        Proxy(
+            "etcdgw-python-leastconn",
+            _etcdgw(True, extra=("--balance=least-connections",)),
+            _etcdgw_check(True),
+            lambda: _etcdgw_version(True) + " with --balance=least-connections",
         ),
         Proxy("go-gateway", _go_gateway, _need("etcd"), _first_line(["etcd", "--version"])),
         Proxy("haproxy", _haproxy, _need("haproxy"), _first_line(["haproxy", "-v"])),
