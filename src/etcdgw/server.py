@@ -36,6 +36,7 @@ from .accept import Acceptor, LoopAccept, NativeAccept
 from .balancer import Balancer, Remote
 from .config import Config, Endpoint, format_duration
 from .dial import Dial
+from .engine import Report
 from .listeners import ListenerSet, TcpOptions
 from .log import Logger
 from .monitor import Monitor
@@ -264,7 +265,7 @@ class Gateway:
         elif self._acceptor is not None:
             self._acceptor.resume_if_room()
 
-    def _on_report(self, report: Any) -> None:
+    def _on_report(self, report: Report) -> None:
         assert isinstance(self._acceptor, NativeAccept)
         self._acceptor.on_report(report)
 
