@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -321,3 +322,62 @@ def test_sync_failing_everywhere_keeps_the_last_good_set(
         "endpoints updated", source="member-list", removed=[cluster.members[2].endpoint]
     )
     assert gw.current() == set(cluster.endpoints[:2])
+
+
+def test_sighup_syncs_at_once(gateway: Start, etcd_cluster: EtcdCluster) -> None:
+    port, mport = free_tcp_port(), free_tcp_port()
+    g = gateway(
+        f"--endpoints={etcd_cluster.members[0].endpoint}",
+        f"--listen-addr=127.0.0.1:{port}",
+        f"--metrics-addr=127.0.0.1:{mport}",
+        "--auto-sync-interval=1h",
+    )
+    g.wait_log("endpoints updated", source="member-list")
+    url = f"http://127.0.0.1:{mport}/status"
+
+    def ok() -> int:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return int(json.loads(r.read())["member_sync"]["ok"])
+
+    wait_for(lambda: ok() == 1)
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_log("SIGHUP: syncing the member list")
+    wait_for(lambda: ok() == 2, timeout=5)
+    assert "SIGHUP ignored: no --config-file and no --discovery-srv" not in g.messages()
+
+
+def test_tls_members_with_client_certificates(
+    gateway: Start, etcd_tls_cluster: EtcdCluster
+) -> None:
+    """https client URLs: asked over TLS with the CA and the health checks' certificate."""
+    c = etcd_tls_cluster
+    gw = Gw(
+        gateway,
+        [c.members[1].client_url],
+        f"--trusted-ca-file={c.ca_file}",
+        f"--health-cert-file={c.client_cert}",
+        f"--health-key-file={c.client_key}",
+    )
+    rec = gw.proc.wait_log("endpoints updated", source="member-list")
+    assert sorted(rec["added"]) == sorted([c.members[0].endpoint, c.members[2].endpoint])
+    rows = gw.rows()
+    assert set(rows) == set(c.endpoints)
+    assert all(r["secure"] and r["source"] == "member-list" for r in rows.values())
+    # The relayed bytes are TLS end to end: etcdctl talks to the members through the gateway.
+    key = f"tls-ms-{time.monotonic_ns()}"
+    for _ in range(3):
+        r = etcdctl([gw.addr], "put", key, "v", cluster=c, timeout=10)
+        assert r.returncode == 0, r.stderr
+
+
+def test_without_the_client_certificate_the_sync_fails(
+    gateway: Start, etcd_tls_cluster: EtcdCluster
+) -> None:
+    """Members with --client-cert-auth refuse the sync; the seeds keep being served."""
+    c = etcd_tls_cluster
+    gw = Gw(gateway, [c.members[0].client_url], f"--trusted-ca-file={c.ca_file}")
+    warn = gw.proc.wait_log("member sync failed; keeping the last good endpoints")
+    assert warn["endpoints"] == [c.members[0].endpoint]
+    assert f"POST https://{c.members[0].endpoint}/v3/cluster/member/list" in warn["error"]
+    assert gw.current() == {c.members[0].endpoint}
+    assert gw.rows()[c.members[0].endpoint]["source"] == "flag"
