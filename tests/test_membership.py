@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from _dns import Dnsmasq, SrvHost
 from _etcd import EtcdCluster, EtcdctlWatch, etcdctl, require_etcd_binaries
 from _gateway import GatewayProc, engine_env, free_tcp_port, wait_for
 from etcdgw.cli import UsageError, parse_start
@@ -381,3 +382,50 @@ def test_without_the_client_certificate_the_sync_fails(
     assert f"POST https://{c.members[0].endpoint}/v3/cluster/member/list" in warn["error"]
     assert gw.current() == {c.members[0].endpoint}
     assert gw.rows()[c.members[0].endpoint]["source"] == "flag"
+
+
+def test_srv_answers_are_the_seeds(
+    gateway: Start, dnsmasq: Dnsmasq, etcd_tls_cluster: EtcdCluster
+) -> None:
+    """--discovery-srv with --auto-sync-interval: the member list wins; SRV refreshes only
+    replace the seeds."""
+    c = etcd_tls_cluster
+    hosts = {name: ["127.0.0.1"] for name in c.server_names}
+
+    def records(i: int) -> list[SrvHost]:
+        return [
+            SrvHost("_etcd-client-ssl._tcp.etcd.test", c.server_names[i], c.members[i].client_port)
+        ]
+
+    dnsmasq.restart(srv=records(0), hosts=hosts)
+    port, mport = free_tcp_port(), free_tcp_port()
+    g = gateway(
+        "--discovery-srv=etcd.test",
+        f"--discovery-dns={dnsmasq.addr}",
+        "--discovery-refresh-min=200ms",
+        f"--trusted-ca-file={c.ca_file}",
+        f"--health-cert-file={c.client_cert}",
+        f"--health-key-file={c.client_key}",
+        f"--listen-addr=127.0.0.1:{port}",
+        f"--metrics-addr=127.0.0.1:{mport}",
+        "--auto-sync-interval=500ms",
+    )
+    seed = f"{c.server_names[0]}:{c.members[0].client_port}"
+    rec = g.wait_log("endpoints updated", source="member-list")
+    # The members advertise https://127.0.0.1:PORT, not the SRV target's name.
+    assert rec["removed"] == [seed] and sorted(rec["added"]) == sorted(c.endpoints)
+
+    def status() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/status", timeout=10) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+        return doc
+
+    assert status()["member_sync"]["seeds"] == [seed]
+    dnsmasq.restart(srv=records(1), hosts=hosts)
+    g.wait_log("SRV endpoints changed", timeout=20)
+    new_seed = f"{c.server_names[1]}:{c.members[1].client_port}"
+    wait_for(lambda: status()["member_sync"]["seeds"] == [new_seed])
+    doc = status()
+    current = {r["address"]: r["source"] for r in doc["endpoints"] if not r["removed"]}
+    assert current == dict.fromkeys(c.endpoints, "member-list")
+    assert [r for r in g.records() if r.get("msg") == "endpoints updated"] == [rec]
