@@ -7,6 +7,7 @@ second or two.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -25,6 +26,7 @@ from _gateway import GatewayProc, engine_env, free_tcp_port, wait_for
 from etcdgw.cli import UsageError, parse_start
 from etcdgw.config import Endpoint
 from etcdgw.membership import MemberList, first_cluster, parse_member_list
+from etcdgw.status import render
 
 Start = Callable[..., GatewayProc]
 
@@ -115,6 +117,28 @@ def test_flag_parsing() -> None:
         parse_start(["start", "--auto-sync-interval=-1s"])
     with pytest.raises(UsageError, match='invalid argument "5" for "--auto-sync-interval"'):
         parse_start(["start", "--auto-sync-interval=5"])
+
+
+def test_status_table_shows_sources_only_when_not_all_flags() -> None:
+    row = {"address": "a:1", "state": "up", "healthy": True, "source": "flag"}
+    doc: dict[str, Any] = {"endpoints": [row], "member_sync": None}
+    out = io.StringIO()
+    render(doc, out)
+    assert "SOURCE" not in out.getvalue() and "member list" not in out.getvalue()
+    doc["endpoints"] = [row, {**row, "address": "b:2", "source": "member-list"}]
+    doc["member_sync"] = {
+        "cluster_id": "42",
+        "ok": 3,
+        "failed": 1,
+        "refused": 0,
+        "last_success_seconds_ago": 2.5,
+    }
+    out = io.StringIO()
+    render(doc, out)
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "member list of cluster 42: synced 2s ago; syncs: 3 ok, 1 failed, 0 refused"
+    assert lines[2].split()[:3] == ["ENDPOINT", "SOURCE", "STATE"]
+    assert [ln.split()[:2] for ln in lines[3:]] == [["a:1", "flag"], ["b:2", "member-list"]]
 
 
 # --- real clusters -----------------------------------------------------------------------------
