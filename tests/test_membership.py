@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -453,3 +454,37 @@ def test_srv_answers_are_the_seeds(
     current = {r["address"]: r["source"] for r in doc["endpoints"] if not r["removed"]}
     assert current == dict.fromkeys(c.endpoints, "member-list")
     assert [r for r in g.records() if r.get("msg") == "endpoints updated"] == [rec]
+
+
+def test_reload_replaces_the_seeds_not_the_member_list(
+    gateway: Start, etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    c = etcd_cluster
+    conf = tmp_path / "etcdgw.yaml"
+    conf.write_text(f"endpoints: [{c.members[0].endpoint}]\nauto-sync-interval: 1h\n")
+    mport = free_tcp_port()
+    g = gateway(
+        f"--config-file={conf}",
+        f"--listen-addr=127.0.0.1:{free_tcp_port()}",
+        f"--metrics-addr=127.0.0.1:{mport}",
+    )
+    g.wait_log("endpoints updated", source="member-list")
+
+    def sync() -> dict[str, Any]:
+        url = f"http://127.0.0.1:{mport}/status"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+        return doc
+
+    wait_for(lambda: sync()["member_sync"]["ok"] == 1)
+    conf.write_text(f"endpoints: [{c.members[1].endpoint}]\nauto-sync-interval: 2h\n")
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_log("reloaded configuration", endpoints=[c.members[1].endpoint])
+    g.wait_log("reload: --auto-sync-interval changes only on restart")
+    wait_for(lambda: sync()["member_sync"]["ok"] == 2, timeout=5)
+    doc = sync()
+    assert doc["member_sync"]["seeds"] == [c.members[1].endpoint]
+    assert doc["member_sync"]["interval_seconds"] == 3600
+    current = {r["address"]: r["source"] for r in doc["endpoints"] if not r["removed"]}
+    assert current == dict.fromkeys(c.endpoints, "member-list")
+    assert len([r for r in g.records() if r.get("msg") == "endpoints updated"]) == 1
