@@ -150,13 +150,14 @@ def first_cluster(
         from another cluster).
     """
     chosen: int | None = None
+    cluster = ""
     others: list[int] = []
     for i, a in enumerate(answers):
         if not isinstance(a, MemberList):
             continue
         if chosen is None:
-            chosen = i
-        elif a.cluster_id != answers[chosen].cluster_id:  # type: ignore[union-attr]
+            chosen, cluster = i, a.cluster_id
+        elif a.cluster_id != cluster:
             others.append(i)
     return chosen, others
 
@@ -263,8 +264,7 @@ class Membership:
                     "cluster-seed": seeds[chosen].addr,
                     "other-seeds": [seeds[i].addr for i in others],
                     "other-cluster-ids": [
-                        answers[i].cluster_id  # type: ignore[union-attr]
-                        for i in others
+                        a.cluster_id for i in others if isinstance(a := answers[i], MemberList)
                     ],
                 },
             )
