@@ -170,10 +170,6 @@ def _shown(body: bytes) -> str:
 # --- the syncer (I/O) ----------------------------------------------------------------------------
 
 
-class _Refused(Exception):
-    """An answer from another cluster."""
-
-
 class Membership:
     """Follows the member list every `interval` while the gateway runs (run()).
 
@@ -204,7 +200,7 @@ class Membership:
         self._streak = 0  # failed or refused syncs in a row
         self._warned: set[tuple[str, str]] = set()  # (address, reason) logged once
         self._wake = asyncio.Event()
-        self._ssl: ssl.SSLContext | None = tls_context(gw.cfg)
+        self._ssl: ssl.SSLContext = tls_context(gw.cfg)
 
     def set_seeds(self, seeds: Sequence[Endpoint]) -> None:
         """New seeds (an SRV refresh, a reload); asked when the current set does not answer."""
