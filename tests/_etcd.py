@@ -291,6 +291,10 @@ class Member:
     cert_file: Path | None = None
     key_file: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # Set by EtcdCluster.add_member / promote_member / remove_member (membership changes).
+    member_id: str = ""  # hex, as etcdctl prints it
+    learner: bool = False
+    removed: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -376,7 +380,104 @@ class EtcdCluster:
 
     @property
     def initial_cluster(self) -> str:
-        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        return ",".join(f"{m.name}={m.peer_url}" for m in self.members if not m.removed)
+
+    # -- membership changes (additive: add_member, promote_member, remove_member) ----------
+
+    def _voters(self, but: int | None = None) -> list[str]:
+        """Endpoints of running voting members (a learner refuses most client requests)."""
+        return [
+            m.endpoint
+            for m in self.members
+            if m.running and not m.learner and not m.removed and m.index != but
+        ]
+
+    def add_member(self, *, learner: bool = False, timeout: float = 30) -> int:
+        """`etcdctl member add` a new member (``--learner`` if asked), start it, and wait
+        until it serves (a voter: ``endpoint health``; a learner: its client port accepts).
+        Returns its index in ``members``."""
+        i = len(self.members)
+        name = f"m{i + 1}"
+        client_port, peer_port = free_ports(2)
+        m = Member(
+            index=i,
+            name=name,
+            client_port=client_port,
+            peer_port=peer_port,
+            data_dir=self.workdir / f"{name}.etcd",
+            log_path=self.workdir / f"{name}.log",
+            scheme="https" if self.tls else "http",
+            learner=learner,
+        )
+        if self.tls:
+            cert = self.ca.issue_cert(LOOPBACK, "localhost", f"{name}.etcd.test", common_name=name)
+            m.cert_file = self.workdir / "tls" / f"{name}.pem"
+            m.key_file = self.workdir / "tls" / f"{name}-key.pem"
+            cert.cert_chain_pems[0].write_to_path(str(m.cert_file))
+            cert.private_key_pem.write_to_path(str(m.key_file))
+        args = ["member", "add", name, f"--peer-urls={m.peer_url}", *(["--learner"] * learner)]
+        deadline = time.monotonic() + timeout
+        while True:
+            r = etcdctl(self._voters(), *args, cluster=self, timeout=5)
+            if r.returncode == 0:
+                break
+            # --strict-reconfig-check: etcd refuses to add a member until every member has
+            # been connected for 5 s (etcdserver.HealthInterval), "unhealthy cluster".
+            if "unhealthy cluster" not in r.stderr or time.monotonic() >= deadline:
+                raise EtcdError(f"etcdctl member add failed: {(r.stdout + r.stderr).strip()}")
+            time.sleep(0.2)
+        # "Member f8679065f8eb85a8 added to cluster daac157a6fa359c2"
+        m.member_id = r.stdout.split()[1]
+        self.members.append(m)
+        self._launch(m, state="existing")
+        if learner:
+            deadline = time.monotonic() + timeout
+            while not _accepts(m.client_port):
+                if not m.running or time.monotonic() >= deadline:
+                    raise EtcdError(f"learner {name} not serving; log:\n{_tail(m.log_path)}")
+                time.sleep(0.05)
+        else:
+            self.wait_healthy(i, timeout=timeout)
+        return i
+
+    def promote_member(self, i: int, timeout: float = 30) -> None:
+        """`etcdctl member promote` learner ``i``, retried until it has caught up."""
+        m = self.members[i]
+        deadline = time.monotonic() + timeout
+        while True:
+            r = etcdctl(self._voters(), "member", "promote", m.member_id, cluster=self, timeout=5)
+            if r.returncode == 0:
+                m.learner = False
+                return
+            if time.monotonic() >= deadline:
+                raise EtcdError(f"etcdctl member promote failed: {(r.stdout + r.stderr).strip()}")
+            time.sleep(0.2)
+
+    def remove_member(self, i: int, timeout: float = 30) -> None:
+        """`etcdctl member remove` member ``i`` (asked of the others); etcd then stops a
+        running removed member by itself. Its process, if any, is still ours to stop.
+        Retried while etcd answers "unhealthy cluster" (see add_member)."""
+        m = self.members[i]
+        if not m.member_id:
+            m.member_id = self._member_ids()[m.name]
+        deadline = time.monotonic() + timeout
+        while True:
+            r = etcdctl(
+                self._voters(but=i), "member", "remove", m.member_id, cluster=self, timeout=5
+            )
+            if r.returncode == 0:
+                break
+            if "unhealthy cluster" not in r.stderr or time.monotonic() >= deadline:
+                raise EtcdError(f"etcdctl member remove failed: {(r.stdout + r.stderr).strip()}")
+            time.sleep(0.2)
+        m.removed = True
+
+    def _member_ids(self) -> dict[str, str]:
+        r = etcdctl(self._voters(), "member", "list", "-w", "json", cluster=self)
+        return {
+            str(x.get("name", "")): format(int(x["ID"]), "x")
+            for x in json.loads(r.stdout).get("members", [])
+        }
 
     def etcdctl(
         self, *args: str, i: int | None = None, timeout: float = 15

@@ -368,6 +368,7 @@ class FakeGateway:
         self.ready = True
         self.draining = False
         self.listeners: list[socket.socket] = []
+        self.membership = None  # --auto-sync-interval off
 
     def live_bytes(self) -> dict[int, tuple[int, int]]:
         return dict(self._live)

@@ -34,6 +34,7 @@ from .relay import IMPLEMENTATION, new_event_loop
 if TYPE_CHECKING:
     from .discovery import Refresher
     from .health import HealthChecker
+    from .membership import Membership
     from .metrics import MetricsServer
     from .server import Gateway
 
@@ -46,6 +47,7 @@ class Running:
     refresher: Refresher | None = None
     metrics: MetricsServer | None = None
     health: HealthChecker | None = None
+    membership: Membership | None = None
 
 
 def start(cfg: Config, raw_endpoints: Sequence[str], argv: Sequence[str]) -> int:
@@ -90,7 +92,7 @@ def resolve_endpoints(
             discovered = discovery.discover(cfg, log)
         except discovery.DiscoveryError as e:
             raise ConfigError(str(e), stream="stderr") from None
-        endpoints = discovered.endpoints
+        endpoints = tuple(dataclasses.replace(ep, source="srv") for ep in discovered.endpoints)
     if not endpoints:
         # gateway.go: "no endpoints discovered, fall back to provided endpoints"
         endpoints = parse_endpoints(raw_endpoints)
@@ -136,6 +138,16 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
         # Built now so a bad --trusted-ca-file or health key is a start-up error. It reads
         # gw.cfg every round, so a reload can switch etcd checks on and off.
         run.health = HealthChecker(gw, log)
+        if cfg.auto_sync_interval > 0:
+            from .membership import Membership
+
+            # The configured endpoints (or the SRV answer) are the seeds.
+            run.membership = gw.membership = Membership(
+                gw,
+                log,
+                endpoints,
+                self_check=discovery.self_check_for(cfg, resolve_host, is_local=is_local_ip),
+            )
     except BaseException:
         gw.close_listeners()
         if run.metrics is not None:
@@ -148,7 +160,7 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
             cfg,
             log,
             discovered,
-            gw.set_endpoints,
+            _srv_changed(run),
             self_check=discovery.self_check_for(cfg, resolve_host, is_local=is_local_ip),
         )
     return run
@@ -165,6 +177,8 @@ async def serve(run: Running, reload_args: Sequence[str] = ()) -> None:
         gw.spawn(run.refresher.run())
     if run.health is not None:
         gw.spawn(run.health.run())
+    if run.membership is not None:
+        gw.spawn(run.membership.run())
     gw.on_sighup = _reloader(run, reload_args) if gw.cfg.config_file else _refresh_only(run)
     log.info("notifying init daemon")
     try:
@@ -179,12 +193,29 @@ async def serve(run: Running, reload_args: Sequence[str] = ()) -> None:
             run.metrics.close()
 
 
+def _srv_changed(run: Running) -> Callable[[tuple[Endpoint, ...]], None]:
+    """Where an SRV refresh's new set goes: the endpoints, or with --auto-sync-interval the
+    seeds of the member list (the member list wins while syncs succeed)."""
+
+    def on_change(endpoints: tuple[Endpoint, ...]) -> None:
+        if run.membership is not None:
+            run.membership.set_seeds(endpoints)
+            run.membership.sync_now()
+        else:
+            run.gw.set_endpoints(endpoints, source="srv")
+
+    return on_change
+
+
 def _refresh_only(run: Running) -> Callable[[], None]:
     def on_sighup() -> None:
+        if run.membership is not None:
+            run.gw.log.info("SIGHUP: syncing the member list")
+            run.membership.sync_now()
         if run.refresher is not None:
             run.gw.log.info("SIGHUP: refreshing SRV records")
             run.refresher.refresh_now()
-        else:
+        elif run.membership is None:
             run.gw.log.info("SIGHUP ignored: no --config-file and no --discovery-srv")
 
     return on_sighup
@@ -219,17 +250,25 @@ def _reloader(run: Running, args: Sequence[str]) -> Callable[[], None]:
                 endpoints, _ = resolve_endpoints(new, raw, log)
             if new.listen != gw.cfg.listen or new.metrics_addr != gw.cfg.metrics_addr:
                 log.warn("reload: listen and metrics addresses change only on restart")
+            if new.auto_sync_interval != gw.cfg.auto_sync_interval:
+                log.warn("reload: --auto-sync-interval changes only on restart")
             new = dataclasses.replace(
                 new,
                 listen=gw.cfg.listen,
                 metrics_addr=gw.cfg.metrics_addr,
+                auto_sync_interval=gw.cfg.auto_sync_interval,
                 endpoints=endpoints,
             )
         except ConfigError as e:
             log.error("reload failed; keeping the running configuration", error=e.message)
         else:
             gw.cfg = new
-            gw.set_endpoints(endpoints)
+            if run.membership is not None:
+                # The reloaded endpoints are the member list's seeds; the list decides.
+                run.membership.set_seeds(endpoints)
+                run.membership.sync_now()
+            else:
+                gw.set_endpoints(endpoints)
             log.info("reloaded configuration", endpoints=[ep.addr for ep in endpoints])
         try:
             systemd.notify("READY=1")

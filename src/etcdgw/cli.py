@@ -213,6 +213,12 @@ def add_start_flags(p: argparse.ArgumentParser) -> None:
         help="key of --health-cert-file",
     )  # fmt: skip
     o.add_argument(
+        "--auto-sync-interval", default="0s", metavar="DURATION",
+        help="ask the cluster for its member list this often (and on SIGHUP) and make the "
+        "members' client URLs the endpoints; --endpoints or SRV records are the seeds "
+        "(clientv3's AutoSyncInterval; default: %(default)s, off)",
+    )  # fmt: skip
+    o.add_argument(
         "--metrics-addr", default="", metavar="HOST:PORT",
         help="serve /metrics (Prometheus), /health, /ready and /status there (default: off)",
     )  # fmt: skip
@@ -363,6 +369,9 @@ def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
     health_interval = _duration("--health-interval", ns.health_interval)
     if health_interval <= 0:
         raise UsageError('invalid argument for "--health-interval" flag: must be positive')
+    auto_sync = _duration("--auto-sync-interval", ns.auto_sync_interval)
+    if auto_sync < 0:
+        raise UsageError('invalid argument for "--auto-sync-interval" flag: must not be negative')
     rise = _int("--health-rise", ns.health_rise, 1)
     fall = _int("--health-fall", ns.health_fall, 1)
     max_conns = _int("--max-connections", ns.max_connections, 0)
@@ -407,6 +416,7 @@ def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
         health_fall=fall,
         health_cert_file=ns.health_cert_file,
         health_key_file=ns.health_key_file,
+        auto_sync_interval=auto_sync,
         metrics_addr=ns.metrics_addr,
         config_file=ns.config_file,
     )

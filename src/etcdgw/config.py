@@ -10,7 +10,7 @@ import ipaddress
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
 DEFAULT_ENDPOINTS = ("127.0.0.1:2379",)
@@ -39,6 +39,8 @@ class Endpoint:
 
     priority/weight come from SRV records (RFC 2782); --endpoints gives (0, 0). `secure` is
     True for records found under _etcd-client-ssl (informational: bytes pass through as-is).
+    `source` says where the endpoint came from (`flag`, `srv`, `member-list`), for /status;
+    it takes no part in equality, ordering or hashing.
     """
 
     host: str
@@ -46,6 +48,7 @@ class Endpoint:
     priority: int = 0
     weight: int = 0
     secure: bool = False
+    source: str = field(default="flag", compare=False)
 
     @property
     def addr(self) -> str:
@@ -95,6 +98,7 @@ class Config:
     health_fall: int = 3
     health_cert_file: str = ""
     health_key_file: str = ""
+    auto_sync_interval: float = 0.0  # --auto-sync-interval; 0: off (membership.py)
     metrics_addr: str = ""
     config_file: str = ""
     log_format: str = "json"

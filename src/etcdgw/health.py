@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HealthChecker",
+    "HttpError",
     "check_endpoint",
     "judge_response",
     "record_check",
+    "request",
     "tls_context",
 ]
 
@@ -141,20 +143,54 @@ async def check_endpoint(
     """
     url = f"{'https' if ep.secure and ssl_context else 'http'}://{ep.addr}/health"
     try:
-        async with asyncio.timeout(timeout):
-            status, reason, body = await _fetch(ep, addrs, ssl_context if ep.secure else None)
-    except TimeoutError:
-        return f"GET {url}: i/o timeout ({format_duration(timeout)})"
-    except ssl.SSLError as e:
-        return f"GET {url}: tls: {_reason(e)}"
-    except _BadResponse as e:
-        return f"GET {url}: malformed response: {e}"
-    except _DialError as e:
-        return f"GET {url}: {e.strerror}"
-    except OSError as e:
-        return f"GET {url}: {_reason(e)}"
+        status, reason, body = await request(ep, addrs, timeout=timeout, ssl_context=ssl_context)
+    except HttpError as e:
+        return str(e)
     error = judge_response(status, reason, body)
     return f"GET {url}: {error}" if error else ""
+
+
+class HttpError(Exception):
+    """A request that got no HTTP answer, worded like Go's client: `GET url: reason`."""
+
+
+async def request(
+    ep: Endpoint,
+    addrs: list[tuple[int, Any]],
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    method: str = "GET",
+    path: str = "/health",
+    body: bytes = b"",
+) -> tuple[int, str, bytes]:
+    """One HTTP/1.1 request to ep (https when ep.secure and ssl_context), all within timeout.
+
+    Shared by the health checks (GET /health) and membership.py (POST member list).
+
+    Returns:
+        (status, reason, body), body cut at MAX_RESPONSE.
+
+    Raises:
+        HttpError: no answer (dial, TLS, timeout, malformed response), with the reason.
+    """
+    url = f"{'https' if ep.secure and ssl_context else 'http'}://{ep.addr}{path}"
+    where = f"{method} {url}"
+    try:
+        async with asyncio.timeout(timeout):
+            return await _fetch(
+                ep, addrs, ssl_context if ep.secure else None, method=method, path=path, body=body
+            )
+    except TimeoutError:
+        raise HttpError(f"{where}: i/o timeout ({format_duration(timeout)})") from None
+    except ssl.SSLError as e:
+        raise HttpError(f"{where}: tls: {_reason(e)}") from None
+    except _BadResponse as e:
+        raise HttpError(f"{where}: malformed response: {e}") from None
+    except _DialError as e:
+        raise HttpError(f"{where}: {e.strerror}") from None
+    except OSError as e:
+        raise HttpError(f"{where}: {_reason(e)}") from None
 
 
 class _BadResponse(Exception):
@@ -166,7 +202,13 @@ class _DialError(OSError):
 
 
 async def _fetch(
-    ep: Endpoint, addrs: list[tuple[int, Any]], ctx: ssl.SSLContext | None
+    ep: Endpoint,
+    addrs: list[tuple[int, Any]],
+    ctx: ssl.SSLContext | None,
+    *,
+    method: str,
+    path: str,
+    body: bytes,
 ) -> tuple[int, str, bytes]:
     loop = asyncio.get_running_loop()
     sock: socket.socket | None = None
@@ -198,9 +240,11 @@ async def _fetch(
             server_hostname=ep.host if ctx is not None else None,
             limit=MAX_RESPONSE,
         )
+        extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body else ""
         writer.write(
-            f"GET /health HTTP/1.1\r\nHost: {ep.addr}\r\nUser-Agent: etcdgw/{__version__}\r\n"
-            "Accept: application/json\r\nConnection: close\r\n\r\n".encode()
+            f"{method} {path} HTTP/1.1\r\nHost: {ep.addr}\r\nUser-Agent: etcdgw/{__version__}\r\n"
+            f"Accept: application/json\r\n{extra}Connection: close\r\n\r\n".encode()
+            + body
         )
         await writer.drain()
         return await _read_response(reader)

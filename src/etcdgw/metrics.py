@@ -36,6 +36,7 @@ from .config import ConfigError, format_addr, parse_port, split_host_port
 
 if TYPE_CHECKING:
     from .log import Logger
+    from .membership import Membership
     from .server import Gateway
 
 __all__ = ["GatewayCollector", "MetricsServer", "endpoint_rows", "status_document"]
@@ -95,6 +96,8 @@ def endpoint_rows(gw: Gateway) -> list[dict[str, Any]]:
                 "priority": r.endpoint.priority,
                 "weight": r.endpoint.weight,
                 "secure": r.endpoint.secure,
+                # where it came from: flag (--endpoints, config file), srv, member-list
+                "source": r.endpoint.source,
             }
         )
     return rows
@@ -137,6 +140,8 @@ def status_document(gw: Gateway, started: float) -> dict[str, Any]:
         },
         "bytes": {"to_endpoints": sent, "from_endpoints": received},
         "endpoints": endpoint_rows(gw),
+        # --auto-sync-interval: the member-list syncs (None when off)
+        "member_sync": gw.membership.status() if gw.membership is not None else None,
     }
 
 
@@ -220,6 +225,8 @@ class GatewayCollector(Collector):
         total_bytes.add_metric(["to_endpoint"], sent)
         total_bytes.add_metric(["from_endpoint"], received)
         yield total_bytes
+        if gw.membership is not None:
+            yield from _member_sync_families(gw.membership)
         yield from self._endpoint_families()
 
     def _endpoint_families(self) -> Iterable[Metric]:
@@ -271,6 +278,24 @@ class GatewayCollector(Collector):
             checks.add_metric([addr, "ok"], acc["health_checks_ok"])
             checks.add_metric([addr, "failed"], acc["health_checks_failed"])
         return (up, healthy, active, total, dials, nbytes, checks)
+
+
+def _member_sync_families(ms: Membership) -> Iterable[Metric]:
+    syncs = CounterMetricFamily(
+        "etcdgw_member_sync",
+        "member list syncs (--auto-sync-interval) by result: ok, failed (no answer), "
+        "refused (another cluster)",
+        labels=["result"],
+    )
+    syncs.add_metric(["ok"], ms.ok)
+    syncs.add_metric(["failed"], ms.failed)
+    syncs.add_metric(["refused"], ms.refused)
+    last = GaugeMetricFamily(
+        "etcdgw_member_sync_last_success_timestamp_seconds",
+        "time of the last successful member list sync since the Unix epoch (0: none yet)",
+        ms.last_success or 0,
+    )
+    return (syncs, last)
 
 
 # --- the HTTP side ---------------------------------------------------------------------------

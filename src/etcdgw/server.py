@@ -22,6 +22,7 @@ Dial owns its client until it hands it to the relay or closes it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import systemd
 from .accept import Acceptor, LoopAccept, NativeAccept
@@ -42,6 +43,9 @@ from .log import Logger
 from .monitor import Monitor
 from .relay import IMPLEMENTATION, Engine, Relay
 from .resolver import AddressBook, AsyncResolver, async_host_resolver
+
+if TYPE_CHECKING:
+    from .membership import Membership
 
 __all__ = ["NATIVE_ACCEPT", "Conn", "Counters", "Gateway"]
 
@@ -120,6 +124,9 @@ class Gateway:
         self._refuse_suppressed = 0
         # SIGHUP: set by app.py (reload, SRV refresh).
         self.on_sighup: Callable[[], None] | None = None
+        # --auto-sync-interval: the membership.Membership that follows the member list (set
+        # by app.py; read by metrics for its counters).
+        self.membership: Membership | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -194,19 +201,25 @@ class Gateway:
         task.add_done_callback(done)
         return task
 
-    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+    def set_endpoints(self, endpoints: Sequence[Endpoint], source: str | None = None) -> None:
         """Replace the endpoint set: new ones get clients, removed ones keep their live ones.
 
-        Also applies what a reload may have changed in self.cfg for the balancer (--balance).
+        source (`flag`, `srv`, `member-list`), when given, is stamped on every endpoint (shown
+        by /status) and logged. Also applies what a reload may have changed in self.cfg for
+        the balancer (--balance).
         """
+        if source is not None:
+            endpoints = [dataclasses.replace(ep, source=source) for ep in endpoints]
         self.balancer.set_least(self.cfg.balance == "least-connections")
         added, removed = self.balancer.set_endpoints(endpoints)
         if added or removed:
+            extra = {} if source is None else {"source": source}
             self.log.info(
                 "endpoints updated",
                 added=[r.addr for r in added],
                 removed=[r.addr for r in removed],
                 endpoints=[r.addr for r in self.balancer.remotes],
+                **extra,
             )
 
     # --- connections ---------------------------------------------------------------------

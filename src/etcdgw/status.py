@@ -85,8 +85,20 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
         f"sent {format_bytes(int(total.get('to_endpoints', 0)))}, "
         f"received {format_bytes(int(total.get('from_endpoints', 0)))}\n"
     )
+    sync = doc.get("member_sync")
+    if isinstance(sync, dict):
+        ago = sync.get("last_success_seconds_ago")
+        out.write(
+            f"member list of cluster {sync.get('cluster_id') or '?'}: "
+            + (f"synced {format_uptime(float(ago))} ago" if ago is not None else "never synced")
+            + f"; syncs: {sync.get('ok', 0)} ok, {sync.get('failed', 0)} failed, "
+            f"{sync.get('refused', 0)} refused\n"
+        )
     checking = doc.get("health_check") == "etcd"
-    rows: list[Sequence[str]] = [COLUMNS]
+    # The SOURCE column appears once an endpoint came from somewhere other than --endpoints.
+    sourced = any(ep.get("source", "flag") != "flag" for ep in doc["endpoints"])
+    columns: Sequence[str] = (COLUMNS[0], "SOURCE", *COLUMNS[1:]) if sourced else COLUMNS
+    rows: list[Sequence[str]] = [columns]
     for ep in doc["endpoints"]:
         state = "removed" if ep.get("removed") else str(ep.get("state", "?"))
         if not checking:
@@ -101,6 +113,7 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
         rows.append(
             (
                 str(ep.get("address", "?")),
+                *((str(ep.get("source", "flag")),) if sourced else ()),
                 state,
                 health,
                 str(ep.get("active_connections", 0)),
@@ -111,7 +124,7 @@ def render(doc: dict[str, Any], out: TextIO) -> None:
                 error or "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
     for r in rows:
         cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
         out.write("  ".join([*cells, r[-1]]).rstrip() + "\n")
