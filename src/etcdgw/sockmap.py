@@ -71,7 +71,9 @@ TCP_INFO_LEN = 232
 # struct tcp_info: tcpi_bytes_acked (u64) at 120, tcpi_bytes_received (u64) at 128.
 _BYTES_ACKED = 120
 
-RINGBUF_SIZE = 1 << 16  # 8-byte records of 16 bytes: 4096 notifications before a drain
+# A direction has at most two records in the ring at a time (a mark, then a stop), 16 bytes
+# each with the header: 64 bytes per pair. The ring is sized for max_pairs, so it never
+# overflows (a lost record would leave a stopped direction unnoticed).
 
 
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
@@ -128,8 +130,8 @@ def _map_delete(fd: int, key: bytes) -> None:
 R0, R1, R2, R3, R4, R6, R7, R8, R9, R10 = 0, 1, 2, 3, 4, 6, 7, 8, 9, 10
 CALL_MAP_LOOKUP, CALL_GET_SOCKET_COOKIE, CALL_SK_REDIRECT_HASH, CALL_RINGBUF_OUTPUT = 1, 46, 72, 130
 _CTL_LIMIT, _CTL_MARK, _CTL_PEER = 0, 8, 16  # struct ctl (userspace writes): 3 x u64
-_CNT_BYTES, _CNT_STOPPED, _CNT_NOTIFIED = 0, 8, 16  # struct cnt (the program writes): 3 x u64
-_CTL_SIZE = _CNT_SIZE = 24
+_CNT_BYTES, _CNT_STOPPED, _CNT_NOTIFIED, _CNT_PASSED = 0, 8, 16, 24  # struct cnt: 4 x u64
+_CTL_SIZE, _CNT_SIZE = 24, 32  # (userspace writes ctl, the program writes cnt)
 
 Insn = tuple[object, ...]
 
@@ -153,7 +155,7 @@ PROGRAM: list[Insn | str] = [  # a str is a label
     (0x15, R0, 0, "pass", 0),  # if !r0 goto pass
     (0xBF, R9, R0, 0, 0),  # r9 = cnt entry
     (0x79, R1, R9, _CNT_STOPPED, 0),  # r1 = cnt->stopped
-    (0x55, R1, 0, "pass", 0),  # if r1 != 0 goto pass     demoted: user space relays it
+    (0x55, R1, 0, "passed", 0),  # if r1 != 0 goto passed  demoted: user space relays it
     (0x79, R1, R9, _CNT_BYTES, 0),  # r1 = cnt->bytes
     (0x0F, R1, R7, 0, 0),  # r1 += len
     (0x79, R2, R8, _CTL_LIMIT, 0),  # r2 = ctl->limit
@@ -188,6 +190,10 @@ PROGRAM: list[Insn | str] = [  # a str is a label
     (0xB7, R3, 0, 0, 8),  # r3 = 8
     (0xB7, R4, 0, 0, 0),  # r4 = 0
     (0x85, 0, 0, 0, CALL_RINGBUF_OUTPUT),  # tell user space: this direction is demoted
+    "passed",
+    (0x79, R1, R9, _CNT_PASSED, 0),  # r1 = cnt->passed
+    (0x0F, R1, R7, 0, 0),  # r1 += len
+    (0x7B, R9, R1, _CNT_PASSED, 0),  # cnt->passed = r1    bytes queued on the source itself
     "pass",
     (0xB7, R0, 0, 0, SK_PASS),  # r0 = SK_PASS            queue on the receiving socket
     (0x95, 0, 0, 0, 0),  # exit
@@ -354,6 +360,7 @@ def probe() -> str | None:
 
 KERNEL, DRAIN, USER = 0, 1, 2  # a direction's mode
 _IDLE, _WAITING, _MORE = 0, 1, 2  # what a visit left a direction doing
+ERROR_GRACE = 1.0  # seconds a failing pair waits for its redirected bytes to leave
 _BASE = select.EPOLLRDHUP | select.EPOLLET
 _BAD = select.EPOLLERR | select.EPOLLHUP
 
@@ -375,6 +382,8 @@ class _Dir:
         "buf",
         "final",
         "ever_stopped",
+        "kernel",
+        "read",
     )
 
     def __init__(self, src: int, dst: int, cookie: int, base: int) -> None:
@@ -389,15 +398,19 @@ class _Dir:
         self.buf = b""  # bytes read from src that dst refused (demoted mode)
         self.final = -1  # the byte count, frozen when the direction is done
         self.ever_stopped = False
+        self.kernel = True  # False: the pair never entered the maps (see add())
+        self.read = 0  # bytes this engine read from src (demoted mode)
 
 
 class _Pair:
-    __slots__ = ("id", "dirs", "flags")
+    __slots__ = ("id", "dirs", "flags", "err", "err_deadline")
 
     def __init__(self, pair_id: int, dirs: tuple[_Dir, _Dir]) -> None:
         self.id = pair_id
         self.dirs = dirs  # [0] client -> upstream, [1] upstream -> client
         self.flags = [0, 0]  # the epoll flags registered per side
+        self.err = 0  # a socket error seen; the pair finishes with it once bytes are out
+        self.err_deadline = 0.0
 
 
 class KernelRelay:
@@ -407,7 +420,7 @@ class KernelRelay:
     destination's send queue) before that direction is demoted to user space for good.
     """
 
-    def __init__(self, bound: int = 4 << 20, bufsize: int = 65536, max_pairs: int = 65536) -> None:
+    def __init__(self, bound: int = 4 << 20, bufsize: int = 65536, max_pairs: int = 16384) -> None:
         if not 1 << 12 <= bound <= 1 << 40:
             raise ValueError(f"bound out of range: {bound}")
         self._bound = bound
@@ -416,13 +429,15 @@ class KernelRelay:
         self._fds: list[int] = []
         self._mm: list[mmap.mmap] = []
         self._epoll: select.epoll | None = None
+        ring = 1 << max(16, (64 * max_pairs - 1).bit_length())
+        self._ringsize = ring
         try:
             n = 2 * max_pairs
             self._ctl = self._own(_map_create(BPF_MAP_TYPE_HASH, 8, _CTL_SIZE, n))
             self._cnt = self._own(_map_create(BPF_MAP_TYPE_HASH, 8, _CNT_SIZE, n))
             self._peers = self._own(_map_create(BPF_MAP_TYPE_SOCKHASH, 8, 8, n))
             self._verdict = self._own(_map_create(BPF_MAP_TYPE_SOCKHASH, 8, 8, n))
-            self._ring = self._own(_map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, RINGBUF_SIZE))
+            self._ring = self._own(_map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, ring))
             maps = {"ctl": self._ctl, "cnt": self._cnt, "peers": self._peers}
             maps["ring"] = self._ring
             prog = self._own(_prog_load(_assemble(PROGRAM, maps)))
@@ -433,7 +448,7 @@ class KernelRelay:
             )
             self._mm.append(self._cons)
             self._prod = mmap.mmap(
-                self._ring, page + 2 * RINGBUF_SIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+                self._ring, page + 2 * ring, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
             )
             self._mm.append(self._prod)
             self._page = page
@@ -450,6 +465,7 @@ class KernelRelay:
         self._waiting: set[int] = set()  # pair ids with a direction polling for the kernel
         self._ready: dict[int, _Pair] = {}  # demoted directions with more to move (fairness)
         self._backoff = 0.0
+        self._armed = False
         self._finished: list[Finished] = []
         self._next_id = 1
         self._total = [0, 0]
@@ -486,6 +502,34 @@ class KernelRelay:
                 _Dir(upstream_fd, client_fd, cu, _queued(client_fd)),
             ),
         )
+        try:
+            self._enter(pair)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            # A sockhash takes established sockets only: one that already saw its peer's
+            # FIN (CLOSE_WAIT) is refused. Such a pair is relayed in user space.
+            for side, d in enumerate(pair.dirs):
+                d.mode, d.kernel = USER, False
+                try:
+                    ep.register(d.src, _BASE | select.EPOLLIN)
+                except BaseException:
+                    if side:
+                        ep.unregister(pair.dirs[0].src)
+                    raise
+                pair.flags[side] = _BASE | select.EPOLLIN
+            self._ready[pair.id] = pair  # look at what is queued already
+        self._next_id += 1
+        self._pairs[pair.id] = pair
+        for side, d in enumerate(pair.dirs):
+            self._by_fd[d.src] = (pair, side)
+            self._by_cookie[d.cookie] = (pair, side)
+        return pair.id
+
+    def _enter(self, pair: _Pair) -> None:
+        """Put a pair's sockets in the maps and the epoll set; all or nothing."""
+        ep = self._open()
+        cc, cu = pair.dirs[0].cookie, pair.dirs[1].cookie
         done: list[tuple[int, bytes]] = []
         registered: list[int] = []
         try:
@@ -518,12 +562,6 @@ class KernelRelay:
             for fd in registered:
                 ep.unregister(fd)
             raise
-        self._next_id += 1
-        self._pairs[pair.id] = pair
-        for side, d in enumerate(pair.dirs):
-            self._by_fd[d.src] = (pair, side)
-            self._by_cookie[d.cookie] = (pair, side)
-        return pair.id
 
     def run(self) -> list[Finished]:
         """Handle ready events without blocking; return the pairs that finished."""
@@ -539,6 +577,7 @@ class KernelRelay:
                         visit[entry[0].id] = entry[0]
                         self._credit(entry[0].dirs[entry[1]])
             elif fd == self._timer:
+                self._armed = False
                 try:
                     os.read(self._timer, 8)
                 except BlockingIOError:
@@ -580,54 +619,84 @@ class KernelRelay:
     def remove(self, pair_id: int, timeout: float = 1.0) -> Finished:
         """Take a pair out of the kernel and hand its fds back, no byte lost or duplicated.
 
-        Stops the verdicts at once (later bytes wait in the sockets' receive queues for the
-        owner), then waits up to `timeout` for the bytes already redirected to reach the
-        destinations' send queues, and writes out what this engine holds in user space
-        (a demoted direction's bytes, and what the source queued on its psock after its
-        demotion). errno is 0, or ETIMEDOUT if bytes were still held in the kernel at the
-        deadline (they are lost with the psock: reset the connection).
+        Blocks up to `timeout`. Reads what a demoted source queued on its psock while the
+        verdict is still attached, stops the verdicts (later bytes wait in the sockets'
+        receive queues for the owner), waits for the bytes already redirected to reach
+        the destinations' send queues, and writes out what this engine holds. errno 0:
+        the owner continues exactly where the relay stopped. ETIMEDOUT: bytes were still
+        in the kernel (or in this engine) at the deadline and are lost with the psock.
+        ENOTRECOVERABLE: bytes reached a demoted source's psock queue in the instant
+        between the last read and the detach; they were relayed, but reading them after
+        the detach leaves that socket's copied_seq behind (a kernel bug seen on 6.18:
+        "TCP recvmsg seq # bug"), so the source cannot be read again. Either errno:
+        reset the connection.
         """
         pair = self._pairs[pair_id]
+        deadline = time.monotonic() + timeout
+        for d in pair.dirs:
+            if not d.done and d.kernel and self._redirected(d)[1]:
+                d.ever_stopped = True
+                self._read_out(d, deadline)  # through the verdict's recvmsg: seq kept right
         for d in pair.dirs:
             _map_delete(self._verdict, _k(d.cookie))
-        deadline = time.monotonic() + timeout
         err = 0
         for d in pair.dirs:
-            if d.done:
+            if d.done or not d.ever_stopped:
                 continue
-            if not self._wait(lambda d=d: self._inflight(d) == 0, deadline):
+            late = self._passed(d) - d.read
+            if late > 0:  # passed after our last read: only readable now, at a price
+                err = errno.ENOTRECOVERABLE
+                self._read_out(d, deadline, late)
+        for d in pair.dirs:
+            if not d.done and not self._hand_back(d, deadline):
                 err = errno.ETIMEDOUT
-                continue
-            if d.ever_stopped:
-                # Bytes the program passed to the source's own psock queue are lost with
-                # the psock: read them out now (the queue is bounded by the source's
-                # receive buffer; what follows them comes from the TCP queue, in order).
-                while True:
-                    try:
-                        data = os.read(d.src, self._bufsize)
-                    except BlockingIOError:
-                        break
-                    except OSError:
-                        break
-                    if not data:
-                        break
-                    d.buf += data
-            while d.buf:
-                try:
-                    n = os.write(d.dst, d.buf)
-                except BlockingIOError:
-                    n = 0
-                except OSError:
-                    break
-                d.user += n
-                d.buf = d.buf[n:]
-                if d.buf and not self._wait(lambda: False, min(deadline, time.monotonic() + 0.001)):
-                    if time.monotonic() >= deadline:
-                        err = errno.ETIMEDOUT
-                        break
         record = (pair.id, self._moved(pair.dirs[0]), self._moved(pair.dirs[1]), err)
         self._detach(pair)
         return record
+
+    def _read_out(self, d: _Dir, deadline: float, limit: int = -1) -> None:
+        """Read a demoted source into d.buf until EAGAIN/EOF (or `limit` bytes)."""
+        # Its psock queue is bounded by its receive buffer (TCP's window closes): so is
+        # this, plus the TCP queue behind it. Stopping anywhere loses nothing.
+        cap = 2 * _sockopt(d.src, socket.SOL_SOCKET, socket.SO_RCVBUF) + self._bufsize
+        got = 0
+        while (limit < 0 or got < limit) and len(d.buf) < cap and time.monotonic() < deadline:
+            want = self._bufsize if limit < 0 else min(self._bufsize, limit - got)
+            try:
+                data = os.read(d.src, want)
+            except OSError:  # EAGAIN; or an error, which the owner will see too
+                break
+            if not data:
+                break
+            got += len(data)
+            d.read += len(data)
+            d.buf += data
+
+    def _passed(self, d: _Dir) -> int:
+        raw = _map_lookup(self._cnt, _k(d.cookie), _CNT_SIZE)
+        return int(struct.unpack_from("<Q", raw, _CNT_PASSED)[0])
+
+    def _hand_back(self, d: _Dir, deadline: float) -> bool:
+        """remove() for one direction: False if bytes were left in the kernel or in d.buf."""
+        while self._inflight(d) > 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0005)
+        poller = select.poll()
+        poller.register(d.dst, select.POLLOUT)
+        while d.buf:
+            try:
+                n = os.write(d.dst, d.buf)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return False
+            d.user += n
+            d.buf = d.buf[n:]
+            left = deadline - time.monotonic()
+            if d.buf and (left <= 0 or not poller.poll(max(1, int(left * 1000)))):
+                return False
+        return True
 
     def close(self) -> None:
         """Idempotent: drop the maps, the program, the ring and the epoll; relayed fds stay."""
@@ -667,8 +736,10 @@ class KernelRelay:
             return 0
 
     def _redirected(self, d: _Dir) -> tuple[int, bool]:
+        if not d.kernel:
+            return 0, False
         raw = _map_lookup(self._cnt, _k(d.cookie), _CNT_SIZE)
-        nbytes, stopped, _ = struct.unpack("<QQQ", raw)
+        nbytes, stopped, _, _ = struct.unpack("<QQQQ", raw)
         return int(nbytes), bool(stopped)
 
     def _inflight(self, d: _Dir) -> int:
@@ -692,7 +763,7 @@ class KernelRelay:
         cons = struct.unpack_from("<Q", self._cons, 0)[0]
         prod = struct.unpack_from("<Q", self._prod, 0)[0]
         out = []
-        mask = RINGBUF_SIZE - 1
+        mask = self._ringsize - 1
         while cons < prod:
             at = self._page + (cons & mask)
             hdr = struct.unpack_from("<I", self._prod, at)[0]
@@ -707,10 +778,12 @@ class KernelRelay:
 
     def _visit(self, pair: _Pair, errs: set[int]) -> None:
         for side in sorted(errs):
-            so_error = _sockopt(pair.dirs[side].src, socket.SOL_SOCKET, socket.SO_ERROR)
-            if so_error:
-                self._finish(pair, so_error)
-                return
+            if not pair.err:
+                pair.err = _sockopt(pair.dirs[side].src, socket.SOL_SOCKET, socket.SO_ERROR)
+                pair.err_deadline = time.monotonic() + ERROR_GRACE
+        if pair.err:
+            self._failing(pair)
+            return
         waiting = more = False
         for d in pair.dirs:
             try:
@@ -724,14 +797,34 @@ class KernelRelay:
             self._finish(pair, 0)
             return
         if waiting:
-            if pair.id not in self._waiting:
+            if pair.id not in self._waiting and self._backoff > 0.001:
                 self._backoff = 0.0  # a new wait starts polling fast again
+                self._armed = False  # (re-armed sooner by _rearm)
             self._waiting.add(pair.id)
         else:
             self._waiting.discard(pair.id)
         if more:
             self._ready[pair.id] = pair
         self._reflag(pair)
+
+    def _failing(self, pair: _Pair) -> None:
+        """A socket reported an error: like the user-space engines, relay the bytes that
+        came before it first. User-space directions read up to the error; the pair
+        finishes once the kernel holds no redirected byte (or ERROR_GRACE has passed)."""
+        for d in pair.dirs:
+            if d.mode == USER and not d.done:
+                try:
+                    self._pump(d)
+                except OSError:
+                    pass
+        try:
+            held = any(not d.done and self._inflight(d) > 0 for d in pair.dirs)
+        except OSError:
+            held = False
+        if held and time.monotonic() < pair.err_deadline:
+            self._waiting.add(pair.id)
+        else:
+            self._finish(pair, pair.err)
 
     def _step_dir(self, d: _Dir) -> int:
         """Progress one direction: _IDLE, _WAITING (poll the kernel) or _MORE (fairness)."""
@@ -779,6 +872,7 @@ class KernelRelay:
                 if not data:
                     d.eof = True
                     continue
+                d.read += len(data)
                 moved += len(data)
                 try:
                     n = os.write(d.dst, data)
@@ -815,21 +909,16 @@ class KernelRelay:
                 pair.flags[side] = want
 
     def _rearm(self) -> None:
+        """Keep the poll timer armed while a direction waits: 1 ms, doubling to 100 ms."""
         if self._waiting:
-            self._backoff = min(self._backoff * 2, 0.1) if self._backoff else 0.001
-            _arm(self._timer, self._backoff)
-        elif self._backoff:
+            if not self._armed:
+                self._backoff = min(self._backoff * 2, 0.1) if self._backoff else 0.001
+                _arm(self._timer, self._backoff)
+                self._armed = True
+        elif self._armed or self._backoff:
             self._backoff = 0.0
+            self._armed = False
             _arm(self._timer, 0)
-
-    def _wait(self, ready: object, deadline: float) -> bool:
-        """Poll `ready()` every millisecond until it holds or the deadline passes."""
-        assert callable(ready)
-        while not ready():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.001)
-        return True
 
     def _finish(self, pair: _Pair, err: int) -> None:
         record = (pair.id, self._moved(pair.dirs[0]), self._moved(pair.dirs[1]), err)
