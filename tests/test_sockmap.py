@@ -118,14 +118,15 @@ class ChunkedPeer(Peer):
         self.rest = memoryview(data)
         self.chunks = chunks
         self.i = 0
-        self.final_shut = kw.get("shut", True) and kw.get("reply") is None
+        self.final_shut, self.shut = self.shut, False  # only after the last chunk
 
     def step(self) -> None:
         if self.rest and not self.out:
             n = self.chunks[self.i % len(self.chunks)]
             self.i += 1
             self.out, self.rest = self.rest[:n], self.rest[n:]
-        self.shut = self.final_shut and not self.rest
+        if not self.rest and self.final_shut:
+            self.shut, self.final_shut = True, False
         super().step()
 
     def events(self) -> int:
