@@ -371,14 +371,14 @@ def report(runs: dict[tuple[str, str], list[dict[str, float]]], args: Any) -> No
             )
         c = runs[(workload, "cython")]
         k = runs[(workload, "kernel")]
-        for key, label in (("machine_cpu", "machine"), ("ours_cpu", "ours")):
-            ratio = [
-                (per(kr, key) - per(d, key)) / max(per(cr, key) - per(d, key), 1e-9)
-                for kr, cr, d in zip(k, c, direct, strict=True)
-            ]
+        for key, label in (("machine_cpu", "whole-machine"), ("ours_cpu", "own-process")):
+            added_k = [per(r, key) - per(d, key) for r, d in zip(k, direct, strict=True)]
+            added_c = [per(r, key) - per(d, key) for r, d in zip(c, direct, strict=True)]
+            mk, mc = statistics.median(added_k), statistics.median(added_c)
+            ratio = f"{mk / mc:.2f}" if mc > 0 else "n/a (cython's median is <= 0: noise)"
             print(
-                f"\nkernel/cython, added {label} CPU per request, per rep: "
-                f"{', '.join(f'{x:.2f}' for x in ratio)}; median {statistics.median(ratio):.2f}"
+                f"\nadded {label} CPU per request, median of reps: kernel {mk:.1f} us, "
+                f"cython {mc:.1f} us: kernel/cython = {ratio}"
             )
         print()
     if ("bulk", "direct") in runs:
