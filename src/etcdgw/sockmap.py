@@ -5,23 +5,23 @@ stream-verdict program ships below as hand-assembled bytecode and is loaded with
 syscall; no compiler, headers or new dependency.
 
 How it works. Every relayed socket is in two SOCKHASH maps keyed by its socket cookie:
-VERDICT (the program is attached to it: the kernel hands each skb the socket receives to
-the program) and PEERS (redirect targets, no program). CTL[cookie] holds what userspace
-decides for the direction that socket feeds (credit limit, notify mark, peer cookie); CNT
-[cookie] holds what the program counts (bytes redirected, a stop flag, the mark it last
-reported). Per skb the program redirects it to the peer's send path while the direction's
-redirected bytes stay within `limit`; past it, it sets `stopped` and from then on returns
-SK_PASS, so the bytes queue on the source socket itself (charged to its receive buffer,
-so TCP's window closes: real backpressure) and this engine relays that direction in user
-space for the rest of the pair's life ("demoted"). Redirected bytes wait in the kernel
-(the peer's psock queue) until the peer's send buffer takes them, and the kernel applies
-no backpressure to them at all, so the credit is what bounds them: userspace keeps
-`limit = delivered + bound`, where delivered is what the destination's send queue took
-(tcpi_bytes_acked + SIOCOUTQ, minus its value at add()). When a direction passes its
-`mark` (half a bound since the last look) the program writes its cookie into a BPF ring
-buffer, whose fd is in this engine's epoll set: the engine wakes, recomputes, and moves
-limit and mark on. Request/response traffic crosses a mark once per `bound / 2` bytes; a
-stalled reader stops its direction after `bound` bytes in the kernel.
+VERDICT (the program is attached to it: the kernel hands each skb the socket receives to the
+program) and PEERS (redirect targets, no program). CTL[cookie] holds what userspace decides
+for the direction that socket feeds (credit limit, notify mark, peer cookie); CNT [cookie]
+holds what the program counts (bytes redirected, a stop flag, the mark it last reported,
+bytes passed after the stop). Per skb the program redirects it to the peer's send path while
+the direction's redirected bytes stay within `limit`; past it, it sets `stopped` and from
+then on returns SK_PASS, so the bytes queue on the source socket itself (charged to its
+receive buffer, so TCP's window closes: real backpressure) and this engine relays that
+direction in user space for the rest of the pair's life ("demoted"). Redirected bytes wait
+in the kernel (the peer's psock queue) until the peer's send buffer takes them, and the
+kernel applies no backpressure to them at all, so the credit is what bounds them: userspace
+keeps `limit = delivered + bound`, where delivered is what the destination's send queue took
+(tcpi_bytes_acked + SIOCOUTQ, minus its value at add()). When a direction passes its `mark`
+(half a bound since the last look) the program writes its cookie into a BPF ring buffer,
+whose fd is in this engine's epoll set: the engine wakes, recomputes, and moves limit and
+mark on. Request/response traffic crosses a mark once per `bound / 2` bytes; a stalled
+reader stops its direction after `bound` bytes in the kernel.
 
 Half-close: the FIN reaches the program as a zero-length skb, which it drops; the engine
 sees EPOLLRDHUP and passes the EOF on (shutdown(dst, SHUT_WR)) only once every byte the
@@ -32,7 +32,12 @@ edges) and polls with a timerfd backing off from 1 ms to 100 ms.
 
 Errors: EPOLLERR/EPOLLHUP with a non-zero SO_ERROR on either socket (a reset, or the
 kernel failing to send into a dead peer) finishes the pair with that errno, as the user
-space engines do. Fds are borrowed: the engine never closes them.
+space engines do, once the bytes redirected before it have left (at most ERROR_GRACE).
+Fds are borrowed: the engine never closes them.
+
+Measured (bench/KERNEL.md): byte-exact, but on 6.18 every redirected message is sent
+from a kworker, which costs more CPU per request than the Cython engine's relay thread;
+so this path fails issue 14's kill criterion and is not part of the gateway.
 """
 
 from __future__ import annotations
@@ -348,9 +353,12 @@ def probe() -> str | None:
             b.setblocking(False)
             try:
                 pid = relay.add(a.fileno(), b.fileno())
+                in_kernel = relay._pairs[pid].dirs[0].kernel
                 relay.remove(pid)
             except OSError as e:
                 return f"the kernel refuses a socket in a sockhash: {e}"
+            if not in_kernel:  # add() fell back to user space: EOPNOTSUPP
+                return "the kernel refuses an established TCP socket in a sockhash"
     finally:
         relay.close()
     return None
