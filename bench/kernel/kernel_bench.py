@@ -1,6 +1,6 @@
-"""Side-by-side: the Cython engine, the kernel relay (etcdgw.sockmap) and direct, on loopback.
+"""Side-by-side on loopback: the Cython engine, the kernel relay (sockmap.py here), direct.
 
-    sudo python3 bench/kernel_bench.py [--reps 5] [--duration 4] [--conns 32]
+    sudo python3 bench/kernel/kernel_bench.py [--reps 5] [--duration 4] [--conns 32]
 
 Workloads (each rep runs every variant, in a rotated order, so drift hits all alike):
   paced      each of --conns kept-alive connections sends a 64-byte request, reads a
@@ -33,7 +33,9 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
+sys.path.insert(0, HERE)
 
 REQ, REPLY = 64, 256
 PACE = 0.025
@@ -131,7 +133,7 @@ def proxy(kind: str, lsock: socket.socket, target: int, ready: Any) -> None:
 
         engine: Any = Engine()
     else:
-        from etcdgw.sockmap import KernelRelay
+        from sockmap import KernelRelay
 
         engine = KernelRelay()
     keep: dict[int, tuple[socket.socket, socket.socket]] = {}
@@ -288,7 +290,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="paced,saturated,bulk")
     ap.add_argument("--json", help="write the raw runs here")
     args = ap.parse_args()
-    from etcdgw import sockmap
+    import sockmap
 
     reason = sockmap.probe()
     if reason:

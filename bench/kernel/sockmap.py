@@ -35,7 +35,7 @@ kernel failing to send into a dead peer) finishes the pair with that errno, as t
 space engines do, once the bytes redirected before it have left (at most ERROR_GRACE).
 Fds are borrowed: the engine never closes them.
 
-Measured (bench/KERNEL.md): byte-exact, but on 6.18 every redirected message is sent
+Measured (bench/kernel/README.md): byte-exact, but on 6.18 every redirected message is sent
 from a kworker, which costs more CPU per request than the Cython engine's relay thread;
 so this path fails issue 14's kill criterion and is not part of the gateway.
 """

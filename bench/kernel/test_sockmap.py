@@ -1,4 +1,6 @@
-"""The kernel relay (etcdgw.sockmap) on real loopback TCP sockets.
+"""The kernel relay (bench/kernel/sockmap.py, a measured prototype) on real loopback TCP sockets.
+
+Not part of `make test`: run `python3 -m pytest bench/kernel` as root (see README.md here).
 
 Runs where probe() says the kernel and privileges allow it (root, or CAP_BPF +
 CAP_NET_ADMIN, on a kernel with sockhash stream verdicts); elsewhere the whole module is
@@ -20,10 +22,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import sockmap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from etcdgw import _relay_py, sockmap
+from etcdgw import _relay_py
 from test_relay import RESET, Peer, all_done, drive, drive_for, payload, reset
 
 REASON = sockmap.probe()
