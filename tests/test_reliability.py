@@ -1054,7 +1054,11 @@ BAD_INVOCATIONS = [
     (["--endpoints=,"], 'error parsing endpoint ""'),
     (["--endpoints=https://"], 'error parsing endpoint "https://"'),
     (
-        ["--health-check=etcd", "--trusted-ca-file=/nonexistent/ca.pem"],
+        [
+            "--listen-addr=127.0.0.1:{P}",
+            "--health-check=etcd",
+            "--trusted-ca-file=/nonexistent/ca.pem",
+        ],
         "failed to load trusted CA file /nonexistent/ca.pem",
     ),
     (["--listen-addr=unix:///sys/etcdgw.sock"], "listen unix /sys/etcdgw.sock: bind:"),
