@@ -32,6 +32,7 @@ from .config import (
     parse_listen,
     read_config_file,
 )
+from .systemd import Interrupted, StartupSignals
 
 PROG = "etcdgw"
 
@@ -332,8 +333,29 @@ def _start_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `etcdgw` console script. Returns the exit code (see README)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the `etcdgw` console script. Returns the exit code (see README).
+
+    0: stopped by SIGTERM/SIGINT (also before ready), --version, --help; 1: any start-up
+    error, as one line. Signals are handled from here on: see systemd.StartupSignals.
+    """
+    signals = StartupSignals().install()
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv), signals)
+    except Interrupted:
+        return 0  # stopped during parsing, before anything was bound: nothing to undo
+    finally:
+        signals.restore()
+
+
+def reparse(args: Sequence[str]) -> tuple[Config, list[str]]:
+    """parse_start for a SIGHUP reload: every failure is a ConfigError (one log line)."""
+    try:
+        return parse_start(args)
+    except UsageError as e:
+        raise ConfigError(str(e), stream="stderr") from None
+
+
+def _main(args: list[str], signals: StartupSignals) -> int:
     parser = get_parser()
     try:
         normalised = normalise_argv(args, parser)
@@ -360,7 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .app import start
 
-    return start(cfg, raw_endpoints, argv=[PROG, *args])
+    return start(
+        cfg,
+        raw_endpoints,
+        argv=[PROG, *args],
+        reparse=lambda: reparse(args),
+        signals=signals,
+    )
 
 
 def print_config_error(e: ConfigError) -> None:
