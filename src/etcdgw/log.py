@@ -86,6 +86,3 @@ def _text(v: Any) -> str:
         return json.dumps(v) if (" " in v or not v) else v
     return json.dumps(v, default=str)
 
-
-# A process-wide default, replaced by cli.main() once flags are parsed.
-default = Logger()
