@@ -649,6 +649,9 @@ def _from_events(
     body = [e for e in events if not isinstance(e, yaml.StreamStartEvent | yaml.StreamEndEvent)]
     if not body:
         return out
+    if any(isinstance(e, yaml.AliasEvent) for e in body):
+        # Refused outright: an alias bomb (aliases of aliases) must not expand.
+        raise bad("YAML aliases (*name) are not supported")
     docs = sum(isinstance(e, yaml.DocumentStartEvent) for e in body)
     if docs != 1:
         raise bad("expected one YAML document")
