@@ -597,7 +597,7 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     """cli.main(argv) in-process; the real start-up, but serving returns at once."""
     from etcdgw import app, cli
 
-    async def no_serve(run: Any, reload_args: Any = ()) -> None:
+    async def no_serve(run: Any, *args: Any) -> None:
         # Start-up succeeded (listeners bound): that is as far as a fuzz example goes.
         run.gw.close_listeners()
         if run.metrics is not None:

@@ -96,11 +96,12 @@ def start(
         return 1
     except systemd.Interrupted as e:
         log.info("stopped before ready", signal=e.name)
-        if run is not None:
+        return 0
+    finally:
+        if run is not None:  # both are idempotent: a no-op after a normal stop
             run.gw.close_listeners()
             if run.metrics is not None:
                 run.metrics.close()
-        return 0
     log.info("stopped")
     return 0
 

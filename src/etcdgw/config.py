@@ -512,9 +512,9 @@ def convert(key: Key, text: str) -> object:
             raise ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: invalid syntax")
         n = int(text)
         if key.lo is not None and n < key.lo:
-            raise ValueError(f"must be >= {key.lo:g}")
+            raise ValueError(f"must be >= {int(key.lo)}")
         if key.hi is not None and n > key.hi:
-            raise ValueError(f"must be <= {key.hi:g}")
+            raise ValueError(f"must be <= {int(key.hi)}")
         return n
     if kind == "bool":
         # pflag's strconv.ParseBool
