@@ -47,8 +47,11 @@ MAX_LINE = 8192  # bytes per request or header line
 MAX_HEADERS = 100
 # Concurrent metrics clients. At the cap a new client sheds the oldest one still sending its
 # request (slow or idle) instead of being refused, so a prober that sends its request at once
-# is answered however many slow clients hold connections open.
-MAX_CLIENTS = 64
+# is answered however many slow clients hold connections open. Clients younger than
+# SHED_GRACE are not shed (a burst of newcomers must not shed a prober accepted in the same
+# burst before its request is read): when every one is, the newcomer is closed instead.
+MAX_CLIENTS = 256
+SHED_GRACE = 0.5  # seconds
 # What generate_latest() writes: the classic text format every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -297,8 +300,9 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         self.sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
-        # Open clients in arrival order -> True while their request is still being read.
-        self._clients: dict[asyncio.StreamWriter, bool] = {}
+        # Open clients in arrival order -> arrival time while their request is still being
+        # read, None once it is answered.
+        self._clients: dict[asyncio.StreamWriter, float | None] = {}
         self.shed = 0  # clients dropped to make room (for tests and the log)
         self._closed = False
 
@@ -362,11 +366,13 @@ class MetricsServer:
         self._clients.clear()
 
     def _make_room(self) -> bool:
-        """At the cap, abort the oldest client still reading its request; False if none."""
+        """At the cap, abort the oldest client still reading its request (and older than
+        SHED_GRACE); False if there is none."""
         if len(self._clients) < MAX_CLIENTS:
             return True
-        for w, reading in self._clients.items():
-            if reading:
+        old = time.monotonic() - SHED_GRACE
+        for w, since in self._clients.items():
+            if since is not None and since <= old:
                 del self._clients[w]
                 w.transport.abort()
                 self.shed += 1
@@ -377,7 +383,7 @@ class MetricsServer:
         if self._closed or not self._make_room():
             writer.transport.abort()
             return
-        self._clients[writer] = True
+        self._clients[writer] = time.monotonic()
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
@@ -392,7 +398,7 @@ class MetricsServer:
                 status, ctype, body = self.respond(method, path)
             if writer not in self._clients:
                 return  # shed while its request arrived
-            self._clients[writer] = False
+            self._clients[writer] = None
             head = (
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
