@@ -443,7 +443,6 @@ def test_server_bounds_slow_and_many_clients(
 ) -> None:
     monkeypatch.setattr(metrics, "READ_TIMEOUT", 0.3)
     monkeypatch.setattr(metrics, "MAX_CLIENTS", 2)
-    monkeypatch.setattr(metrics, "SHED_GRACE", 0.0)
     gw = FakeGateway([_remote(1)], {})
     port = free_tcp_port()
     ms = MetricsServer(gw, f"127.0.0.1:{port}", Logger(level="error"))  # type: ignore[arg-type]

@@ -47,11 +47,11 @@ MAX_LINE = 8192  # bytes per request or header line
 MAX_HEADERS = 100
 # Concurrent metrics clients. At the cap a new client sheds the oldest one still sending its
 # request (slow or idle) instead of being refused, so a prober that sends its request at once
-# is answered however many slow clients hold connections open. Clients younger than
-# SHED_GRACE are not shed (a burst of newcomers must not shed a prober accepted in the same
-# burst before its request is read): when every one is, the newcomer is closed instead.
+# is answered however many slow clients hold connections open. The cap is well above the
+# listen backlog (asyncio accepts at most that many per wake-up): a burst of newcomers cannot
+# shed a prober accepted just before them while its request is being read.
 MAX_CLIENTS = 256
-SHED_GRACE = 0.5  # seconds
+BACKLOG = 100
 # What generate_latest() writes: the classic text format every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -300,9 +300,8 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         self.sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
-        # Open clients in arrival order -> arrival time while their request is still being
-        # read, None once it is answered.
-        self._clients: dict[asyncio.StreamWriter, float | None] = {}
+        # Open clients in arrival order -> True while their request is still being read.
+        self._clients: dict[asyncio.StreamWriter, bool] = {}
         self.shed = 0  # clients dropped to make room (for tests and the log)
         self._closed = False
 
@@ -342,7 +341,9 @@ class MetricsServer:
         if self.sock is None:
             self.bind()
         assert self.sock is not None
-        self._server = await asyncio.start_server(self._handle, sock=self.sock, limit=MAX_LINE)
+        self._server = await asyncio.start_server(
+            self._handle, sock=self.sock, limit=MAX_LINE, backlog=BACKLOG
+        )
         name = self.sock.getsockname()
         self.log.info(
             "serving metrics",
@@ -366,13 +367,11 @@ class MetricsServer:
         self._clients.clear()
 
     def _make_room(self) -> bool:
-        """At the cap, abort the oldest client still reading its request (and older than
-        SHED_GRACE); False if there is none."""
+        """At the cap, abort the oldest client still reading its request; False if none."""
         if len(self._clients) < MAX_CLIENTS:
             return True
-        old = time.monotonic() - SHED_GRACE
-        for w, since in self._clients.items():
-            if since is not None and since <= old:
+        for w, reading in self._clients.items():
+            if reading:
                 del self._clients[w]
                 w.transport.abort()
                 self.shed += 1
@@ -383,7 +382,7 @@ class MetricsServer:
         if self._closed or not self._make_room():
             writer.transport.abort()
             return
-        self._clients[writer] = time.monotonic()
+        self._clients[writer] = True
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
@@ -398,7 +397,7 @@ class MetricsServer:
                 status, ctype, body = self.respond(method, path)
             if writer not in self._clients:
                 return  # shed while its request arrived
-            self._clients[writer] = None
+            self._clients[writer] = False
             head = (
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
