@@ -643,6 +643,42 @@ def test_signals_before_ready(phase: str, sig: signal.Signals) -> None:
     assert len(error_lines(text)) == (1 if sig == signal.SIGHUP else 0), text
 
 
+def test_sighup_during_startup_reloads_once_ready(dnsmasq: Dnsmasq, tmp_path: Path) -> None:
+    """Symptom 9: SIGHUP (systemd's ExecReload) during a start-up that then succeeds is kept
+    and runs as one reload once the gateway is ready. The start-up waits ~5 s for the TLS
+    handshake of an https SRV target that accepts and never answers, then falls back to the
+    --endpoints list."""
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    conf = tmp_path / "gw.yaml"
+    port = free_tcp_port()
+    with silent, TagServer("one") as one:
+        srv = [SrvHost(f"_etcd-client-ssl._tcp.{DOMAIN}", "m.etcd.test", silent.getsockname()[1])]
+        dnsmasq.restart(srv=srv, hosts=HOSTS)
+        conf.write_text(f"discovery-srv: {DOMAIN}\nendpoints: [{one.addr}]\n")
+        g = GatewayProc(
+            [
+                "start",
+                f"--config-file={conf}",
+                f"--discovery-dns={dnsmasq.addr}",
+                f"--listen-addr=127.0.0.1:{port}",
+            ],
+            IMPL,
+        )
+        try:
+            g.wait_log("validating discovered SRV endpoints")
+            time.sleep(0.3)  # inside the handshake wait
+            g.proc.send_signal(signal.SIGHUP)
+            g.wait_ready(timeout=20)
+            g.wait_log("SIGHUP during start-up: reloading once ready")
+            g.wait_log("reloaded configuration")
+            msgs = g.messages()
+            ready = msgs.index("ready to proxy client requests")
+            assert msgs.index("reloaded configuration") > ready
+            assert relay_once(port)[0] == b"one\n"
+        finally:
+            assert g.stop() == 0
+
+
 # --- symptom 10: hostile /health answers are cheap --------------------------------------------
 
 
