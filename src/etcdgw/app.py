@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import socket
 import sys
 import threading
@@ -200,6 +201,7 @@ async def serve(
     """Notify systemd, start the companions, and run the gateway until it stops."""
     gw = run.gw
     log = gw.log
+    _bridge_signals(run)
     if run.metrics is not None:
         # Left open while draining, so /ready answers 503 then; closed when serving ends.
         await run.metrics.start()
@@ -223,6 +225,34 @@ async def serve(
     finally:
         if run.metrics is not None:
             run.metrics.close()
+
+
+def _bridge_signals(run: Running) -> None:
+    """From the loop's start until gw.run() installs its own handlers, a signal is acted on
+    once the gateway is ready: SIGTERM/SIGINT drain it (clients may already be relayed, so
+    not the abrupt start-up exit), SIGHUP reloads. gw.run() then replaces these handlers."""
+    loop = asyncio.get_running_loop()
+    gw = run.gw
+
+    def once_ready(action: Callable[[], None]) -> Callable[[], None]:
+        def attempt() -> None:
+            if gw.ready:
+                action()
+            else:
+                loop.call_later(0.01, attempt)  # gw.run() is on its way; the loop ends with it
+
+        return attempt
+
+    def sighup() -> None:
+        if gw.on_sighup is not None:
+            gw.on_sighup()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, once_ready(gw.stop))
+        loop.add_signal_handler(signal.SIGINT, once_ready(gw.stop))
+        loop.add_signal_handler(signal.SIGHUP, once_ready(sighup))
+    except (RuntimeError, ValueError):
+        pass  # not the main thread (tests run gateways in threads): no signals there
 
 
 def notify(log: Logger, message: str) -> None:
