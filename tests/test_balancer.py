@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 from etcdgw.balancer import Balancer
@@ -50,7 +49,7 @@ def test_all_down_gives_none_and_a_fallback_list() -> None:
 
 def test_unhealthy_is_not_picked() -> None:
     b = Balancer([A, B])
-    b.remotes[0].healthy = False
+    assert b.set_healthy(b.remotes[0], False)
     assert picks(b, 3) == ["b", "b", "b"]
 
 
@@ -72,16 +71,16 @@ def test_next_priority_takes_over_when_class_down() -> None:
 
 def test_weights_proportional_not_off_by_one() -> None:
     # Go's pick: weights [1, 1] always give the first. RFC 2782: half and half.
-    b = Balancer([srv("x", 0, 1), srv("y", 0, 1)], rng=random.Random(7))
+    b = Balancer([srv("x", 0, 1), srv("y", 0, 1)], seed=7)
     got = Counter(picks(b, 4000))
     assert 1800 < got["x"] < 2200 and got["x"] + got["y"] == 4000
-    b = Balancer([srv("x", 0, 30), srv("y", 0, 10)], rng=random.Random(7))
+    b = Balancer([srv("x", 0, 30), srv("y", 0, 10)], seed=7)
     got = Counter(picks(b, 4000))
     assert 2800 < got["x"] < 3200
 
 
 def test_weight_zero_gets_a_small_share() -> None:
-    b = Balancer([srv("w", 0, 99), srv("z", 0, 0)], rng=random.Random(3))
+    b = Balancer([srv("w", 0, 99), srv("z", 0, 0)], seed=3)
     got = Counter(picks(b, 20000))
     # 1 / (99 + 1) of the draws: about 200 of 20000.
     assert 100 < got["z"] < 320

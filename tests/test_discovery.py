@@ -23,15 +23,12 @@ from etcdgw.discovery import (
     DiscoveryError,
     Refresher,
     SrvRecord,
-    async_host_resolver,
     clamp_ttl,
     diff,
     discover,
     endpoint_url,
     get_srv_service,
-    host_resolver,
     order_endpoints,
-    parse_dns_server,
     retry_delay,
     self_check_for,
     srv_names,
@@ -39,6 +36,7 @@ from etcdgw.discovery import (
     to_endpoint,
 )
 from etcdgw.log import Logger
+from etcdgw.resolver import async_host_resolver, host_resolver, parse_dns_server
 
 DOMAIN = "etcd.test"
 SSL = f"_etcd-client-ssl._tcp.{DOMAIN}"

@@ -19,6 +19,7 @@ import pytest
 
 from _gateway import silent_listener, wait_for
 from etcdgw import _relay_py
+from etcdgw.engine import NativeAccept, Target
 
 pytestmark = pytest.mark.c_extension
 
@@ -66,7 +67,7 @@ class Native:
     def targets(self, *rows: tuple[int, str | None, int, int, int, bool], **kw: Any) -> None:
         """rows: (tag, ip, port, priority, weight, usable)."""
         self.engine.set_targets(
-            [(t, socket.AF_INET, ip, port, 0, 0, pr, w, u) for t, ip, port, pr, w, u in rows],
+            [Target(t, socket.AF_INET, ip, port, pr, w, u) for t, ip, port, pr, w, u in rows],
             kw.get("sockopts", NODELAY),
             kw.get("dial_timeout", 5.0),
             kw.get("limit", 0),
@@ -336,11 +337,14 @@ def test_close_with_live_and_connecting_pairs(no_fd_leak: None, backends: list[B
 def test_loop_mode_and_the_python_twin_refuse_native_accept() -> None:
     from etcdgw import _relay
 
-    for engine in (_relay.Engine(threaded=False), _relay_py.Engine()):
-        assert engine.native is False
-        with pytest.raises(RuntimeError, match="native accept"):
-            engine.listen(0)
-        engine.close()
+    engine = _relay.Engine(threaded=False)
+    assert isinstance(engine, NativeAccept) and engine.native is False
+    with pytest.raises(RuntimeError, match="native accept"):
+        engine.listen(0)
+    engine.close()
+    pure = _relay_py.Engine()
+    assert not isinstance(pure, NativeAccept)  # declared, not stubbed (engine.py)
+    pure.close()
 
 
 def test_short_pairs_are_summed_per_target(native: Native, backends: list[Backend]) -> None:
@@ -388,7 +392,7 @@ def test_short_pairs_are_summed_per_target(native: Native, backends: list[Backen
 def test_late_options_reach_long_lived_upstreams(native: Native, backends: list[Backend]) -> None:
     a = backends[0]
     native.engine.set_targets(
-        [(1, socket.AF_INET, "127.0.0.1", a.port, 0, 0, 0, 0, True)],
+        [Target(1, socket.AF_INET, "127.0.0.1", a.port, 0, 0, True)],
         NODELAY,
         5.0,
         0,

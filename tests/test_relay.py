@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from etcdgw import _relay_py
+from etcdgw import engine as engine_contract
 from etcdgw.relay import Relay, new_event_loop
 
 Finished = tuple[int, int, int, int]
@@ -589,46 +590,48 @@ def test_bufsize_is_validated(engine_module: ModuleType) -> None:
 
 @pytest.mark.c_extension
 def test_both_engines_have_the_same_interface() -> None:
+    """Each twin implements what engine.py declares for it, with the declared signatures:
+    both the core Engine, the pure twin LoopEpoll, the Cython twin NativeAccept."""
     _relay = importlib.import_module("etcdgw._relay")
 
-    def public(cls: type) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in dir(cls):
-            if name.startswith("_") and name not in {"__init__", "__len__"}:
-                continue
-            attr = inspect.getattr_static(cls, name)
-            if isinstance(attr, property) or inspect.isgetsetdescriptor(attr):
-                out[name] = "property"
-            elif name == "__len__":  # a C slot in Cython: no Python signature to compare
-                out[name] = "slot"
-            elif name == "__init__":  # a slot too; Cython embeds its signature in the doc
-                doc = (cls.__doc__ or "").splitlines()[0]
-                sig = doc if doc.startswith("Engine(") else f"Engine{inspect.signature(cls)}"
-                out[name] = sig.replace("'", "")
-            else:
-                params = inspect.signature(getattr(cls, name)).parameters.values()
-                out[name] = [(p.name, p.kind, p.default) for p in params]
-        return out
+    def members(proto: type) -> set[str]:
+        return {
+            n
+            for n in vars(proto)
+            if (not n.startswith("_") or n in {"__init__", "__len__"})
+            and n not in {"__weakref__", "__dict__"}
+        }
 
-    assert public(_relay.Engine) == public(_relay_py.Engine)
-    assert set(public(_relay_py.Engine)) == {
-        "__init__",
-        "__len__",
-        "add",
-        "close",
-        "collect",
-        "fileno",
-        "listen",
-        "native",
-        "native_pending",
-        "pending",
-        "remove",
-        "run",
-        "set_targets",
-        "stats",
-        "totals",
-        "unlisten",
+    def shape(cls: type, name: str) -> Any:
+        attr = inspect.getattr_static(cls, name)
+        if isinstance(attr, property) or inspect.isgetsetdescriptor(attr):
+            return "property"
+        if name == "__len__":  # a C slot in Cython: no Python signature to compare
+            return "slot"
+        if name == "__init__":  # a slot too; Cython embeds its signature in the doc
+            doc = (cls.__doc__ or "").splitlines()[0]
+            sig = doc if doc.startswith("Engine(") else f"Engine{inspect.signature(cls)}"
+            return sig.replace("'", "").split(" -> ")[0]
+        params = inspect.signature(getattr(cls, name)).parameters.values()
+        return [(p.name, p.kind, p.default) for p in params]
+
+    for cls, protos in (
+        (_relay.Engine, [engine_contract.Engine, engine_contract.NativeAccept]),
+        (_relay_py.Engine, [engine_contract.Engine, engine_contract.LoopEpoll]),
+    ):
+        for proto in protos:
+            for name in members(proto):
+                assert hasattr(cls, name), f"{cls.__module__}.Engine lacks {proto.__name__}.{name}"
+                want = shape(proto, name)
+                if name == "__init__":
+                    want = "Engine(bufsize: int = 65536, threaded: bool | None = None)"
+                assert shape(cls, name) == want, (cls.__module__, name)
+    core = members(engine_contract.Engine)
+    assert {n: shape(_relay.Engine, n) for n in core} == {
+        n: shape(_relay_py.Engine, n) for n in core
     }
+    assert not isinstance(_relay_py.Engine(), engine_contract.NativeAccept)
+    assert {"add", "run", "remove", "stats", "totals", "close", "fileno", "pending"} <= core
 
 
 # -- the relay thread (Cython, threaded mode) --

@@ -28,145 +28,14 @@ from libc.errno cimport (
     ETIMEDOUT, errno,
 )
 from libc.signal cimport SIG_DFL, SIGPIPE
-from libc.stdlib cimport free, malloc, realloc
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset, strerror
 from posix.signal cimport SIG_BLOCK, SIG_SETMASK, sigaction, sigaction_t, sigfillset
 from posix.types cimport sigset_t
 from posix.unistd cimport close, read, write
 
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        uint64_t u64
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    enum:
-        EPOLLIN
-        EPOLLOUT
-        EPOLLRDHUP
-        EPOLLERR
-        EPOLLHUP
-        EPOLLET
-        EPOLL_CTL_ADD
-        EPOLL_CTL_DEL
-        EPOLL_CTL_MOD
-        EPOLL_CLOEXEC
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    struct sockaddr:
-        pass
-    struct sockaddr_storage:
-        pass
-    struct linger:
-        int l_onoff
-        int l_linger
-    enum:
-        MSG_NOSIGNAL
-        SHUT_WR
-        SOL_SOCKET
-        SO_ERROR
-        SO_LINGER
-        SOCK_STREAM
-        SOCK_NONBLOCK
-        SOCK_CLOEXEC
-        AF_INET
-        AF_INET6
-    int socket(int domain, int type, int protocol)
-    int connect(int fd, const sockaddr *addr, socklen_t len)
-    int accept4(int fd, sockaddr *addr, socklen_t *len, int flags)
-    int getpeername(int fd, sockaddr *addr, socklen_t *len)
-    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    int shutdown(int fd, int how)
-    int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
-
-cdef extern from "<fcntl.h>" nogil:
-    enum:
-        O_CLOEXEC
-        O_NONBLOCK
-        SPLICE_F_MOVE
-        SPLICE_F_NONBLOCK
-    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t n, unsigned flags)
-
-cdef extern from "<unistd.h>" nogil:
-    int pipe2(int *fds, int flags)
-
-cdef extern from "<netinet/in.h>" nogil:
-    struct in_addr:
-        pass
-    struct in6_addr:
-        pass
-    struct sockaddr_in:
-        unsigned short sin_family
-        unsigned short sin_port
-        in_addr sin_addr
-    struct sockaddr_in6:
-        unsigned short sin6_family
-        unsigned short sin6_port
-        uint32_t sin6_flowinfo
-        in6_addr sin6_addr
-        uint32_t sin6_scope_id
-    unsigned short htons(unsigned short)
-
-cdef extern from "<arpa/inet.h>" nogil:
-    int inet_pton(int af, const char *src, void *dst)
-
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    enum:
-        CLOCK_MONOTONIC
-    int clock_gettime(int clk, timespec *ts)
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    enum:
-        EFD_CLOEXEC
-        EFD_NONBLOCK
-    int eventfd(unsigned int initval, int flags)
-
-cdef extern from "<signal.h>" nogil:
-    int pthread_sigmask(int how, const sigset_t *mask, sigset_t *old)
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_t:
-        pass
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_create(pthread_t *thread, const void *attr, void *(*start)(void *) noexcept nogil,
-                       void *arg)
-    int pthread_join(pthread_t thread, void **retval)
-    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *mutex)
-    int pthread_mutex_lock(pthread_mutex_t *mutex)
-    int pthread_mutex_trylock(pthread_mutex_t *mutex)
-    int pthread_mutex_unlock(pthread_mutex_t *mutex)
-
-# Same constants as _relay_py.py.
-cdef enum:
-    MAX_EVENTS = 256
-    VISIT_BUFS = 16   # per direction per visit: fairness between busy pairs
-    RUN_BUFS = 64     # per run() call: the asyncio loop gets its thread back quickly
-    SLOT_BITS = 24    # pair id = generation << SLOT_BITS | slot
-    MAX_PIPES = 64    # pipes open at once (2 fds each): 128 fds at most
-    WAIT = 0          # _pump results; negative ones are -errno
-    MORE = 1
-    FREE = 0          # Pair.state
-    LIVE = 1
-    FINISHED = 2
-    CONNECTING = 3    # native dial: the upstream socket is still connecting
-    DIALFAIL = 4      # native dial failed: the client waits in the finished list for Python
-    MAX_LISTENERS = 64
-    MAX_SOCKOPTS = 8
-    ACCEPT_BATCH = 128  # clients accepted per listener per batch of the relay thread
-    REPORT_BATCH = 64   # started/finished records that make the thread notify at once
+from .engine import Failed, Finished, Paused, Report, ShortSum, Started
 
 cdef uint64_t WAKE_KEY = 0xFFFFFFFFFFFFFFFF  # epoll key of the thread's wake-up eventfd
 cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native listeners
@@ -187,130 +56,6 @@ THREADED = True
 def _set_splice(on: bool) -> None:
     global splice_enabled
     splice_enabled = bool(on)
-
-
-cdef struct Dir:
-    char *buf           # bytes dst refused, owned; NULL when none (the idle case)
-    uint32_t start
-    uint32_t end
-    int pipe[2]         # borrowed while moving bulk data, else -1
-    uint32_t piped      # bytes in the pipe that dst has not taken yet
-    int src
-    int dst
-    uint64_t moved      # bytes handed to dst
-    uint8_t ready       # progress this direction on the next visit
-    uint8_t drain       # src reported RDHUP/HUP/ERR: a short read no longer proves it empty
-    uint8_t eof         # src said EOF; pass it on once buf is flushed
-    uint8_t done        # EOF passed on: dst shut down for writing
-    uint8_t bulk        # the last read filled the buffer: read through the pipe
-
-
-cdef struct Pair:
-    uint64_t id         # 0 while the slot is free
-    Dir dir[2]          # [0] client -> upstream, [1] upstream -> client
-    int32_t prev        # ready-list links; `next` also chains the free and finished lists
-    int32_t next
-    int err
-    uint8_t state
-    uint8_t queued
-    uint8_t errcheck    # bit per side: EPOLLERR seen on that side's fd
-    uint8_t owned       # accepted and dialled by the engine: it closes both fds
-    uint8_t fresh       # owned and live, not yet reported by collect()
-    uint8_t short       # started and finished before collect(): reported in a sum
-    uint8_t outarmed    # bit per side: that fd is registered for EPOLLOUT too
-    int32_t snext       # started list (fresh pairs)
-    int32_t cprev       # connecting list (CONNECTING pairs, oldest first)
-    int32_t cnext
-    int64_t tag         # owned: the caller's tag of the target it was dialled to
-    uint64_t deadline   # CONNECTING: CLOCK_MONOTONIC ns when the dial times out
-
-
-cdef struct Listener:
-    int fd
-    uint8_t ready       # an edge said clients may be waiting: accept until EAGAIN
-    uint8_t paused      # accept failed for lack of a resource: wait for listen() again
-    uint8_t reported    # the pause was reported by collect()
-    uint8_t tune        # 0: check the first client, 1: clients inherit options, 2: tune each
-    int err
-
-
-cdef struct Late:
-    int32_t slot        # a pair whose upstream socket gets the late options at `due`
-    uint64_t id
-    uint64_t due
-
-
-cdef struct Target:
-    sockaddr_storage addr
-    socklen_t addrlen   # 0: no address known (a host name): the caller dials it
-    int64_t tag
-    int family
-    int priority
-    int weight
-    uint8_t usable
-
-
-cdef struct Core:
-    # Everything the hot path touches, in one struct the relay thread can be given; in
-    # threaded mode, every field below `events` is guarded by `lock` while the thread runs
-    # (`events`, `scratch` and `budget` belong to the thread alone).
-    int epfd
-    size_t bufsize
-    bint splice
-    char *scratch
-    Py_ssize_t budget
-    epoll_event events[MAX_EVENTS]
-    Pair *pairs
-    int32_t cap
-    int32_t nlive
-    int32_t free_head
-    int32_t ready_head
-    int32_t ready_tail
-    int32_t nready
-    int32_t finished_head
-    uint64_t gen
-    uint64_t total[2]
-    int npipes
-    # threaded mode
-    bint threaded
-    bint running        # the thread was started and not joined yet
-    bint stopping       # close(): the thread exits at its next batch
-    bint notified       # notify_fd was written and run() has not drained it yet
-    int thread_err      # errno of a failed epoll_wait in the thread (it then exits)
-    int notify_fd       # eventfd: thread -> loop, "finished pairs are waiting"
-    int wake_fd         # eventfd in the epoll set: loop -> thread, "stop"
-    pthread_mutex_t lock
-    pthread_t thread
-    # native accept (threaded mode only): listeners, targets and the dial path
-    Listener lst[MAX_LISTENERS]
-    int nlst
-    Target *targets
-    int ntargets
-    bint plain          # every target has priority 0 and weight 0: plain round-robin
-    uint64_t rr         # the round-robin counter (etcd's pickCount)
-    uint64_t rng        # xorshift64 state for SRV weights
-    int sockopts[MAX_SOCKOPTS][3]
-    int nsockopts
-    uint64_t dial_timeout_ns
-    int32_t limit       # --max-connections (0: none): live + connecting pairs
-    int32_t nconnecting
-    int32_t conn_head
-    int32_t conn_tail
-    int32_t started_head
-    int32_t nunreported  # started pairs and failed dials collect() has not returned yet
-    uint64_t accepted
-    uint64_t accept_errors
-    int32_t nfailed     # failed dials waiting in the finished list
-    int32_t nrecords    # started, finished and failed records waiting for collect()
-    # late options (keep-alive): set on upstream sockets of pairs still live after late_ns
-    int late_opts[MAX_SOCKOPTS][3]
-    int nlate_opts
-    uint64_t late_ns
-    Late *late          # ring, oldest first
-    int32_t late_cap
-    int32_t late_head
-    int32_t late_n
-    uint64_t report_at  # CLOCK_MONOTONIC ns by which the waiting records are announced
 
 
 cdef inline ssize_t _recv(int fd, char *buf, size_t n) noexcept nogil:
@@ -377,8 +122,6 @@ cdef bint _sigpipe_kills() noexcept:
 cdef class Engine:
     """Relay bytes between borrowed pairs of non-blocking sockets, both ways, on one epoll fd."""
 
-    cdef Core c
-
     def __cinit__(self, *args, **kwargs):
         self.c.epfd = self.c.notify_fd = self.c.wake_fd = -1
         self.c.free_head = self.c.ready_head = self.c.ready_tail = self.c.finished_head = -1
@@ -442,8 +185,12 @@ cdef class Engine:
         self._check_open()
         return self.c.notify_fd if self.c.threaded else self.c.epfd
 
-    def add(self, client_fd: int, upstream_fd: int) -> int:
-        """Start relaying between two connected non-blocking sockets; return the pair id."""
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
+        """Start relaying between two connected non-blocking sockets; return the pair id.
+
+        tag: the target (set_targets) the upstream socket is connected to, so the pair
+        counts in its live connections (least-connections); -1: none.
+        """
         cdef int cfd = client_fd, ufd = upstream_fd, err
         cdef int32_t slot
         cdef Pair *p
@@ -468,6 +215,9 @@ cdef class Engine:
                 if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, ufd, &ev) == 0:
                     p.state = LIVE
                     self.c.nlive += 1
+                    if tag >= 0:
+                        p.tag = tag
+                        _track(&self.c, p)
                     return p.id
                 err = errno
                 epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, cfd, NULL)
@@ -478,7 +228,7 @@ cdef class Engine:
             self._unlock()
         raise OSError(err, strerror(err).decode())
 
-    def run(self) -> list[tuple[int, int, int, int]]:
+    def run(self) -> list[Finished]:
         """Handle ready events without blocking; return the pairs that finished.
 
         Threaded: the relay thread handled the events; this only collects what finished.
@@ -496,35 +246,36 @@ cdef class Engine:
                     _handle(&self.c, n)
         if err:  # the pairs finished so far stay listed for the next call
             raise OSError(err, strerror(err).decode())
-        _, finished, failed, _, _, _, _ = self._collect(False)
-        for cfd, _, _ in failed:
-            close(cfd)
-        return finished
+        report = self._collect(False)
+        for f in report.failed:
+            close(f.client_fd)
+        return report.finished
 
-    def collect(self, aggregate: bool = False):
+    def collect(self, aggregate: bool = False) -> Report:
         """Threaded: everything the relay thread has to report, in one go.
 
-        Returns (started, finished, failed, paused, accepted, accept_errors, short):
-        started: [(pair_id, tag)] pairs the engine accepted and connected itself (native
+        Returns an engine.Report (started, finished, failed, paused, accepted, accept_errors,
+        short):
+        started: [Started(pair_id, tag)] pairs the engine accepted and connected itself (native
             accept), relayed now; report them before `finished`, which may list them too.
-        finished: [(pair_id, c2u, u2c, errno)] as from run(); the engine has closed the fds
+        finished: [Finished(pair_id, c2u, u2c, err)] as from run(); the engine has closed the fds
             of its own pairs already (with SO_LINGER 0 when errno is set).
-        failed: [(client_fd, tag, errno)] accepted clients the engine could not connect;
+        failed: [Failed(client_fd, tag, err)] accepted clients the engine could not connect;
             the caller owns client_fd now. tag -1: no usable target (errno 0) or no socket
             for the dial (errno set); errno 0 with a tag: the target has no address, dial
             it yourself; else that target's connect failed (ETIMEDOUT: --dial-timeout).
-        paused: [(listen_fd, errno)] listeners whose accept failed for lack of a resource
+        paused: [Paused(listen_fd, err)] listeners whose accept failed for lack of a resource
             (EMFILE, ENFILE, ENOBUFS, ENOMEM); listen() again to resume.
         accepted, accept_errors: counts since the last collect().
         short: with aggregate, the engine's pairs that started and finished since the last
             collect() are left out of started and finished and summed per target instead:
-            [(tag, pairs, c2u, u2c, pairs_with_errno)] (a churn of short connections then
+            [ShortSum(tag, pairs, c2u, u2c, resets)] (a churn of short connections then
             costs the caller one row per target, not two records per connection).
         """
         self._check_open()
         return self._collect(aggregate)
 
-    cdef tuple _collect(self, bint aggregate):
+    cdef object _collect(self, bint aggregate):
         cdef uint64_t count, accepted, accept_errors
         cdef int32_t slot
         cdef int err, i
@@ -554,7 +305,7 @@ cdef class Engine:
                     acc[4] += p.err != 0
                     p.short = 1
                 else:
-                    started.append((p.id, p.tag))
+                    started.append(Started(p.id, p.tag))
                 p.fresh = 0
                 self.c.started_head = p.snext
                 p.snext = -1
@@ -562,16 +313,16 @@ cdef class Engine:
                 slot = self.c.finished_head
                 p = &self.c.pairs[slot]
                 if p.state == DIALFAIL:
-                    failed.append((p.dir[0].src, p.tag, p.err))
+                    failed.append(Failed(p.dir[0].src, p.tag, p.err))
                 elif not p.short:
-                    finished.append((p.id, p.dir[0].moved, p.dir[1].moved, p.err))
+                    finished.append(Finished(p.id, p.dir[0].moved, p.dir[1].moved, p.err))
                 self.c.finished_head = p.next
                 _release(&self.c, slot)
             for i in range(self.c.nlst):
                 lst = &self.c.lst[i]
                 if lst.fd >= 0 and lst.paused and not lst.reported:
                     lst.reported = 1
-                    paused.append((lst.fd, lst.err))
+                    paused.append(Paused(lst.fd, lst.err))
             self.c.nunreported = self.c.nfailed = self.c.nrecords = 0
             self.c.report_at = 0
             accepted, accept_errors = self.c.accepted, self.c.accept_errors
@@ -580,8 +331,8 @@ cdef class Engine:
             self._unlock()
         if err:
             raise OSError(err, "relay thread stopped: " + strerror(err).decode())
-        short = [tuple(acc) for acc in sums.values()]
-        return started, finished, failed, paused, accepted, accept_errors, short
+        short = [ShortSum(*acc) for acc in sums.values()]
+        return Report(started, finished, failed, paused, accepted, accept_errors, short)
 
     # -- native accept (threaded mode) --
 
@@ -644,18 +395,22 @@ cdef class Engine:
             self._unlock()
 
     def set_targets(self, targets, sockopts=(), dial_timeout: float = 5.0,
-                    limit: int = 0, late_sockopts=(), late_after: float = 1.0) -> None:
+                    limit: int = 0, late_sockopts=(), late_after: float = 1.0,
+                    least: bool = False) -> None:
         """What native accept connects clients to, and how.
 
-        targets: [(tag, family, ip or None, port, flowinfo, scope_id, priority, weight,
-            usable)] in the balancer's order. The choice mirrors etcdgw.balancer.pick():
-            round-robin over one counter, skipping unusable targets, when every priority and
-            weight is 0; else the lowest usable priority class, RFC 2782 weighted. A target
-            without an ip is handed back to the caller (collect()'s failed list, errno 0).
+        targets: [engine.Target] in the balancer's order. The choice is the rule of
+            etcdgw.balancer.Selector (_pick.pxi): round-robin over one counter, skipping
+            unusable targets, when every priority and weight is 0; else the lowest usable
+            priority class, RFC 2782 weighted. A target without an ip is handed back to the
+            caller (collect()'s failed list, errno 0). Link-local (scoped) IPv6 addresses
+            are not given here: the caller dials those.
         sockopts: [(level, option, value)] set on every upstream socket (and on clients that
             do not inherit them from their listener).
         dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
         limit: live plus connecting pairs beyond which clients wait in the backlog (0: none).
+        least: choose by least connections (Selector's rule) instead of round-robin; each
+            target's live count carries over from the previous call by tag.
         late_sockopts: set on the upstream socket of a pair that is still live late_after
             seconds after its connect (keep-alive settings, which cannot matter sooner: a
             connection that lives less saves the syscalls); clients that do not inherit
@@ -687,8 +442,7 @@ cdef class Engine:
                 raise MemoryError()
             memset(arr, 0, n * sizeof(Target))
         try:
-            for i, (tag, family, ip, port, flowinfo, scope_id, prio, weight, usable) \
-                    in enumerate(targets):
+            for i, (tag, family, ip, port, prio, weight, usable) in enumerate(targets):
                 t = &arr[i]
                 t.tag, t.family, t.priority, t.weight = tag, family, prio, weight
                 t.usable = bool(usable)
@@ -708,8 +462,6 @@ cdef class Engine:
                     sin6 = <sockaddr_in6 *>&t.addr
                     sin6.sin6_family = AF_INET6
                     sin6.sin6_port = htons(port)
-                    sin6.sin6_flowinfo = flowinfo
-                    sin6.sin6_scope_id = scope_id
                     if inet_pton(AF_INET6, bip.split(b"%")[0], &sin6.sin6_addr) != 1:
                         raise ValueError(f"not an IPv6 address: {ip!r}")
                     t.addrlen = sizeof(sockaddr_in6)
@@ -720,9 +472,15 @@ cdef class Engine:
             raise
         self._lock()
         old = self.c.targets
+        for i in range(n):  # live counts follow their target (a handful of targets)
+            for j in range(self.c.ntargets):
+                if old[j].tag == arr[i].tag:
+                    arr[i].live = old[j].live
+                    break
         self.c.targets = arr
         self.c.ntargets = <int>n
         self.c.plain = plain
+        self.c.least = least
         changed = nopts != self.c.nsockopts
         for j in range(nopts):
             if opts[j][0] != self.c.sockopts[j][0] or opts[j][1] != self.c.sockopts[j][1] \
@@ -758,6 +516,20 @@ cdef class Engine:
         self._unlock()
         return n
 
+    def pick(self) -> int:
+        """The tag of the target for the next client, or -1: the relay thread's own choice.
+
+        The balancer asks this while native accept runs, so the loop's picks (clients whose
+        dial failed over) and the thread's share one round-robin counter.
+        """
+        cdef int i
+        self._check_native()
+        self._lock()
+        i = _pick(&self.c)
+        tag = self.c.targets[i].tag if i >= 0 else -1
+        self._unlock()
+        return tag
+
     cdef _check_native(self):
         self._check_open()
         if not self.c.threaded:
@@ -768,7 +540,7 @@ cdef class Engine:
         """True if run() stopped early for fairness: call run() again soon (never threaded)."""
         return not self.c.threaded and self.c.nready > 0
 
-    def remove(self, pair_id: int) -> tuple[int, int, int, int]:
+    def remove(self, pair_id: int) -> Finished:
         """Stop relaying a pair now; its fds are unregistered when this returns.
 
         Threaded: the thread is between batches while this holds the lock, and it ignores
@@ -779,7 +551,8 @@ cdef class Engine:
         try:
             p = self._lookup(pair_id)
             _detach(&self.c, p)
-            result = (p.id, p.dir[0].moved, p.dir[1].moved, 0)
+            _untrack(&self.c, p)
+            result = Finished(p.id, p.dir[0].moved, p.dir[1].moved, 0)
             if p.owned:  # the engine's own pair: closed here (FIN, not a reset)
                 _close_fds(p, 0)
             _release(&self.c, p.id & ((1 << SLOT_BITS) - 1))
@@ -1143,6 +916,7 @@ cdef void _unpipe(Core *c, Dir *d) noexcept nogil:
     c.npipes -= 1
 
 cdef void _finish(Core *c, Pair *p, int err) noexcept nogil:
+    _untrack(c, p)
     if p.owned:
         # close() drops the registrations itself: no EPOLL_CTL_DEL for the engine's pairs
         _detach_bufs(c, p)
@@ -1303,323 +1077,6 @@ cdef bint _report_due(Core *c) noexcept nogil:
         c.report_at = now + REPORT_DELAY_NS
     return now >= c.report_at
 
-cdef bint _pause_news(Core *c) noexcept nogil:
-    cdef int i
-    for i in range(c.nlst):
-        if c.lst[i].fd >= 0 and c.lst[i].paused and not c.lst[i].reported:
-            return True
-    return False
-
-cdef void _accept_all(Core *c) noexcept nogil:
-    """Accept on every ready listener (up to ACCEPT_BATCH each) and dial each client."""
-    cdef int i, k, cfd, e
-    cdef Listener *lst
-    for i in range(c.nlst):
-        lst = &c.lst[i]
-        k = 0
-        while lst.fd >= 0 and lst.ready and not lst.paused and k < ACCEPT_BATCH:
-            if c.limit and c.nlive + c.nconnecting >= c.limit:
-                return  # --max-connections: clients wait in the backlog (ready stays set)
-            cfd = accept4(lst.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
-            if cfd < 0:
-                e = errno
-                if e == EAGAIN:
-                    lst.ready = 0
-                elif e != EINTR:
-                    c.accept_errors += 1
-                    if e == EMFILE or e == ENFILE or e == ENOBUFS or e == ENOMEM:
-                        # Out of a resource: the caller pauses (and sheds) and resumes us.
-                        lst.paused = 1
-                        lst.reported = 0
-                        lst.err = e
-                    # else ECONNABORTED, EPROTO, EPERM...: that one client is gone
-                continue
-            k += 1
-            c.accepted += 1
-            _tune(c, lst, cfd)
-            _dial(c, cfd)
-
-cdef void _tune(Core *c, Listener *lst, int fd) noexcept nogil:
-    """Give a client the socket options unless it inherited them from its listener."""
-    cdef int j, v
-    cdef int *opt
-    cdef socklen_t n
-    if lst.tune == 0:  # first client since the options changed: did it inherit them?
-        lst.tune = 1
-        for j in range(c.nsockopts + c.nlate_opts):
-            opt = &c.sockopts[j][0] if j < c.nsockopts else &c.late_opts[j - c.nsockopts][0]
-            v = 0
-            n = sizeof(v)
-            if getsockopt(fd, opt[0], opt[1], &v, &n) < 0 or v != opt[2]:
-                lst.tune = 2
-                break
-    if lst.tune == 2:
-        _setopts(c, fd)
-        for j in range(c.nlate_opts):
-            setsockopt(fd, c.late_opts[j][0], c.late_opts[j][1], &c.late_opts[j][2], sizeof(int))
-
-cdef void _setopts(Core *c, int fd) noexcept nogil:
-    cdef int j
-    for j in range(c.nsockopts):
-        setsockopt(fd, c.sockopts[j][0], c.sockopts[j][1], &c.sockopts[j][2], sizeof(int))
-
-cdef uint64_t _rand(Core *c) noexcept nogil:
-    c.rng ^= c.rng >> 12
-    c.rng ^= c.rng << 25
-    c.rng ^= c.rng >> 27
-    return c.rng * <uint64_t>2685821657736338717
-
-cdef bint _member(Target *t, int mode, int prio) noexcept nogil:
-    # mode 0: every target; 1: usable ones of class prio; 2: usable weight-0 ones of it
-    if mode == 0:
-        return True
-    if not t.usable or t.priority != prio:
-        return False
-    return mode == 1 or t.weight == 0
-
-cdef int _round_robin(Core *c, int mode, int prio) noexcept nogil:
-    """balancer.Balancer._round_robin over the members of mode: one shared counter."""
-    cdef int i, j, m = 0, idx, _tries
-    for i in range(c.ntargets):
-        if _member(&c.targets[i], mode, prio):
-            m += 1
-    for _tries in range(m):
-        idx = <int>(c.rr % <uint64_t>m)
-        c.rr += 1
-        j = -1
-        for i in range(c.ntargets):
-            if _member(&c.targets[i], mode, prio):
-                j += 1
-                if j == idx:
-                    break
-        if c.targets[i].usable:
-            return i
-    return -1
-
-cdef int _pick(Core *c) noexcept nogil:
-    """balancer.Balancer.pick(): the index of the target for the next client, or -1."""
-    cdef int i, best = 0, last = -1
-    cdef bint found = False
-    cdef uint64_t total = 0, draw, running = 0, lo
-    cdef int nzero = 0
-    cdef Target *t
-    if c.ntargets == 0:
-        return -1
-    if c.plain:
-        return _round_robin(c, 0, 0)
-    for i in range(c.ntargets):
-        t = &c.targets[i]
-        if t.usable and (not found or t.priority < best):
-            best = t.priority
-            found = True
-    if not found:
-        return -1
-    for i in range(c.ntargets):
-        t = &c.targets[i]
-        if t.usable and t.priority == best:
-            total += <uint64_t>t.weight
-            if t.weight == 0:
-                nzero += 1
-    if total == 0:
-        return _round_robin(c, 1, best)
-    lo = 0 if nzero else 1
-    draw = lo + _rand(c) % (total - lo + 1)
-    if draw == 0:
-        return _round_robin(c, 2, best)
-    for i in range(c.ntargets):
-        t = &c.targets[i]
-        if t.usable and t.priority == best and t.weight > 0:
-            running += <uint64_t>t.weight
-            last = i
-            if running >= draw:
-                return i
-    return last
-
-cdef void _dial(Core *c, int cfd) noexcept nogil:
-    """Connect an accepted client to the next target and relay it, or hand it back."""
-    cdef int32_t slot = _new_slot(c)
-    cdef Pair *p
-    cdef Target *t
-    cdef int ti, ufd, r, err
-    cdef epoll_event ev
-    cdef sockaddr_storage peer
-    cdef socklen_t plen = sizeof(peer)
-    if slot < 0:
-        close(cfd)  # out of memory for the table: nothing better to do with it
-        return
-    p = &c.pairs[slot]
-    p.owned = 1
-    p.dir[0].src = p.dir[1].dst = cfd
-    p.dir[0].dst = p.dir[1].src = -1
-    ti = _pick(c)
-    if ti < 0:
-        _dial_fail(c, p, -1, 0)  # nothing usable: the caller's fallback decides
-        return
-    t = &c.targets[ti]
-    p.tag = t.tag
-    if t.addrlen == 0:
-        _dial_fail(c, p, t.tag, 0)  # a host name not resolved yet: the caller dials
-        return
-    ufd = socket(t.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-    if ufd < 0:
-        _dial_fail(c, p, -1, errno)  # out of fds: not the endpoint's fault
-        return
-    _setopts(c, ufd)
-    p.dir[0].dst = p.dir[1].src = ufd
-    r = connect(ufd, <sockaddr *>&t.addr, t.addrlen)
-    if r < 0 and errno != EINPROGRESS:
-        _dial_fail(c, p, t.tag, errno)
-        return
-    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
-    ev.data.u64 = p.id << 1
-    if epoll_ctl(c.epfd, EPOLL_CTL_ADD, cfd, &ev) < 0:
-        _dial_fail(c, p, -1, errno)
-        return
-    ev.data.u64 = (p.id << 1) | 1
-    if r < 0:  # still connecting: its completion shows as EPOLLOUT
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-        p.outarmed = 2
-    if epoll_ctl(c.epfd, EPOLL_CTL_ADD, ufd, &ev) < 0:
-        err = errno
-        epoll_ctl(c.epfd, EPOLL_CTL_DEL, cfd, NULL)
-        _dial_fail(c, p, -1, err)
-        return
-    if r == 0 or getpeername(ufd, <sockaddr *>&peer, &plen) == 0:
-        # Over loopback the handshake is done inside connect(): relay at once. The fds'
-        # first epoll events (registration of ready fds) bring any early bytes.
-        _go_live(c, p)
-        return
-    p.state = CONNECTING
-    p.deadline = _now_ns() + c.dial_timeout_ns
-    p.cnext = -1
-    p.cprev = c.conn_tail
-    if c.conn_tail >= 0:
-        c.pairs[c.conn_tail].cnext = slot
-    else:
-        c.conn_head = slot
-    c.conn_tail = slot
-    c.nconnecting += 1
-
-cdef void _unconnect(Core *c, Pair *p) noexcept nogil:
-    if p.cprev >= 0:
-        c.pairs[p.cprev].cnext = p.cnext
-    else:
-        c.conn_head = p.cnext
-    if p.cnext >= 0:
-        c.pairs[p.cnext].cprev = p.cprev
-    else:
-        c.conn_tail = p.cprev
-    p.cprev = p.cnext = -1
-    c.nconnecting -= 1
-
-cdef void _go_live(Core *c, Pair *p) noexcept nogil:
-    cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
-    if c.nlate_opts:
-        _late_push(c, slot, p.id)
-    p.state = LIVE
-    c.nlive += 1
-    p.fresh = 1
-    p.snext = c.started_head
-    c.started_head = slot
-    c.nunreported += 1
-    c.nrecords += 1
-
-cdef void _connected(Core *c, Pair *p, uint32_t events) noexcept nogil:
-    """The upstream socket of a CONNECTING pair reported: relay, or hand the client back."""
-    cdef int so_error = 0
-    cdef socklen_t optlen = sizeof(so_error)
-    _unconnect(c, p)
-    getsockopt(p.dir[1].src, SOL_SOCKET, SO_ERROR, &so_error, &optlen)
-    if so_error == 0 and events & (EPOLLERR | EPOLLHUP):
-        so_error = ECONNREFUSED
-    if so_error:
-        _dial_fail_registered(c, p, so_error)
-        return
-    _go_live(c, p)
-    # Edges of the client that came while connecting were not acted on: read it now.
-    p.dir[0].ready = p.dir[0].drain = 1
-    _mark(p, 1, events)
-    if c.budget > 0:
-        _visit(c, p)
-    else:
-        _enqueue(c, p)
-
-cdef void _dial_fail(Core *c, Pair *p, int64_t tag, int err) noexcept nogil:
-    """Close the upstream socket (if any) and queue the client for the caller."""
-    cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
-    if p.dir[1].src >= 0:
-        close(p.dir[1].src)
-    p.dir[0].dst = p.dir[1].src = -1
-    p.tag = tag
-    p.err = err
-    p.state = DIALFAIL
-    p.next = c.finished_head
-    c.finished_head = slot
-    c.nunreported += 1
-    c.nfailed += 1
-    c.nrecords += 1
-
-cdef void _dial_fail_registered(Core *c, Pair *p, int err) noexcept nogil:
-    """_dial_fail() for a pair whose two fds are in the epoll set (it was connecting)."""
-    epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
-    epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
-    _dial_fail(c, p, p.tag, err)
-
-cdef void _expire(Core *c) noexcept nogil:
-    """Fail the dials whose --dial-timeout passed (the list is oldest first)."""
-    cdef uint64_t now = _now_ns()
-    cdef Pair *p
-    while c.conn_head >= 0:
-        p = &c.pairs[c.conn_head]
-        if p.deadline > now:
-            return
-        _unconnect(c, p)
-        _dial_fail_registered(c, p, ETIMEDOUT)
-
-
-cdef void _late_push(Core *c, int32_t slot, uint64_t pid) noexcept nogil:
-    """Remember to set the late options on this pair's upstream socket (see set_targets)."""
-    cdef Late *ring
-    cdef int32_t i, cap
-    if c.late_n == c.late_cap:
-        cap = c.late_cap * 2 if c.late_cap else 256
-        ring = <Late *>malloc(cap * sizeof(Late))
-        if ring == NULL:
-            _setopts_late(c, c.pairs[slot].dir[1].src)  # no memory: set them now
-            return
-        for i in range(c.late_n):  # unroll the ring, oldest first
-            ring[i] = c.late[(c.late_head + i) % c.late_cap]
-        free(c.late)
-        c.late = ring
-        c.late_cap = cap
-        c.late_head = 0
-    i = (c.late_head + c.late_n) % c.late_cap
-    c.late[i].slot = slot
-    c.late[i].id = pid
-    c.late[i].due = _now_ns() + c.late_ns
-    c.late_n += 1
-
-cdef void _apply_late(Core *c) noexcept nogil:
-    """Set the late options on the upstream sockets of pairs that are still live."""
-    cdef uint64_t now = _now_ns()
-    cdef Late *e
-    cdef Pair *p
-    while c.late_n:
-        e = &c.late[c.late_head]
-        if e.due > now:
-            return
-        p = &c.pairs[e.slot]
-        if p.id == e.id and p.state == LIVE:
-            _setopts_late(c, p.dir[1].src)
-        c.late_head = (c.late_head + 1) % c.late_cap
-        c.late_n -= 1
-
-cdef void _setopts_late(Core *c, int fd) noexcept nogil:
-    cdef int j
-    for j in range(c.nlate_opts):
-        setsockopt(fd, c.late_opts[j][0], c.late_opts[j][1], &c.late_opts[j][2], sizeof(int))
-
-
 cdef int _arm_out(Core *c, Pair *p, int side) noexcept nogil:
     """Add EPOLLOUT to one fd of a pair: its peer direction has bytes the fd refused.
 
@@ -1636,3 +1093,45 @@ cdef int _arm_out(Core *c, Pair *p, int side) noexcept nogil:
         return -errno
     p.outarmed |= 1 << side
     return 0
+
+
+include "_pick.pxi"
+include "_accept.pxi"
+
+
+def pick_sequence(rows, uint64_t rr, uint64_t rng, int n, bint least=False) -> list:
+    """The first n choices of the C selection rule (_pick.pxi) from this state.
+
+    rows: [(priority, weight, usable, live)]; rr, rng: the counter and the xorshift state;
+    least: least-connections. Returns the chosen indexes (-1: none usable). For
+    tests/test_selection.py, which compares it with balancer.Selector; not an API.
+    """
+    cdef Core *c = <Core *>calloc(1, sizeof(Core))
+    cdef int i, _i
+    cdef bint plain = True
+    if c == NULL:
+        raise MemoryError()
+    out = []
+    try:
+        c.ntargets = len(rows)
+        c.targets = <Target *>calloc(max(1, c.ntargets), sizeof(Target))
+        if c.targets == NULL:
+            raise MemoryError()
+        for i, (prio, weight, usable, live) in enumerate(rows):
+            c.targets[i].tag = i
+            c.targets[i].priority = prio
+            c.targets[i].weight = weight
+            c.targets[i].usable = bool(usable)
+            c.targets[i].live = live
+            if prio or weight:
+                plain = False
+        c.plain = plain
+        c.least = least
+        c.rr = rr
+        c.rng = rng if rng else 0x9E3779B97F4A7C15
+        for _i in range(n):
+            out.append(_pick(c))
+    finally:
+        free(c.targets)
+        free(c)
+    return out

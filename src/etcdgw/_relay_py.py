@@ -1,4 +1,8 @@
-"""Pure-Python relay engine: the same edge-triggered epoll logic as _relay.pyx, with os calls."""
+"""Pure-Python relay engine: the same edge-triggered epoll logic as _relay.pyx, with os calls.
+
+Implements engine.Engine and engine.LoopEpoll. Native accept (engine.NativeAccept) needs a
+thread that relays without the GIL, so only the Cython twin has it.
+"""
 
 # Strategy: see _relay.pyx and docs/engine.md; the splice(2) path is left to the Cython twin.
 # Differences forced by Python: epoll reports fds (not a 64-bit key), so a dict maps
@@ -12,6 +16,8 @@ import os
 import select
 import socket
 from collections.abc import Callable, Sequence
+
+from .engine import Finished
 
 MAX_EVENTS = 256
 VISIT_BUFS = 16  # per direction per visit: fairness between busy pairs
@@ -65,18 +71,21 @@ class Engine:
         self._pairs: dict[int, _Pair] = {}
         self._fds: dict[int, tuple[_Pair, int]] = {}
         self._ready: dict[int, _Pair] = {}  # insertion-ordered: a FIFO with O(1) removal
-        self._finished: list[tuple[int, int, int, int]] = []
+        self._finished: list[Finished] = []
         self._next_id = 1
         self._total = [0, 0]
         self._budget = 0
-        self._attached = False  # registered in the asyncio loop's own epoll (_attach)
+        self._attached = False  # registered in the asyncio loop's own epoll (attach)
 
     def fileno(self) -> int:
         """The engine's epoll fd: register it with loop.add_reader."""
         return self._open().fileno()
 
-    def add(self, client_fd: int, upstream_fd: int) -> int:
-        """Start relaying between two connected non-blocking sockets; return the pair id."""
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
+        """Start relaying between two connected non-blocking sockets; return the pair id.
+
+        tag is for the Cython twin's live counts (native accept); unused here.
+        """
         ep = self._open()
         pair = _Pair(self._next_id, client_fd, upstream_fd)
         # Registered once: ET means no epoll_ctl per event; an fd that is already readable
@@ -93,23 +102,27 @@ class Engine:
         self._fds[upstream_fd] = (pair, 1)
         return pair.id
 
-    def run(self) -> list[tuple[int, int, int, int]]:
+    def run(self) -> list[Finished]:
         """Handle ready events without blocking; return the pairs that finished."""
         ep = self._open()
-        return self._dispatch([] if self._attached else ep.poll(0, MAX_EVENTS))
+        return self.dispatch([] if self._attached else ep.poll(0, MAX_EVENTS))
 
-    def _attach(self, ep: select.epoll) -> None:
-        """Register relayed fds in `ep` (the asyncio loop's epoll, see relay.RelaySelector)
-        instead of an epoll of our own; its owner passes our events to _dispatch(). Saves an
+    # -- engine.LoopEpoll: this twin can live in the asyncio loop's own epoll set --
+
+    def attach(self, epoll: object) -> None:
+        """Register relayed fds in `epoll` (the asyncio loop's, see relay.RelaySelector)
+        instead of an epoll of our own; its owner passes our events to dispatch(). Saves an
         epoll_wait and a loop callback per wake-up. Before any add()."""
+        if not isinstance(epoll, select.epoll):
+            raise TypeError(f"attach() needs a select.epoll, not {type(epoll).__name__}")
         own = self._open()
         if self._pairs:
-            raise RuntimeError("_attach() after add()")
+            raise RuntimeError("attach() after add()")
         own.close()
-        self._epoll = ep
+        self._epoll = epoll
         self._attached = True
 
-    def _dispatch(self, events: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    def dispatch(self, events: Sequence[tuple[int, int]]) -> list[Finished]:
         """Continue left-over pairs (within the budget), then handle these epoll events."""
         self._budget = RUN_BUFS * self._bufsize
         for _ in range(len(self._ready)):
@@ -136,53 +149,11 @@ class Engine:
         """True if run() stopped early for fairness: call run() again soon."""
         return bool(self._ready)
 
-    # Native accept (the Cython engine's relay thread accepts and connects) needs a thread
-    # that runs without the GIL; this twin has the interface and never accepts itself.
-
-    @property
-    def native(self) -> bool:
-        """Always False: the caller accepts and connects (see the Cython twin)."""
-        return False
-
-    def collect(
-        self, aggregate: bool = False
-    ) -> tuple[
-        list[tuple[int, int]],
-        list[tuple[int, int, int, int]],
-        list[tuple[int, int, int]],
-        list[tuple[int, int]],
-        int,
-        int,
-        list[tuple[int, int, int, int, int]],
-    ]:
-        """run(), in the shape of the Cython twin's collect(): nothing but finished pairs."""
-        return [], self.run(), [], [], 0, 0, []
-
-    def listen(self, listen_fd: int, tcp: bool = True) -> None:
-        raise RuntimeError("native accept needs the threaded Cython engine")
-
-    def unlisten(self, listen_fd: int) -> None:
-        raise RuntimeError("native accept needs the threaded Cython engine")
-
-    def set_targets(
-        self,
-        targets: Sequence[tuple[int, int, str | None, int, int, int, int, int, bool]],
-        sockopts: Sequence[tuple[int, int, int]] = (),
-        dial_timeout: float = 5.0,
-        limit: int = 0,
-        late_sockopts: Sequence[tuple[int, int, int]] = (),
-        late_after: float = 1.0,
-    ) -> None:
-        raise RuntimeError("native accept needs the threaded Cython engine")
-
-    def native_pending(self) -> int:
-        return 0
-
-    def remove(self, pair_id: int) -> tuple[int, int, int, int]:
+    def remove(self, pair_id: int) -> Finished:
         """Stop relaying a pair now; its fds are unregistered when this returns."""
         pair = self._pairs[pair_id]
         self._detach(pair)
-        return (pair.id, pair.dirs[0].moved, pair.dirs[1].moved, 0)
+        return Finished(pair.id, pair.dirs[0].moved, pair.dirs[1].moved, 0)
 
     def stats(self, pair_id: int) -> tuple[int, int]:
         """(bytes client->upstream, bytes upstream->client) relayed so far for one pair."""
@@ -309,7 +280,7 @@ class Engine:
 
     def _finish(self, pair: _Pair, err: int) -> None:
         self._detach(pair)
-        self._finished.append((pair.id, pair.dirs[0].moved, pair.dirs[1].moved, err))
+        self._finished.append(Finished(pair.id, pair.dirs[0].moved, pair.dirs[1].moved, err))
 
     def _detach(self, pair: _Pair) -> None:
         """Unregister both fds and drop the buffers, so the owner may close the fds."""

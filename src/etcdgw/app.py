@@ -115,9 +115,9 @@ def resolve_endpoints(
     Raises:
         ConfigError: with the Go gateway's message and stream.
     """
-    from . import discovery
+    from . import discovery, resolver
 
-    resolve_host = discovery.host_resolver(cfg)
+    resolve_host = resolver.host_resolver(cfg)
     endpoints: tuple[Endpoint, ...] = ()
     discovered = None
     if cfg.discovery_srv:
@@ -141,11 +141,11 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
     Raises:
         ConfigError: any start-up failure, with the message to print.
     """
-    from . import discovery
+    from . import discovery, resolver
     from .server import Gateway
 
     endpoints, discovered = resolve_endpoints(cfg, raw_endpoints, log)
-    resolve_host = discovery.host_resolver(cfg)
+    resolve_host = resolver.host_resolver(cfg)
     for ls in cfg.listen:
         if ls.path is None and not is_loopback_host(ls.host, resolve_host):
             log.warn(
@@ -161,7 +161,6 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
     gw = Gateway(
         cfg,
         log,
-        resolve=discovery.async_host_resolver(cfg) if cfg.discovery_dns else None,
         inherited=systemd.listen_fds(),
     )
     gw.bind()
@@ -374,7 +373,7 @@ class Reloader:
 
     def _apply(self, p: _Prepared) -> None:
         """Apply a prepared configuration (on the loop; nothing here waits)."""
-        from . import discovery
+        from . import discovery, resolver
 
         run, gw, log = self.run, self.run.gw, self.run.gw.log
         if p.cfg.listen != gw.cfg.listen or p.cfg.metrics_addr != gw.cfg.metrics_addr:
@@ -401,7 +400,7 @@ class Reloader:
                 p.discovered,
                 gw.set_endpoints,
                 self_check=discovery.self_check_for(
-                    new, discovery.host_resolver(new), is_local=is_local_ip
+                    new, resolver.host_resolver(new), is_local=is_local_ip
                 ),
             )
             run.refresher_task = gw.spawn(run.refresher.run())

@@ -16,13 +16,16 @@ fixes it where it is not:
 from __future__ import annotations
 
 import itertools
-import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .config import Endpoint
 
 _TAGS = itertools.count(1)
+_MASK = (1 << 64) - 1
+# xorshift64* (Vigna): the generator of SRV weighted draws, here and in _relay.pyx `_rand`.
+_XS_MUL = 2685821657736338717
+DEFAULT_SEED = 0x9E3779B97F4A7C15
 
 
 @dataclass(eq=False)
@@ -39,6 +42,7 @@ class Remote:
     down_since: float | None = None
     # Counters, read by metrics and `etcdgw status`.
     connections_active: int = 0
+    dialing: int = 0  # clients being connected to it by the loop (least-connections)
     connections_total: int = 0
     dial_failures: int = 0
     bytes_to_endpoint: int = 0
@@ -57,53 +61,171 @@ class Remote:
         return self.endpoint.addr
 
     @property
+    def live(self) -> int:
+        """Connections that count for least-connections: relayed and being dialled."""
+        return self.connections_active + self.dialing
+
+    @property
     def usable(self) -> bool:
         return self.active and self.healthy and not self.removed
 
 
-class Balancer:
-    """Remotes in list order, their state, and the choice of the next one."""
+class Selector:
+    """The selection rule, written once in Python (the specification) and mirrored in C.
 
-    def __init__(self, endpoints: Iterable[Endpoint], *, rng: random.Random | None = None) -> None:
-        self.rng = rng if rng is not None else random.Random()
+    `_relay.pyx` (`_pick`, `_round_robin`, `_rand`) repeats it for the relay thread, which
+    must choose without the GIL; tests/test_selection.py feeds both the same targets,
+    priorities, weights, usable flags and seeds and demands the same sequence of choices.
+    Change one, change the other.
+
+    State: the round-robin counter (etcd's pickCount, shared by every pick) and the
+    xorshift64* state of the weighted draws.
+
+    Two rules (--balance):
+    * round-robin (etcd's): see the module docstring.
+    * least-connections: within the lowest priority class that has a usable target, the
+      target with the fewest live connections; when the class has SRV weights, the lowest
+      (live + 1) / weight among its weighted targets (HAProxy's leastconn, which prefers the
+      heavier of two idle servers); ties go round-robin over the shared counter.
+    """
+
+    __slots__ = ("rr", "rng", "least")
+
+    def __init__(self, seed: int = DEFAULT_SEED, rr: int = 0, *, least: bool = False) -> None:
+        self.rr = rr & _MASK
+        self.rng = (seed & _MASK) or DEFAULT_SEED  # xorshift must not start at 0
+        self.least = least
+
+    def rand(self) -> int:
+        x = self.rng
+        x ^= x >> 12
+        x ^= (x << 25) & _MASK
+        x ^= x >> 27
+        self.rng = x
+        return (x * _XS_MUL) & _MASK
+
+    def pick(self, targets: Sequence[tuple[int, int, bool, int]]) -> int:
+        """The index of the target for the next client, or -1 when none is usable.
+
+        targets: (priority, weight, usable, live connections) in list order.
+        """
+        if not targets:
+            return -1
+        if self.least:
+            return self._least(targets)
+        if all(t[0] == 0 and t[1] == 0 for t in targets):
+            return self._round_robin(targets, range(len(targets)))
+        usable = [i for i, t in enumerate(targets) if t[2]]
+        if not usable:
+            return -1
+        best = min(targets[i][0] for i in usable)
+        klass = [i for i in usable if targets[i][0] == best]
+        total = sum(targets[i][1] for i in klass)
+        if total == 0:
+            return self._round_robin(targets, klass)
+        zero = [i for i in klass if targets[i][1] == 0]
+        lo = 0 if zero else 1
+        draw = lo + self.rand() % (total - lo + 1)
+        if draw == 0:
+            # The RFC orders weight-0 records first "at random"; rotating through them gives
+            # each the same tiny share, 1/(total+1) between them.
+            return self._round_robin(targets, zero)
+        running, last = 0, -1
+        for i in klass:
+            w = targets[i][1]
+            if w > 0:
+                running += w
+                last = i
+                if running >= draw:
+                    return i
+        return last
+
+    def _least(self, targets: Sequence[tuple[int, int, bool, int]]) -> int:
+        usable = [i for i, t in enumerate(targets) if t[2]]
+        if not usable:
+            return -1
+        best = min(targets[i][0] for i in usable)
+        klass = [i for i in usable if targets[i][0] == best]
+        if any(targets[i][1] > 0 for i in klass):
+            # (live + 1) / weight, compared as fractions: a * wb < b * wa.
+            members = [i for i in klass if targets[i][1] > 0]
+            lo = members[0]
+            for i in members[1:]:
+                if (targets[i][3] + 1) * targets[lo][1] < (targets[lo][3] + 1) * targets[i][1]:
+                    lo = i
+            tied = [
+                i
+                for i in members
+                if (targets[i][3] + 1) * targets[lo][1] == (targets[lo][3] + 1) * targets[i][1]
+            ]
+        else:
+            fewest = min(targets[i][3] for i in klass)
+            tied = [i for i in klass if targets[i][3] == fewest]
+        i = tied[self.rr % len(tied)]
+        self.rr = (self.rr + 1) & _MASK
+        return i
+
+    def _round_robin(
+        self, targets: Sequence[tuple[int, int, bool, int]], members: Sequence[int]
+    ) -> int:
+        n = len(members)
+        for _ in range(n):
+            i = members[self.rr % n]
+            self.rr = (self.rr + 1) & _MASK
+            if targets[i][2]:
+                return i
+        return -1
+
+
+class Balancer:
+    """The one owner of endpoint state: remotes in list order, what is known of each, and
+    the choice of the next one.
+
+    Every change to what decides selection (active, healthy, removed, the list itself) goes
+    through a method here and raises the one change signal, `on_change`; whoever mirrors
+    the state elsewhere (the relay thread's targets) listens there and nowhere else.
+    Connection counts are kept here too, but do not signal: they change per connection.
+    """
+
+    def __init__(
+        self, endpoints: Iterable[Endpoint], *, seed: int = DEFAULT_SEED, least: bool = False
+    ) -> None:
+        self.selector = Selector(seed, least=least)
         self.remotes: list[Remote] = [Remote(ep) for ep in endpoints]
-        self._count = 0  # etcd's pickCount: one round-robin counter shared by all picks
+        self.on_change: Callable[[], None] | None = None
+        # Native accept: the relay thread picks with its own copy of the rule and its own
+        # counter; while it runs, pick() asks it (`Engine.pick`), so there is one counter.
+        self.delegate: Callable[[], int] | None = None
+        self._by_tag: dict[int, Remote] = {}
+        # The selector's input, kept until a change (round-robin reads no live counts).
+        self._view: list[tuple[int, int, bool, int]] | None = None
 
     # --- selection ---------------------------------------------------------------------
 
     def pick(self) -> Remote | None:
         """The remote for the next client, or None when no remote is usable."""
-        remotes = self.remotes
-        if not remotes:
-            return None
-        if all(r.endpoint.priority == 0 and r.endpoint.weight == 0 for r in remotes):
-            return self._round_robin(remotes)
-        best: int | None = None
-        for r in remotes:
-            if r.usable and (best is None or r.endpoint.priority < best):
-                best = r.endpoint.priority
-        if best is None:
-            return None
-        klass = [r for r in remotes if r.usable and r.endpoint.priority == best]
-        total = sum(r.endpoint.weight for r in klass)
-        if total == 0:
-            return self._round_robin(klass)
-        zero = [r for r in klass if r.endpoint.weight == 0]
-        draw = self.rng.randint(0 if zero else 1, total)
-        if draw == 0:
-            # The RFC orders weight-0 records first "at random"; rotating through them gives
-            # each the same tiny share, 1/(total+1) between them.
-            return self._round_robin(zero)
-        return weighted_choice(klass, draw)
+        if self.delegate is not None:
+            tag = self.delegate()
+            return self.by_tag(tag) if tag >= 0 else None
+        view = self._view
+        if self.selector.least:
+            view = [
+                (r.endpoint.priority, r.endpoint.weight, r.usable, r.live) for r in self.remotes
+            ]
+        elif view is None:
+            view = [(r.endpoint.priority, r.endpoint.weight, r.usable, 0) for r in self.remotes]
+            self._view = view
+        i = self.selector.pick(view)
+        return self.remotes[i] if i >= 0 else None
 
-    def _round_robin(self, remotes: Sequence[Remote]) -> Remote | None:
-        n = len(remotes)
-        for _ in range(n):
-            r = remotes[self._count % n]
-            self._count += 1
-            if r.usable:
-                return r
-        return None
+    def by_tag(self, tag: int) -> Remote | None:
+        """The remote the relay engine calls `tag` (current or removed since)."""
+        r = self._by_tag.get(tag)
+        if r is None:
+            for r in self.remotes:
+                self._by_tag[r.tag] = r
+            r = self._by_tag.get(tag)
+        return r
 
     def fallback(self) -> list[Remote]:
         """Remotes to try once more when pick() found none (not removed ones).
@@ -116,6 +238,12 @@ class Balancer:
 
     # --- state -------------------------------------------------------------------------
 
+    def changed(self) -> None:
+        """Raise the change signal (also for state outside: a host's new addresses)."""
+        self._view = None
+        if self.on_change is not None:
+            self.on_change()
+
     def mark_down(self, remote: Remote, error: str, now: float) -> bool:
         """Record a failed dial. Returns True if the remote was active until now."""
         remote.dial_failures += 1
@@ -124,6 +252,7 @@ class Balancer:
             return False
         remote.active = False
         remote.down_since = now
+        self.changed()
         return True
 
     def mark_up(self, remote: Remote) -> bool:
@@ -132,7 +261,39 @@ class Balancer:
             return False
         remote.active = True
         remote.down_since = None
+        self.changed()
         return True
+
+    def set_least(self, least: bool) -> None:
+        """--balance: least-connections (True) or round-robin (etcd's, False)."""
+        if self.selector.least != least:
+            self.selector.least = least
+            self.changed()
+
+    def set_healthy(self, remote: Remote, healthy: bool) -> bool:
+        """Record a health verdict (health.py decides it). Returns True if it changed."""
+        if remote.healthy == healthy:
+            return False
+        remote.healthy = healthy
+        self.changed()
+        return True
+
+    def opened(self, remote: Remote, n: int = 1) -> None:
+        """n connections to remote started relaying."""
+        remote.connections_active += n
+        remote.connections_total += n
+
+    def closed(self, remote: Remote, c2u: int, u2c: int) -> None:
+        """A relayed connection to remote finished after moving these bytes."""
+        remote.connections_active -= 1
+        remote.bytes_to_endpoint += c2u
+        remote.bytes_from_endpoint += u2c
+
+    def passed(self, remote: Remote, n: int, c2u: int, u2c: int) -> None:
+        """n connections to remote opened and closed between two looks (native accept)."""
+        remote.connections_total += n
+        remote.bytes_to_endpoint += c2u
+        remote.bytes_from_endpoint += u2c
 
     def inactive(self) -> list[Remote]:
         return [r for r in self.remotes if not r.active and not r.removed]
@@ -167,20 +328,5 @@ class Balancer:
         for r in removed:
             r.removed = True
         self.remotes = new
+        self.changed()
         return added, removed
-
-
-def weighted_choice(klass: Sequence[Remote], draw: int) -> Remote:
-    """RFC 2782 selection among the weighted entries: the first whose running sum >= draw.
-
-    Args:
-        klass: remotes of one priority class with a positive total weight.
-        draw: uniform in [1, total weight] (a draw of 0 goes to the weight-0 records).
-    """
-    ordered = [r for r in klass if r.endpoint.weight > 0]
-    running = 0
-    for r in ordered:
-        running += r.endpoint.weight
-        if running >= draw:
-            return r
-    return ordered[-1]

@@ -260,7 +260,7 @@ def build_config(
         raise UsageError("--health-cert-file and --health-key-file go together")
     dns = v.get("discovery-dns")
     if dns:
-        from .discovery import parse_dns_server
+        from .resolver import parse_dns_server
 
         parse_dns_server(dns)  # ConfigError on a malformed value
     listens = v.texts("listen-addr") or [DEFAULT_LISTEN_ADDR]
@@ -283,6 +283,7 @@ def build_config(
         max_connections=v.get("max-connections"),
         listen_unix_mode=v.get("listen-unix-mode"),
         health_check=v.get("health-check"),
+        balance=v.get("balance"),
         health_interval=v.get("health-interval"),
         health_rise=v.get("health-rise"),
         health_fall=v.get("health-fall"),

@@ -460,8 +460,14 @@ KEYS: tuple[Key, ...] = (
         "on the command line win; SIGHUP re-reads it"),
     Key("health-check", "enum", "tcp", group=_O, choices=("none", "tcp", "etcd"),
         help="tcp: re-probe inactive endpoints every --retry-delay (etcd's behaviour); etcd: "
-        "also GET /health on every endpoint every --health-interval; none: no probing "
+        "also GET /health on every endpoint every --health-interval; none: no probing, and a "
+        "failed dial never takes an endpoint out of rotation (the client goes to the next) "
         "(default: %(default)s)"),
+    Key("balance", "enum", "round-robin", group=_O, choices=("round-robin", "least-connections"),
+        help="round-robin: the next endpoint in list order (etcd's behaviour); "
+        "least-connections: the endpoint with the fewest live connections (divided by the "
+        "SRV weight when weights are set), ties round-robin; within the best usable SRV "
+        "priority class either way (default: %(default)s)"),
     Key("health-interval", "duration", "5s", group=_O, metavar="DURATION", positive=True,
         help="interval of --health-check=etcd checks (default: %(default)s)"),
     Key("health-rise", "int", "2", group=_O, metavar="N", lo=1, hi=1_000_000,
@@ -736,6 +742,7 @@ class Config:
     listen_unix_mode: int = _i("listen-unix-mode")
     buffer_size: int = 65536
     health_check: str = _s("health-check")  # none|tcp|etcd
+    balance: str = _s("balance")  # round-robin | least-connections
     health_interval: float = _d("health-interval")
     health_rise: int = _i("health-rise")
     health_fall: int = _i("health-fall")

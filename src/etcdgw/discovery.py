@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -41,29 +40,30 @@ from .config import (
     format_addr,
     format_duration,
     go_quote,
-    parse_port,
-    split_host_port,
 )
 from .log import Logger
+from .resolver import (
+    LOOKUP_TIMEOUT,
+    dns_error_text,
+    dns_resolver,
+    host_resolver,
+    server_text,
+)
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
-    "LOOKUP_TIMEOUT",
     "Discovered",
     "DiscoveryError",
     "Lookup",
     "Refresher",
     "SrvRecord",
-    "async_host_resolver",
     "clamp_ttl",
     "diff",
     "discover",
     "endpoint_url",
     "get_srv_service",
-    "host_resolver",
     "lookup_srv",
     "order_endpoints",
-    "parse_dns_server",
     "retry_delay",
     "self_check_for",
     "srv_names",
@@ -74,9 +74,6 @@ __all__ = [
 
 # transport.ValidateSecureEndpoints dials with a 5 s timeout; we use it for connect + handshake.
 HANDSHAKE_TIMEOUT = 5.0
-# Total time for one DNS query (all retries, UDP then TCP on truncation). Go's resolver uses
-# resolv.conf's `timeout:5`, so a dead server costs about the same.
-LOOKUP_TIMEOUT = 5.0
 # At most this many targets are validated in parallel (Go validates one after the other, so a
 # few dead targets delayed start-up by 5 s each).
 MAX_PARALLEL_VALIDATIONS = 16
@@ -205,82 +202,12 @@ def endpoint_url(ep: Endpoint) -> str:
     return ("https://" if ep.secure else "http://") + ep.addr
 
 
-def parse_dns_server(text: str) -> tuple[str, int]:
-    """--discovery-dns: "IP:PORT", "[v6]:PORT", or a bare IP (port 53).
-
-    Raises:
-        ConfigError: the value is not an IP address with an optional port.
-    """
-    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    try:
-        return str(ipaddress.ip_address(bare)), 53
-    except ValueError:
-        pass
-    try:
-        host, port_text = split_host_port(text)
-        return str(ipaddress.ip_address(host)), parse_port(port_text)
-    except ValueError as e:
-        raise ConfigError(
-            f"invalid --discovery-dns {go_quote(text)}: want IP:PORT or [IPv6]:PORT ({e})",
-            stream="stderr",
-        ) from None
-
-
 def _key(ep: Endpoint) -> tuple[str, int, bool]:
     """Identity of a target for "already validated": a new priority needs no new handshake."""
     return (ep.host, ep.port, ep.secure)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return True
-
-
-def _is_localhost(host: str) -> bool:
-    # RFC 6761 6.3: "localhost." names are answered locally and never sent to a DNS server,
-    # so `--listen-addr=localhost:...` still works with --discovery-dns.
-    h = host.rstrip(".").lower()
-    return h == "localhost" or h.endswith(".localhost")
-
-
 # --- DNS --------------------------------------------------------------------------------------
-
-
-def _resolver(cfg: Config, lifetime: float) -> dns.resolver.Resolver:
-    if cfg.discovery_dns:
-        ip, port = parse_dns_server(cfg.discovery_dns)
-        r = dns.resolver.Resolver(configure=False)
-        r.nameservers = [ip]
-        r.port = port
-    else:
-        # /etc/resolv.conf, like Go's resolver; raises NoResolverConfiguration when absent.
-        r = dns.resolver.Resolver()
-    r.lifetime = lifetime
-    r.timeout = min(r.timeout, lifetime)
-    return r
-
-
-def _server_text(r: dns.resolver.Resolver | None) -> str:
-    """The DNS server named in error texts, like Go's `lookup X on 10.0.0.2:53: ...`."""
-    if r is None or not r.nameservers:
-        return "the system resolver"
-    return format_addr(str(r.nameservers[0]), r.port)
-
-
-def _dns_error_text(e: BaseException) -> tuple[str, bool]:
-    """Go's wording for a DNS failure, and whether it is transient (the answer is unknown)."""
-    if isinstance(e, dns.resolver.NXDOMAIN | dns.resolver.NoAnswer):
-        return "no such host", False
-    if isinstance(e, dns.exception.Timeout):
-        return "i/o timeout", True
-    if isinstance(e, dns.resolver.NoNameservers):
-        return "server misbehaving", True
-    if isinstance(e, dns.resolver.NoResolverConfiguration):
-        return "no DNS server configured (/etc/resolv.conf)", True
-    return str(e) or type(e).__name__, True
 
 
 def lookup_srv(resolver: dns.resolver.Resolver, qname: str, server: str) -> Lookup:
@@ -288,7 +215,7 @@ def lookup_srv(resolver: dns.resolver.Resolver, qname: str, server: str) -> Look
     try:
         answer = resolver.resolve(dns.name.from_text(qname), "SRV")
     except (dns.exception.DNSException, OSError) as e:
-        text, transient = _dns_error_text(e)
+        text, transient = dns_error_text(e)
         return Lookup(qname, error=f"lookup {qname} on {server}: {text}", transient=transient)
     recs = tuple(
         SrvRecord(
@@ -308,16 +235,16 @@ def lookup_srv(resolver: dns.resolver.Resolver, qname: str, server: str) -> Look
 def _lookup_both(cfg: Config, lifetime: float) -> tuple[Lookup, Lookup]:
     https_name, http_name = srv_names(cfg.discovery_srv, cfg.discovery_srv_name)
     try:
-        r = _resolver(cfg, lifetime)
+        r = dns_resolver(cfg, lifetime)
     except dns.exception.DNSException as e:
-        text, transient = _dns_error_text(e)
-        server = _server_text(None)
+        text, transient = dns_error_text(e)
+        server = server_text(None)
 
         def failed(n: str) -> Lookup:
             return Lookup(n, error=f"lookup {n} on {server}: {text}", transient=transient)
 
         return failed(https_name), failed(http_name)
-    server = _server_text(r)
+    server = server_text(r)
     # Both queries at once: a dead server then costs one timeout, not two. A daemon thread,
     # not an executor: a SIGTERM during start-up (systemd.Interrupted) must not wait for it.
     box: list[Lookup] = []
@@ -337,103 +264,6 @@ def _lookup_both(cfg: Config, lifetime: float) -> tuple[Lookup, Lookup]:
 def _min_ttl(*lookups: Lookup) -> float:
     ttls = [lk.ttl for lk in lookups if lk.ttl is not None]
     return min(ttls) if ttls else 0.0
-
-
-def host_resolver(cfg: Config, *, lifetime: float = LOOKUP_TIMEOUT) -> Callable[[str], list[str]]:
-    """A blocking host -> [IP] function for start-up checks and validation.
-
-    Through --discovery-dns when set (A then AAAA), else socket.getaddrinfo (the system's
-    /etc/hosts + DNS, as Go's net.LookupHost). IP literals come back as they are.
-
-    The function raises OSError when the name does not resolve.
-    """
-    if not cfg.discovery_dns:
-        return _system_resolve
-    r = _resolver(cfg, lifetime)
-    server = _server_text(r)
-
-    def resolve(host: str) -> list[str]:
-        if _is_ip(host):
-            return [host]
-        if _is_localhost(host):
-            return _system_resolve(host)
-        addrs: list[str] = []
-        errors: list[str] = []
-        for rdtype in ("A", "AAAA"):
-            try:
-                answer = r.resolve(dns.name.from_text(host), rdtype)
-            except (dns.exception.DNSException, OSError) as e:
-                errors.append(_dns_error_text(e)[0])
-                continue
-            addrs.extend(rd.address for rd in answer)
-        if not addrs:
-            raise OSError(f"lookup {host} on {server}: {errors[0] if errors else 'no such host'}")
-        return addrs
-
-    return resolve
-
-
-def _system_resolve(host: str) -> list[str]:
-    if _is_ip(host):
-        return [host]
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise OSError(f"lookup {host}: {e.strerror or e}") from None
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def async_host_resolver(
-    cfg: Config, *, lifetime: float = LOOKUP_TIMEOUT
-) -> Callable[[str], Awaitable[list[str]]]:
-    """The connect-time twin of host_resolver: non-blocking, raises OSError when unresolved.
-
-    Go re-resolves the target at every dial (net.Dial); so do we. With --discovery-dns the
-    answers are cached for their TTL, so a busy gateway does not query per connection.
-    """
-    if not cfg.discovery_dns:
-        return _async_system_resolve
-
-    ip, port = parse_dns_server(cfg.discovery_dns)
-    r = dns.asyncresolver.Resolver(configure=False)
-    r.nameservers = [ip]
-    r.port = port
-    r.lifetime = lifetime
-    r.timeout = min(r.timeout, lifetime)
-    r.cache = dns.resolver.Cache()
-    server = format_addr(ip, port)
-
-    async def one(host: str, rdtype: str) -> list[str] | str:
-        try:
-            answer = await r.resolve(dns.name.from_text(host), rdtype)
-        except (dns.exception.DNSException, OSError) as e:
-            return _dns_error_text(e)[0]
-        return [rd.address for rd in answer]
-
-    async def resolve(host: str) -> list[str]:
-        if _is_ip(host):
-            return [host]
-        if _is_localhost(host):
-            return await _async_system_resolve(host)
-        results = await asyncio.gather(one(host, "A"), one(host, "AAAA"))
-        addrs = [a for res in results if isinstance(res, list) for a in res]
-        if not addrs:
-            errors = [res for res in results if isinstance(res, str)]
-            raise OSError(f"lookup {host} on {server}: {errors[0] if errors else 'no such host'}")
-        return addrs
-
-    return resolve
-
-
-async def _async_system_resolve(host: str) -> list[str]:
-    if _is_ip(host):
-        return [host]
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise OSError(f"lookup {host}: {e.strerror or e}") from None
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 # --- TLS validation ---------------------------------------------------------------------------

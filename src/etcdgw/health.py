@@ -353,10 +353,8 @@ class HealthChecker:
         """Checks turned off by a reload: nothing may stay out on an old verdict."""
         for remote in self.gw.balancer.remotes:
             remote.checks_ok = remote.checks_failed = 0
-            if not remote.healthy:
-                remote.healthy = True
+            if self.gw.balancer.set_healthy(remote, True):
                 self.log.info("endpoint healthy", address=remote.addr, reason="checks off")
-        self.gw.sync_endpoints()
 
     def _done(self, remote: Remote, task: asyncio.Task[None]) -> None:
         if self._inflight.get(remote) is task:
@@ -376,9 +374,7 @@ class HealthChecker:
             error = f"GET https://{ep.addr}/health: no TLS settings"
         else:
             try:
-                addrs = gw.cached_addrs(ep.host)
-                if addrs is None:
-                    addrs = await asyncio.wait_for(gw.resolve_addrs(ep.host), timeout)
+                addrs = await asyncio.wait_for(gw.addresses.resolve(ep.host), timeout)
             except (TimeoutError, OSError) as e:
                 why = "i/o timeout" if isinstance(e, TimeoutError) else _reason(e)
                 error = f"lookup {ep.host}: {why}"
@@ -398,7 +394,7 @@ class HealthChecker:
         elif not remote.active:
             # It answered etcd's /health: it accepts connections again, sooner than the
             # next --retry-delay re-probe would find out.
-            self.gw.activate(remote)
+            self.gw.monitor.activate(remote)
         if changed is False:
             self.log.warn(
                 "endpoint unhealthy",
@@ -409,4 +405,4 @@ class HealthChecker:
         elif changed is True:
             self.log.info("endpoint healthy", address=remote.addr, passes=remote.checks_ok)
         if changed is not None:
-            self.gw.sync_endpoints()
+            self.gw.balancer.changed()  # record_check() set the verdict on the remote

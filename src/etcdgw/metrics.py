@@ -182,6 +182,18 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "etcdgw_ready", "1 when listening and not draining", 1 if is_ready(gw) else 0
         )
+        # For alerting (contrib/prometheus): a drain in progress, and the limit that
+        # etcdgw_connections_active approaches.
+        yield GaugeMetricFamily(
+            "etcdgw_draining",
+            "1 after SIGTERM/SIGINT while live connections finish",
+            1 if gw.draining else 0,
+        )
+        yield GaugeMetricFamily(
+            "etcdgw_max_connections",
+            "--max-connections: beyond it clients wait in the backlog (0: unlimited)",
+            gw.cfg.max_connections,
+        )
         yield CounterMetricFamily(
             "etcdgw_connections_accepted", "client connections accepted", c.accepted
         )

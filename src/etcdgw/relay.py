@@ -11,13 +11,19 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from . import engine as contract
+from .engine import Finished, Report, Target
+
 __all__ = [
     "IMPLEMENTATION",
     "NO_EXTENSIONS",
     "Engine",
     "Finished",
     "Relay",
+    "RelayEventLoop",
     "RelaySelector",
+    "Report",
+    "Target",
     "new_event_loop",
 ]
 
@@ -41,21 +47,8 @@ else:
         IMPLEMENTATION = "python"
 # isort: on
 
-Finished = tuple[int, int, int, int]
-"""(pair_id, bytes client->upstream, bytes upstream->client, errno or 0)."""
-
-NativeCallback = Callable[
-    [
-        list[tuple[int, int]],
-        list[tuple[int, int, int]],
-        list[tuple[int, int]],
-        int,
-        int,
-        list[tuple[int, int, int, int, int]],
-    ],
-    None,
-]
-"""on_native(started, failed, paused, accepted, accept_errors, short): Engine.collect()."""
+NativeCallback = Callable[[Report], None]
+"""on_native(report): what the relay thread did since the last wake-up (NativeAccept.collect)."""
 
 
 class RelaySelector(selectors.EpollSelector):
@@ -71,6 +64,16 @@ class RelaySelector(selectors.EpollSelector):
 
     hook: Callable[[list[tuple[int, int]]], None] | None = None
     EXTRA_EVENTS = 256  # room in each poll for the hook's events
+
+    # select() below is EpollSelector.select() plus the hook; like it, it reads the two
+    # fields EpollSelector keeps (CPython 3.11-3.14: `_selector`, `_fd_to_key`). Only this
+    # class touches them.
+
+    @property
+    def epoll(self) -> select.epoll:
+        """The select.epoll object behind this selector (where an engine may attach)."""
+        ep: select.epoll = self._selector  # type: ignore[attr-defined]
+        return ep
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         hook = self.hook
@@ -107,9 +110,18 @@ class RelaySelector(selectors.EpollSelector):
         return ready
 
 
+class RelayEventLoop(asyncio.SelectorEventLoop):
+    """The asyncio loop etcdgw serves on: a selector loop whose selector is a RelaySelector,
+    kept as a public attribute so `Relay` need not reach into asyncio's private fields."""
+
+    def __init__(self) -> None:
+        self.relay_selector = RelaySelector()
+        super().__init__(self.relay_selector)
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """An asyncio loop with a RelaySelector (what etcdgw serves on)."""
-    return asyncio.SelectorEventLoop(RelaySelector())
+    return RelayEventLoop()
 
 
 class Relay:
@@ -122,10 +134,10 @@ class Relay:
             pairs taken back with remove(), which returns the same tuple instead.
         engine_cls: the engine to drive (either twin); the facade's choice by default.
         bufsize: the engine's read size and the unit of its fairness budgets.
-        on_native: to use native accept (listen(), set_targets()) when the engine can:
-            called as on_native(started, failed, paused, accepted, accept_errors, short)
-            with Engine.collect()'s lists, before the finished pairs of the same wake-up;
-            `aggregate` (default True) asks collect() to sum short-lived pairs.
+        on_native: to use native accept (listen(), set_targets()) when the engine can
+            (engine.NativeAccept, threaded): called with each engine.Report, before the
+            finished pairs of the same wake-up are reported; `aggregate` (default True)
+            asks collect() to sum short-lived pairs.
     """
 
     def __init__(
@@ -139,18 +151,26 @@ class Relay:
     ) -> None:
         self._loop = loop
         self._on_finished = on_finished
-        self._engine = engine_cls(bufsize)
-        self._on_native = on_native if on_native is not None and self._engine.native else None
+        eng = engine_cls(bufsize)
+        self._engine = eng
+        # The capabilities are declared (engine.py), and decided here once.
+        self._native_engine: contract.NativeAccept | None = (
+            eng
+            if on_native is not None and isinstance(eng, contract.NativeAccept) and eng.native
+            else None
+        )
+        self._on_native = on_native if self._native_engine is not None else None
         self._again: asyncio.Handle | None = None
         self.aggregate = True
         self._selector: RelaySelector | None = None
-        self._fd = self._engine.fileno()
-        sel = getattr(loop, "_selector", None)
-        attach = getattr(self._engine, "_attach", None)
-        if isinstance(sel, RelaySelector) and sel.hook is None and attach is not None:
-            attach(sel._selector)  # type: ignore[attr-defined]
+        self._loop_epoll: contract.LoopEpoll | None = None
+        self._fd = eng.fileno()
+        sel = loop.relay_selector if isinstance(loop, RelayEventLoop) else None
+        if sel is not None and sel.hook is None and isinstance(eng, contract.LoopEpoll):
+            eng.attach(sel.epoll)
             sel.hook = self._on_events
             self._selector = sel
+            self._loop_epoll = eng
         else:
             loop.add_reader(self._fd, self._on_ready)
 
@@ -161,35 +181,47 @@ class Relay:
 
     def listen(self, listen_fd: int, tcp: bool = True) -> None:
         """Native accept: let the engine accept on this listener (again, after a pause)."""
-        self._engine.listen(listen_fd, tcp)
+        self._native_accept().listen(listen_fd, tcp)
 
     def unlisten(self, listen_fd: int) -> None:
         """Native accept: stop accepting on it; the engine no longer uses the fd."""
-        self._engine.unlisten(listen_fd)
+        self._native_accept().unlisten(listen_fd)
 
     def set_targets(
         self,
-        targets: Sequence[tuple[int, int, str | None, int, int, int, int, int, bool]],
+        targets: Sequence[Target],
         sockopts: Sequence[tuple[int, int, int]],
         dial_timeout: float,
         limit: int,
         late_sockopts: Sequence[tuple[int, int, int]] = (),
         late_after: float = 1.0,
+        least: bool = False,
     ) -> None:
         """Native accept: where clients go and how (Engine.set_targets)."""
-        self._engine.set_targets(targets, sockopts, dial_timeout, limit, late_sockopts, late_after)
+        self._native_accept().set_targets(
+            targets, sockopts, dial_timeout, limit, late_sockopts, late_after, least
+        )
+
+    def pick(self) -> int:
+        """Native accept: the relay thread's choice for the next client (a tag, or -1)."""
+        return self._native_accept().pick()
 
     def native_pending(self) -> int:
         """Native accept: clients accepted that the callbacks have not reported yet."""
-        return self._engine.native_pending()
+        return self._native_engine.native_pending() if self._native_engine is not None else 0
+
+    def _native_accept(self) -> contract.NativeAccept:
+        if self._native_engine is None:
+            raise RuntimeError("native accept is off (it needs the threaded Cython engine)")
+        return self._native_engine
 
     def poll(self) -> None:
         """Collect and report now what the engine has (as a wake-up would)."""
         self._on_ready()
 
-    def add(self, client_fd: int, upstream_fd: int) -> int:
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
         """Start relaying two connected non-blocking sockets; return the pair id."""
-        return self._engine.add(client_fd, upstream_fd)
+        return self._engine.add(client_fd, upstream_fd, tag)
 
     def remove(self, pair_id: int) -> Finished:
         """Stop relaying a pair now; both fds are unregistered, the caller may close them."""
@@ -229,8 +261,9 @@ class Relay:
         """RelaySelector's hook: the engine's events, straight from the loop's epoll_wait."""
         if self._fd < 0:
             return
+        assert self._loop_epoll is not None
         try:
-            done = self._engine._dispatch(events)
+            done = self._loop_epoll.dispatch(events)
         except Exception as exc:  # never out of select(): that would stop the loop
             self._loop.call_exception_handler({"message": "relay failed", "exception": exc})
             return
@@ -240,11 +273,11 @@ class Relay:
         if self._fd < 0:
             return
         if self._on_native is not None:
-            started, done, failed, paused, accepted, errors, short = self._engine.collect(
-                self.aggregate
-            )
+            assert self._native_engine is not None
+            report = self._native_engine.collect(self.aggregate)
+            done = report.finished
             try:
-                self._on_native(started, failed, paused, accepted, errors, short)
+                self._on_native(report)
             except Exception as exc:
                 self._loop.call_exception_handler(
                     {"message": "relay on_native callback failed", "exception": exc}

@@ -1,0 +1,313 @@
+"""Accepting clients: in the asyncio loop (`LoopAccept`) or in the relay thread (`NativeAccept`).
+
+Both share the rules of when to accept (`Acceptor`): not while draining; not beyond
+--max-connections (clients wait in the kernel backlog); and on a shortage of fds or buffers
+(EMFILE, ENFILE, ENOBUFS, ENOMEM: the Go gateway exits 0 on them) a pause of 0.1 s doubling
+to 1 s, after closing at once the clients already waiting when it is fds that ran out
+(libuv's "EMFILE trick", with one spare fd reserved for it), so they learn now instead of
+hanging.
+
+`NativeAccept` hands the listeners to the Cython engine's relay thread, which accepts, picks
+a target with the C copy of the selection rule (`_pick.pxi`) and connects, without Python.
+It is the one place that tells the engine where clients go (`sync`, run on the balancer's
+and the address book's change signals), and it takes back, from each engine report, the
+clients whose dial failed (failover is dial.py's) and the per-connection bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from .config import format_duration
+from .dial import Dial, dial_error
+from .engine import Report, Target
+
+if TYPE_CHECKING:
+    from .balancer import Remote
+    from .server import Gateway
+
+__all__ = ["ACCEPT_BATCH", "Acceptor", "LoopAccept", "NativeAccept"]
+
+ACCEPT_BATCH = 128  # clients accepted per listener per wake-up (the engine's is the same)
+# Accept errors that mean "out of a resource for now" (the Go gateway exits 0 on them).
+ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_SHED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+ACCEPT_PAUSE = 0.1  # seconds; grows to ACCEPT_PAUSE_MAX while the shortage lasts
+ACCEPT_PAUSE_MAX = 1.0
+# How often native accept refreshes stale host-name answers (the relay thread dials by
+# address and never asks the address book itself).
+NATIVE_UPKEEP = 1.0
+# Keep-alive options go on an upstream socket once its connection has lived this long (the
+# shortest --tcp-keepalive: they cannot matter sooner, and short connections save 5 calls).
+LATE_OPTIONS_AFTER = 1.0
+
+
+class Acceptor:
+    """When to accept: start/stop, --max-connections, pauses on resource shortages."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.accepting = False
+        self._pause = ACCEPT_PAUSE
+        self._pause_handle: asyncio.TimerHandle | None = None
+        self._spare_fd = -1
+        self._reserve_spare_fd()
+
+    # what differs between the two ways
+    def _listen(self, lsock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _unlisten(self, lsock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def pending(self) -> int:
+        """Clients accepted that the gateway has not heard of yet."""
+        return 0
+
+    # the rules
+    def start(self) -> None:
+        if self.accepting or self.gw.draining:
+            return
+        for s in self.gw.listeners:
+            self._listen(s)
+        self.accepting = True
+
+    def stop(self) -> None:
+        if not self.accepting:
+            return
+        for s in self.gw.listeners:
+            try:
+                self._unlisten(s)
+            except (ValueError, OSError):
+                pass  # closed already
+        self.accepting = False
+
+    def full(self) -> bool:
+        limit = self.gw.cfg.max_connections
+        return bool(limit) and self.gw.active_connections() >= limit
+
+    def resume_if_room(self) -> None:
+        """A connection ended (or a pause passed): accept again unless still at the limit."""
+        if not self.accepting and self._pause_handle is None and not self.full():
+            self.start()
+
+    def accepted(self, n: int = 1) -> None:
+        self.gw.counters.accepted += n
+        self._pause = ACCEPT_PAUSE
+
+    def pause(self, lsock: socket.socket, err: int) -> None:
+        """Out of fds or buffers: stop accepting briefly instead of exiting or spinning."""
+        shed = self._shed(lsock) if err in ACCEPT_SHED_ERRNOS else 0
+        self.stop()
+        self.gw.log.warn(
+            "accept failed; pausing accept",
+            error=str(OSError(err, os.strerror(err))),
+            pause=format_duration(self._pause),
+            **({"closed-clients": shed} if shed else {}),
+        )
+        delay = self._pause
+        self._pause = min(self._pause * 2, ACCEPT_PAUSE_MAX)
+        self._pause_handle = self.gw.loop.call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        self._pause_handle = None
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._pause_handle is not None:
+            self._pause_handle.cancel()
+            self._pause_handle = None
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+
+    def _reserve_spare_fd(self) -> None:
+        if self._spare_fd < 0:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # out of fds already: try again at the next shortage
+
+    def _shed(self, lsock: socket.socket) -> int:
+        """Out of fds: close the clients waiting in the backlog; return how many.
+
+        The spare fd is given up for a moment so accept() can take each waiting client, which
+        is closed at once (as when no endpoint can be reached); then it is reserved again.
+        """
+        if self._spare_fd < 0:
+            self._reserve_spare_fd()
+            return 0
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        n = 0
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    client, _ = lsock.accept()
+                except OSError:
+                    break  # EAGAIN: none left; EMFILE: another fd took the spare's place
+                client.close()
+                n += 1
+        finally:
+            self._reserve_spare_fd()
+        self.gw.counters.refused += n
+        return n
+
+
+class LoopAccept(Acceptor):
+    """Accept in the asyncio loop: each listener is a reader; a Dial per client."""
+
+    def _listen(self, lsock: socket.socket) -> None:
+        self.gw.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+
+    def _unlisten(self, lsock: socket.socket) -> None:
+        self.gw.loop.remove_reader(lsock.fileno())
+
+    def _on_accept(self, lsock: socket.socket) -> None:
+        gw = self.gw
+        ka = gw.cfg.tcp_keepalive
+        # A TCP client needs tuning unless it inherited the listener's options.
+        tune = lsock.family != socket.AF_UNIX and not gw.tcp.tune_listener(lsock, ka)
+        for _ in range(ACCEPT_BATCH):
+            if self.full():
+                self.stop()  # further clients wait in the kernel's backlog
+                return
+            try:
+                client, _ = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                gw.counters.accept_errors += 1
+                if e.errno in ACCEPT_PAUSE_ERRNOS:
+                    self.pause(lsock, e.errno)
+                    return
+                # ECONNABORTED, EPROTO, EPERM (firewall), ...: that one client is gone.
+                continue
+            self.accepted()
+            client.setblocking(False)
+            if tune:
+                tune = gw.tcp.tune_accepted(lsock, client, ka)
+            Dial(gw, client).start()
+
+
+class NativeAccept(Acceptor):
+    """Accept, pick and connect in the relay thread; keep it told where clients go."""
+
+    def __init__(self, gw: Gateway) -> None:
+        super().__init__(gw)
+        self._told: tuple[Any, ...] | None = None  # what the engine was last told
+
+    def _listen(self, lsock: socket.socket) -> None:
+        tcp = lsock.family != socket.AF_UNIX
+        if tcp:
+            self.gw.tcp.tune_listener(lsock, self.gw.cfg.tcp_keepalive)
+        self.gw.relay.listen(lsock.fileno(), tcp)
+
+    def _unlisten(self, lsock: socket.socket) -> None:
+        self.gw.relay.unlisten(lsock.fileno())
+
+    def pending(self) -> int:
+        return self.gw.relay.native_pending()
+
+    # --- the one sync point -------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Tell the engine the balancer's state, the addresses and the dial settings.
+
+        Runs on every change signal (balancer.on_change, AddressBook.on_change); unchanged
+        state is not sent again.
+        """
+        gw = self.gw
+        targets = []
+        for r in gw.balancer.remotes:
+            ep = r.endpoint
+            addrs = gw.addresses.known(ep.host)
+            fam: int = socket.AF_INET
+            ip: str | None = None
+            if addrs and "%" not in addrs[0][1][0]:  # scoped IPv6: dialled by dial.py
+                fam, ip = addrs[0][0], addrs[0][1][0]
+            targets.append(Target(r.tag, int(fam), ip, ep.port, ep.priority, ep.weight, r.usable))
+        cfg = gw.cfg
+        opts = gw.tcp.options(cfg.tcp_keepalive)
+        now, late = opts[:1], opts[1:]  # TCP_NODELAY at once, keep-alive late
+        least = gw.balancer.selector.least
+        told = (tuple(targets), tuple(opts), cfg.dial_timeout, cfg.max_connections, least)
+        if told == self._told:
+            return
+        gw.relay.set_targets(
+            targets, now, cfg.dial_timeout, cfg.max_connections, late, LATE_OPTIONS_AFTER, least
+        )
+        self._told = told
+        if self.accepting:
+            for s in gw.listeners:
+                if s.family != socket.AF_UNIX:
+                    gw.tcp.tune_listener(s, cfg.tcp_keepalive)  # a reload changed it?
+
+    async def upkeep(self) -> None:
+        """Keep host-name answers fresh for the relay thread (it dials by address)."""
+        while True:
+            await asyncio.sleep(NATIVE_UPKEEP)
+            self.gw.addresses.refresh_stale([r.endpoint.host for r in self.gw.balancer.remotes])
+
+    # --- what the relay thread reports --------------------------------------------------
+
+    def on_report(self, report: Report) -> None:
+        """What the relay thread accepted, connected and could not connect.
+
+        report.short: pairs that started and finished between two reports, summed per
+        remote: per-connection Python work for the churn case is gone. Not used at
+        --log-level=debug, which logs each connection.
+        """
+        gw = self.gw
+        if report.accepted:
+            self.accepted(report.accepted)
+        gw.counters.accept_errors += report.accept_errors
+        by_tag = gw.balancer.by_tag
+        if report.short:
+            for s in report.short:
+                remote = by_tag(s.tag)
+                assert remote is not None
+                gw.finished_short(remote, s.pairs, s.c2u, s.u2c, s.resets)
+            gw.room()
+        for st in report.started:
+            remote = by_tag(st.tag)
+            assert remote is not None
+            gw.started_native(st.pair_id, remote)
+        for f in report.failed:
+            client = socket.socket(fileno=f.client_fd)
+            client.setblocking(False)
+            self._take_over(client, by_tag(f.tag) if f.tag >= 0 else None, f.err)
+        for p in report.paused:
+            lsock = next((s for s in gw.listeners if s.fileno() == p.listen_fd), None)
+            if lsock is None or not self.accepting:
+                continue  # closed or stopped meanwhile
+            self.pause(lsock, p.err)
+
+    def _take_over(self, client: socket.socket, remote: Remote | None, err: int) -> None:
+        """A client the engine could not connect (engine.Failed): dial.py fails it over."""
+        gw = self.gw
+        if remote is None:
+            if err:
+                gw.refuse(client)  # no socket for the dial: not an endpoint's fault
+            else:
+                Dial(gw, client).start()  # nothing usable: the fallback round
+            return
+        if remote.removed:
+            Dial(gw, client).start()
+            return
+        if err == 0:
+            Dial(gw, client).start_with(remote)  # no address yet: resolve, then dial
+            return
+        ep = remote.endpoint
+        if err == errno.ETIMEDOUT:
+            # The whole dial (every address of the endpoint) shares one --dial-timeout.
+            Dial(gw, client).resume(remote, [], f"dial tcp {ep.addr}: i/o timeout")
+            return
+        addrs = list(gw.addresses.known(ep.host) or [])
+        ip = addrs[0][1][0] if addrs else ""
+        Dial(gw, client).resume(remote, addrs[1:], dial_error(ep, ip, err))

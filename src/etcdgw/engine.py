@@ -1,0 +1,198 @@
+"""The relay engine contract: what both twins (`_relay.pyx`, `_relay_py.py`) implement.
+
+Declared once here, as aio-libs' multidict declares its surface in `_abc.py`; `relay.py`
+chooses the twin and drives it. Three capabilities:
+
+* `Engine`, every twin: relay borrowed pairs of connected non-blocking sockets, both ways,
+  and report the pairs that finished.
+* `LoopEpoll`, the pure twin: register its fds in the asyncio loop's own epoll set and take
+  their events from the loop's `epoll_wait` (`relay.RelaySelector`), instead of an epoll fd
+  of its own (one system call and no loop callback per wake-up).
+* `NativeAccept`, the Cython twin in threaded mode: its relay thread accepts clients, picks
+  a target and connects them itself, without Python (docs/architecture.md).
+
+The records the engines exchange with Python are named tuples, so a reader sees field names
+and the compiled twin builds them as cheaply as plain tuples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "Engine",
+    "Failed",
+    "Finished",
+    "LoopEpoll",
+    "NativeAccept",
+    "Paused",
+    "Report",
+    "ShortSum",
+    "Started",
+    "Target",
+]
+
+
+class Finished(NamedTuple):
+    """A pair the engine stopped relaying (its fds are unregistered)."""
+
+    pair_id: int
+    c2u: int  # bytes client -> upstream
+    u2c: int  # bytes upstream -> client
+    err: int  # errno that ended it, 0 for a clean end (both EOFs passed on)
+
+
+class Target(NamedTuple):
+    """Where native accept may connect a client, in the balancer's order (set_targets)."""
+
+    tag: int  # the caller's name for it (balancer.Remote.tag)
+    family: int  # AF_INET or AF_INET6
+    ip: str | None  # None: a host name with no address yet; the caller dials it
+    port: int
+    priority: int  # SRV priority (0 for --endpoints)
+    weight: int  # SRV weight (0 for --endpoints)
+    usable: bool  # active, healthy and not removed (balancer.Remote.usable)
+
+
+class Started(NamedTuple):
+    """A client the engine accepted and connected itself; relayed now."""
+
+    pair_id: int
+    tag: int
+
+
+class Failed(NamedTuple):
+    """An accepted client the engine could not connect; the caller owns client_fd now.
+
+    tag -1: no usable target (err 0) or no socket for the dial (err set). err 0 with a tag:
+    the target has no address, dial it yourself. Else that target's connect failed
+    (ETIMEDOUT: --dial-timeout).
+    """
+
+    client_fd: int
+    tag: int
+    err: int
+
+
+class Paused(NamedTuple):
+    """A listener whose accept failed for lack of a resource; listen() again to resume."""
+
+    listen_fd: int
+    err: int
+
+
+class ShortSum(NamedTuple):
+    """Pairs of one target that started and finished between two collect() calls."""
+
+    tag: int
+    pairs: int
+    c2u: int
+    u2c: int
+    resets: int  # pairs that ended with an errno
+
+
+class Report(NamedTuple):
+    """Everything the relay thread has to tell the loop since the last collect()."""
+
+    started: list[Started]
+    finished: list[Finished]
+    failed: list[Failed]
+    paused: list[Paused]
+    accepted: int
+    accept_errors: int
+    short: list[ShortSum]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Relay bytes between borrowed pairs of sockets; the caller owns (and closes) the fds."""
+
+    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None: ...
+
+    def fileno(self) -> int:
+        """For loop.add_reader: readable when run() has something to do or report."""
+        ...
+
+    def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
+        """Start relaying two connected non-blocking sockets; return the pair id.
+
+        tag: the Target the upstream is connected to, for a NativeAccept engine's live
+        counts (least-connections); others ignore it.
+        """
+        ...
+
+    def run(self) -> list[Finished]:
+        """Handle what is ready without blocking; return the pairs that finished."""
+        ...
+
+    @property
+    def pending(self) -> bool:
+        """run() stopped early for fairness: call it again soon (edge-triggered epoll)."""
+        ...
+
+    def remove(self, pair_id: int) -> Finished:
+        """Stop relaying a pair now; its fds are unregistered when this returns."""
+        ...
+
+    def stats(self, pair_id: int) -> tuple[int, int]:
+        """(c2u, u2c) bytes so far for one pair (also one finished but not reported yet)."""
+        ...
+
+    def totals(self) -> tuple[int, int]:
+        """The same counts summed over every pair this engine ever relayed."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None:
+        """Stop and close the engine's own fds (idempotent); relayed fds stay open."""
+        ...
+
+
+@runtime_checkable
+class LoopEpoll(Protocol):
+    """An engine that can live in the asyncio loop's own epoll set (relay.RelaySelector)."""
+
+    def attach(self, epoll: object) -> None:
+        """Register pairs in this `select.epoll` from now on (before the first add())."""
+        ...
+
+    def dispatch(self, events: Sequence[tuple[int, int]]) -> list[Finished]:
+        """Handle (fd, events) that the loop's epoll_wait returned for the engine's fds."""
+        ...
+
+
+@runtime_checkable
+class NativeAccept(Protocol):
+    """An engine whose relay thread accepts and connects clients itself (Cython, threaded)."""
+
+    @property
+    def native(self) -> bool:
+        """Whether this instance can (the threaded mode of the Cython twin)."""
+        ...
+
+    def listen(self, listen_fd: int, tcp: bool = True) -> None: ...
+
+    def unlisten(self, listen_fd: int) -> None: ...
+
+    def set_targets(
+        self,
+        targets: Sequence[Target],
+        sockopts: Sequence[tuple[int, int, int]] = (),
+        dial_timeout: float = 5.0,
+        limit: int = 0,
+        late_sockopts: Sequence[tuple[int, int, int]] = (),
+        late_after: float = 1.0,
+        least: bool = False,
+    ) -> None: ...
+
+    def pick(self) -> int:
+        """The tag of the target for the next client by the engine's own counter, or -1."""
+        ...
+
+    def collect(self, aggregate: bool = False) -> Report: ...
+
+    def native_pending(self) -> int:
+        """Clients accepted that collect() has not reported, connecting or not."""
+        ...

@@ -1,0 +1,220 @@
+"""The listening sockets and the TCP options of every relayed socket.
+
+`ListenerSet` binds what --listen-addr asks for (or adopts systemd's sockets), owns the
+sockets and the unix socket files it created, and closes them once. `TcpOptions` is the one
+rule for socket options (TCP_NODELAY, keep-alive from --tcp-keepalive), applied to upstream
+sockets, to listeners (Linux copies them to the clients it accepts) and, when a client did
+not inherit them, to each client: by the loop's accept (accept.py) or, from the list it is
+given, by the relay thread's native accept (_accept.pxi).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from .config import Config, ConfigError, Listen, format_addr
+
+__all__ = ["ListenerSet", "TcpOptions", "sock_name"]
+
+SockOpt = tuple[int, int, int]
+
+
+class TcpOptions:
+    """(level, option, value) for every relayed TCP socket, for the current --tcp-keepalive."""
+
+    def __init__(self) -> None:
+        self._for: float | None = None
+        self._opts: list[SockOpt] = []
+        # listener -> (tcp_keepalive it was tuned for, its clients inherit it: None = unknown)
+        self._listener_state: dict[socket.socket, tuple[float, bool | None]] = {}
+
+    def options(self, keepalive: float) -> list[SockOpt]:
+        if self._for != keepalive:
+            opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            if keepalive:
+                # Go dials and accepts with a 15 s keep-alive; we also bound the probe count
+                # and unacknowledged data, so a dead peer is noticed within about 4 x this.
+                secs = max(1, int(keepalive))
+                opts += [
+                    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+                    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, secs * 4000),
+                ]
+            self._opts, self._for = opts, keepalive
+        return self._opts
+
+    def apply(self, sock: socket.socket, keepalive: float) -> None:
+        for level, opt, value in self.options(keepalive):
+            sock.setsockopt(level, opt, value)
+
+    def tune_listener(self, lsock: socket.socket, keepalive: float) -> bool:
+        """Whether lsock's clients come out of accept() tuned already.
+
+        Linux copies these options from the listening socket to the sockets it accepts, which
+        saves six setsockopt calls per client. The listener is tuned for the current config
+        (again after a reload changed it); the first client accepted after that is checked
+        (tune_accepted), and if it did not inherit them, every client is tuned by hand.
+        """
+        state = self._listener_state.get(lsock)
+        if state is not None and state[0] == keepalive:
+            return state[1] is True
+        opts = self.options(keepalive)
+        try:
+            for level, opt, value in (
+                opts if keepalive else [*opts, (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+            ):
+                lsock.setsockopt(level, opt, value)
+        except OSError:
+            self._listener_state[lsock] = (keepalive, False)
+            return False
+        self._listener_state[lsock] = (keepalive, None)  # None: not checked on a client yet
+        return False
+
+    def tune_accepted(self, lsock: socket.socket, client: socket.socket, keepalive: float) -> bool:
+        """Tune an accepted TCP client unless it inherited the listener's options; return
+        whether the following clients of this wake-up still need tuning."""
+        state = self._listener_state.get(lsock)
+        if state is not None and state[1] is None:
+            opts = self.options(keepalive)
+            try:
+                inherited = all(client.getsockopt(lvl, opt) == v for lvl, opt, v in opts)
+            except OSError:
+                inherited = False
+            self._listener_state[lsock] = (state[0], inherited)
+            if inherited:
+                return False
+        self.apply(client, keepalive)
+        return True
+
+    def forget(self, lsock: socket.socket) -> None:
+        self._listener_state.pop(lsock, None)
+
+
+class ListenerSet:
+    """The gateway's listening sockets, bound once at start-up and closed once."""
+
+    def __init__(self, cfg: Config, inherited: list[socket.socket] | None = None) -> None:
+        self.cfg = cfg
+        self.socks: list[socket.socket] = []
+        self._inherited = list(inherited or ())
+        # Unix socket files we created: path -> (st_dev, st_ino) at bind. On close a file is
+        # unlinked only if it is still ours: another instance may have replaced it since.
+        self._files: dict[str, tuple[int, int]] = {}
+
+    def bind(self) -> None:
+        """Create and bind every listener (or adopt systemd's), before anything is served.
+
+        Raises:
+            ConfigError: the Go gateway's bind message on stderr, e.g.
+                `listen tcp 127.0.0.1:23790: bind: address already in use`.
+        """
+        if self._inherited:
+            for s in self._inherited:
+                s.setblocking(False)
+                self.socks.append(s)
+            return
+        try:
+            for ls in self.cfg.listen:
+                self.socks.append(self._bind_one(ls))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close every listener and unlink the socket files that are still ours."""
+        for s in self.socks:
+            s.close()
+        self.socks = []
+        for path, ident in self._files.items():
+            try:
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == ident:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._files = {}
+
+    def names(self) -> list[str]:
+        return [sock_name(s) for s in self.socks]
+
+    def _bind_one(self, ls: Listen) -> socket.socket:
+        if ls.path is not None:
+            return self._bind_unix(ls.path)
+        host = ls.host
+        try:
+            if host in ("", "::"):
+                # Go's net.Listen("tcp", ":port") listens on every address, v4 and v6.
+                sock = socket.create_server(
+                    ("", ls.port),
+                    family=socket.AF_INET6,
+                    dualstack_ipv6=True,
+                    backlog=socket.SOMAXCONN,
+                )
+            else:
+                infos = socket.getaddrinfo(
+                    host, ls.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                family, _, _, _, sockaddr = infos[0]
+                sock = socket.create_server(sockaddr, family=family, backlog=socket.SOMAXCONN)
+        except socket.gaierror:
+            raise ConfigError(f"failed to resolve listen host: {host}") from None
+        except OSError as e:
+            reason = _reason(e)
+            raise ConfigError(f"listen tcp {ls.addr}: bind: {reason}", stream="stderr") from None
+        sock.setblocking(False)
+        return sock
+
+    def _bind_unix(self, path: str) -> socket.socket:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            # A stale socket file from an earlier run is replaced; anything else is refused.
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ConfigError(
+                    f"listen unix {path}: bind: file exists and is not a socket", stream="stderr"
+                )
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if probe.connect_ex(path) == 0:
+                    raise ConfigError(
+                        f"listen unix {path}: bind: address already in use", stream="stderr"
+                    )
+            finally:
+                probe.close()
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            sock.bind(path)
+            bound = True
+            st = os.lstat(path)
+            os.chmod(path, self.cfg.listen_unix_mode)
+            sock.listen(socket.SOMAXCONN)
+        except OSError as e:
+            sock.close()
+            if bound:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise ConfigError(f"listen unix {path}: bind: {_reason(e)}", stream="stderr") from None
+        self._files[path] = (st.st_dev, st.st_ino)
+        sock.setblocking(False)
+        return sock
+
+
+def sock_name(s: socket.socket) -> str:
+    if s.family == socket.AF_UNIX:
+        return f"unix://{s.getsockname()}"
+    name = s.getsockname()
+    return format_addr(name[0], name[1])
+
+
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno).lower() if e.errno else str(e)
