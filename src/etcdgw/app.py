@@ -364,10 +364,23 @@ class Reloader:
 
     def _prepare(self, running: Config, has_refresher: bool) -> _Prepared:
         """Parse, validate and resolve the new configuration (in a worker thread)."""
+        from . import resolver
+
         new, raw = self.reparse()
         same_discovery = all(getattr(new, f) == getattr(running, f) for f in _DISCOVERY_FIELDS)
-        if new.discovery_srv and same_discovery and has_refresher:
-            return _Prepared(new, running.endpoints, None, keep_refresher=True)
+        refresher = self.run.refresher
+        if new.discovery_srv and same_discovery and has_refresher and refresher is not None:
+            # The refresher keeps owning the SRV set; while it is on the --endpoints
+            # fall-back (nothing valid discovered yet) the file's endpoints apply.
+            endpoints = refresher.endpoints
+            if not endpoints:
+                endpoints = parse_endpoints(raw)
+                check_self_loop(
+                    new.listen, endpoints, resolver.host_resolver(new), is_local=is_local_ip
+                )
+                if not endpoints:
+                    raise ConfigError("no endpoints found")
+            return _Prepared(new, endpoints, None, keep_refresher=True)
         endpoints, discovered = resolve_endpoints(new, raw, self.run.gw.log)
         return _Prepared(new, endpoints, discovered, keep_refresher=False)
 
@@ -383,9 +396,12 @@ class Reloader:
         )
         if p.keep_refresher:
             assert run.refresher is not None
-            gw.cfg = new
+            # Read again here: the refresher may have changed the set since the thread did.
+            endpoints = run.refresher.endpoints or p.endpoints
+            gw.cfg = dataclasses.replace(new, endpoints=endpoints)
+            gw.set_endpoints(endpoints)  # also applies a changed --balance
             run.refresher.refresh_now()
-            log.info("reloaded configuration", endpoints=[ep.addr for ep in p.endpoints])
+            log.info("reloaded configuration", endpoints=[ep.addr for ep in endpoints])
             return
         if run.refresher_task is not None:
             run.refresher_task.cancel()
