@@ -217,17 +217,18 @@ class _Values:
         try:
             return convert(key, text)
         except ValueError as e:
-            raise self.error(key, text, str(e)) from None
+            reason = str(e)
+            short = reason if len(reason) <= 300 else reason[:300] + "..."
+            raise self.error(key, text, short) from None
 
     def error(self, key: Key, text: str, reason: str) -> Exception:
+        shown = go_quote(text if len(text) <= 100 else text[:100] + "...")  # one short line
         if key.name in self.file:
             return ConfigError(
-                f"invalid config file {self.path}: {key.name}: {go_quote(text)}: {reason}",
+                f"invalid config file {self.path}: {key.name}: {shown}: {reason}",
                 stream="stderr",
             )
-        return UsageError(
-            f"invalid argument {go_quote(text)} for {go_quote(key.flag)} flag: {reason}"
-        )
+        return UsageError(f"invalid argument {shown} for {go_quote(key.flag)} flag: {reason}")
 
     def texts(self, name: str) -> list[str] | None:
         """A list key's occurrences (None: not given anywhere)."""
