@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from etcdgw.config import (
@@ -177,3 +180,104 @@ def test_unresolvable_hosts() -> None:
     with pytest.raises(ConfigError) as ei:
         check_self_loop([Listen("nolisten", 23790)], [], fake_resolve)
     assert ei.value.message == "failed to resolve listen host: nolisten"
+
+
+# --- the schema (config.KEYS) and the config file reader --------------------------------------
+
+
+@pytest.mark.parametrize(("text", "mode"), [("0660", 0o660), ("660", 0o660), ("0600", 0o600)])
+def test_parse_mode_accepts_three_or_four_octal_digits(text: str, mode: int) -> None:
+    from etcdgw.config import parse_mode
+
+    assert parse_mode(text) == mode
+
+
+@pytest.mark.parametrize(
+    "text", ["0o777", " 0660", "0660 ", "0_660", "1777", "0778", "66", "٦٦٠", ""]
+)
+def test_parse_mode_refuses_other_spellings(text: str) -> None:
+    from etcdgw.config import parse_mode
+
+    with pytest.raises(ValueError, match="expected an octal mode"):
+        parse_mode(text)
+
+
+def test_every_key_default_parses_and_matches_config() -> None:
+    """One definition per key: Config's defaults are the KEYS defaults, converted."""
+    from etcdgw.config import KEYS, Config, convert
+
+    cfg = Config()
+    for key in KEYS:
+        if key.default is not None:
+            assert getattr(cfg, key.dest) == convert(key, key.default), key.name
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("٣s", "invalid duration"),  # Go accepts ASCII digits only
+        ("2562048h", "invalid duration"),  # past Go's int64 nanoseconds
+        ("1_0s", "unknown unit"),
+    ],
+)
+def test_duration_refusals(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_duration(text)
+
+
+def test_int_keys_are_strict() -> None:
+    from etcdgw.config import KEY_BY_NAME, convert
+
+    key = KEY_BY_NAME["health-rise"]
+    assert convert(key, "3") == 3
+    for bad in ("1_0", " 3", "٣", "3.0", "9" * 30):
+        with pytest.raises(ValueError, match="invalid syntax"):
+            convert(key, bad)
+    with pytest.raises(ValueError, match="must be <= 1000000"):
+        convert(key, "1000001")
+
+
+def test_read_config_file_keeps_what_was_written(tmp_path: Path) -> None:
+    from etcdgw.config import read_config_file
+
+    p = tmp_path / "gw.yaml"
+    p.write_text(
+        "listen-unix-mode: 0660\nretry-delay: 1:30\ninsecure-discovery: yes\n"
+        'metrics-addr:\ndiscovery-srv: ~\ntrusted-ca-file: ""\nendpoints: a:1,b:2\n'
+        "listen-addr: [unix:///x, '127.0.0.1:1']\n"
+    )
+    assert read_config_file(str(p)) == {
+        "listen-unix-mode": "0660",
+        "retry-delay": "1:30",
+        "insecure-discovery": "yes",
+        "metrics-addr": None,
+        "discovery-srv": None,
+        "trusted-ca-file": "",
+        "endpoints": "a:1,b:2",
+        "listen-addr": ["unix:///x", "127.0.0.1:1"],
+    }
+    p.write_text("")
+    assert read_config_file(str(p)) == {}
+    p.write_text("# only a comment\n")
+    assert read_config_file(str(p)) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("a: 1\n---\nb: 2\n", "expected one YAML document"),
+        ("endpoints: [a:1, ~]\n", "endpoints: empty list item"),
+        ("? [a]\n: 1\n", "keys must be flag names"),
+        ("x: &a 1\ny: *a\n", "YAML aliases"),
+        ("endpoints: [a\n", "YAML error at line 2"),
+        ("just text\n", "expected a mapping"),
+    ],
+)
+def test_read_config_file_refusals(tmp_path: Path, text: str, reason: str) -> None:
+    from etcdgw.config import read_config_file
+
+    p = tmp_path / "gw.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(reason)) as ei:
+        read_config_file(str(p))
+    assert ei.value.stream == "stderr" and "\n" not in ei.value.message

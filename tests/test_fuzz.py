@@ -597,7 +597,7 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     """cli.main(argv) in-process; the real start-up, but serving returns at once."""
     from etcdgw import app, cli
 
-    async def no_serve(run: Any, reload_args: Any = ()) -> None:
+    async def no_serve(run: Any, *args: Any) -> None:
         # Start-up succeeded (listeners bound): that is as far as a fuzz example goes.
         run.gw.close_listeners()
         if run.metrics is not None:
@@ -662,3 +662,117 @@ def test_engine_module_loaded(engine_module: ModuleType) -> None:
     """The compiled engine really is the compiled one (the properties above ran on it)."""
     if engine_module.__name__ == "etcdgw._relay":
         assert engine_module.__file__ is not None and engine_module.__file__.endswith(".so")
+
+
+# ============================================================================================
+# The config file
+
+CONFIG_EXAMPLES = int(os.environ.get("ETCDGW_CONFIG_EXAMPLES", "80"))
+CONFIG_MEMORY = 1 << 30  # RLIMIT_AS of each gateway: a file must not need more
+
+
+def _config_keys() -> list[str]:
+    from etcdgw.config import KEYS
+
+    return [k.name for k in KEYS]
+
+
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.sampled_from(
+        ["0660", "0777", "0o660", "1:30", "yes", "~", "", "5s", "127.0.0.1:1", "a..b:1"]
+    ),
+    st.text(max_size=20),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def config_files(draw: st.DrawFn) -> bytes:
+    """A YAML mapping of (mostly real) keys to random values, a mutated one, or random bytes."""
+    import yaml
+
+    kind = draw(st.sampled_from(["yaml", "yaml", "mutated", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=400))
+    keys = st.sampled_from(_config_keys()) | st.text(max_size=10)
+    doc = draw(st.dictionaries(keys, _VALUES, max_size=5))
+    text = yaml.safe_dump(doc, default_flow_style=draw(st.booleans()), allow_unicode=True)
+    if kind == "mutated":
+        at = draw(st.integers(0, len(text)))
+        extra = draw(
+            st.sampled_from(["&a ", "*a", "[", "{", ": ", "\n- ", "!!python/object ", "\t", "0660"])
+            | st.text(max_size=5)
+        )
+        text = text[:at] + extra + text[at:]
+    return text.encode()
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (CONFIG_MEMORY, CONFIG_MEMORY))
+
+
+def test_config_file_fuzz(dns_server: Dnsmasq, ports: dict[str, Any], tmp_path: Path) -> None:
+    """Random config files (YAML documents and bytes): never a traceback, always one line and
+    exit 1 (the listen port is taken, so an accepted file ends at bind), within 10 s and
+    1 GiB of address space."""
+    import subprocess
+    import sys
+
+    from _gateway import engine_env
+
+    env = engine_env("python" if os.environ.get("ETCDGW_NO_EXTENSIONS") else "cython")
+    path = tmp_path / "fuzz.yaml"
+    seen = {"accepted": 0, "refused": 0}
+
+    @settings(
+        max_examples=CONFIG_EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(data=config_files())
+    def check(data: bytes) -> None:
+        path.write_bytes(data)
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "etcdgw",
+                "start",
+                f"--config-file={path}",
+                f"--listen-addr=127.0.0.1:{ports['taken']}",
+                f"--discovery-dns={dns_server.addr}",
+            ],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=30,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_limit_memory,
+            check=False,
+        )
+        took = time.monotonic() - t0
+        text = r.stdout + r.stderr
+        assert "Traceback" not in text and "MemoryError" not in text, (data, text)
+        assert r.returncode == 1, (data, r.returncode, text)
+        lines = error_lines(text)
+        assert len(lines) == 1 and 0 < len(lines[0]) < 1000, (data, lines)
+        assert took < 10, f"{data!r} took {took:.1f}s"
+        seen["accepted" if lines[0].startswith("listen tcp") else "refused"] += 1
+
+    check()
+    assert seen["refused"] > 0, seen
+    print(f"RELIABILITY config-fuzz: examples={sum(seen.values())} {seen}")

@@ -14,18 +14,25 @@ import argparse
 import csv
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ._version import __version__
 from .config import (
     DEFAULT_ENDPOINTS,
     DEFAULT_LISTEN_ADDR,
+    KEY_BY_NAME,
+    KEYS,
     Config,
     ConfigError,
+    FileValue,
+    Key,
+    convert,
     go_quote,
     parse_duration,
     parse_listen,
+    read_config_file,
 )
+from .systemd import Interrupted, StartupSignals
 
 PROG = "etcdgw"
 
@@ -55,7 +62,7 @@ def _cobra_message(message: str) -> str:
 
 
 # pflag bools take no separate value: `--insecure-discovery start` must not eat `start`.
-BOOL_FLAGS = {"--insecure-discovery"}
+BOOL_FLAGS = {k.flag for k in KEYS if k.kind == "bool"}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -102,143 +109,24 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def add_start_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("etcd gateway flags")
-    g.add_argument(
-        "--listen-addr", action="append", metavar="ADDR",
-        help=f"listen address (default: {DEFAULT_LISTEN_ADDR}). etcdgw: may be repeated; "
-        "host:port, [ipv6]:port or unix:///path",
-    )  # fmt: skip
-    g.add_argument(
-        "--endpoints", action="append", metavar="LIST",
-        help="comma separated etcd cluster endpoints (default: 127.0.0.1:2379); repeating "
-        "the flag appends; http:// and https:// prefixes are stripped",
-    )  # fmt: skip
-    g.add_argument(
-        "--retry-delay", default="1m0s", metavar="DURATION",
-        help="duration of delay before retrying failed endpoints (default: %(default)s; "
-        "0 means 5m, as in etcd)",
-    )  # fmt: skip
-    g.add_argument(
-        "--discovery-srv", default="", metavar="DOMAIN",
-        help="DNS domain used to bootstrap initial cluster",
-    )  # fmt: skip
-    g.add_argument(
-        "--discovery-srv-name", default="", metavar="NAME",
-        help="service name to query when using DNS discovery",
-    )  # fmt: skip
-    g.add_argument(
-        "--insecure-discovery", nargs="?", const="true", default="false", metavar="BOOL",
-        help="accept insecure SRV records",
-    )  # fmt: skip
-    g.add_argument(
-        "--trusted-ca-file", default="", metavar="PATH",
-        help="path to the client server TLS CA file for verifying the discovered endpoints "
-        "when discovery-srv is provided. etcdgw: discovered https SRV targets must complete "
-        "a TLS handshake whose certificate chains to it and names the target (system trust "
-        "store when empty)",
-    )  # fmt: skip
-    x = p.add_argument_group("etcdgw flags")
-    x.add_argument(
-        "--dial-timeout", default="5s", metavar="DURATION",
-        help="timeout for connecting to an endpoint before trying the next (default: "
-        "%(default)s; the Go gateway has none)",
-    )  # fmt: skip
-    x.add_argument(
-        "--drain-timeout", default="30s", metavar="DURATION",
-        help="on SIGTERM/SIGINT, how long live connections may finish before they are "
-        "closed (default: %(default)s); a second signal stops at once",
-    )  # fmt: skip
-    x.add_argument(
-        "--tcp-keepalive", default="15s", metavar="DURATION",
-        help="TCP keep-alive idle time and probe interval on both sockets; a dead peer is "
-        "detected within about 4x this (default: %(default)s; 0 disables)",
-    )  # fmt: skip
-    x.add_argument(
-        "--discovery-dns", default="", metavar="HOST:PORT",
-        help="DNS server (IP:PORT or [IPv6]:PORT; port 53 if omitted) to ask for the SRV "
-        "records of --discovery-srv and for their targets' addresses, at start-up, at refresh "
-        "and at each connect (default: the system resolver)",
-    )  # fmt: skip
-    x.add_argument(
-        "--discovery-refresh-min", default="5s", metavar="DURATION",
-        help="shortest interval between SRV re-resolutions: the records' TTL is clamped to "
-        "[min, max]; failed lookups are retried after min, doubling up to max "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    x.add_argument(
-        "--discovery-refresh-max", default="5m", metavar="DURATION",
-        help="longest interval between SRV re-resolutions, however long the TTL "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    o = p.add_argument_group("operations flags")
-    o.add_argument(
-        "--config-file", default="", metavar="PATH",
-        help="YAML file whose keys are the long flag names (as etcd's --config-file); flags "
-        "on the command line win; SIGHUP re-reads it",
-    )  # fmt: skip
-    o.add_argument(
-        "--health-check", default="tcp", choices=("none", "tcp", "etcd"),
-        help="tcp: re-probe inactive endpoints every --retry-delay (etcd's behaviour); etcd: "
-        "also GET /health on every endpoint every --health-interval; none: no probing, and a "
-        "failed dial never takes an endpoint out of rotation (the client goes to the next) "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    o.add_argument(
-        "--balance", default="round-robin", choices=("round-robin", "least-connections"),
-        help="round-robin: the next endpoint in list order (etcd's behaviour); "
-        "least-connections: the endpoint with the fewest live connections (divided by the "
-        "SRV weight when weights are set), ties round-robin; within the best usable SRV "
-        "priority class either way (default: %(default)s)",
-    )  # fmt: skip
-    o.add_argument(
-        "--health-interval", default="5s", metavar="DURATION",
-        help="interval of --health-check=etcd checks (default: %(default)s)",
-    )  # fmt: skip
-    o.add_argument(
-        "--health-rise", default="2", metavar="N",
-        help="consecutive good checks before an unhealthy endpoint gets clients again "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    o.add_argument(
-        "--health-fall", default="3", metavar="N",
-        help="consecutive failed checks before a healthy endpoint gets no new clients "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    o.add_argument(
-        "--health-cert-file", default="", metavar="PATH",
-        help="client certificate for health checks of TLS endpoints (with --trusted-ca-file)",
-    )  # fmt: skip
-    o.add_argument(
-        "--health-key-file", default="", metavar="PATH",
-        help="key of --health-cert-file",
-    )  # fmt: skip
-    o.add_argument(
-        "--auto-sync-interval", default="0s", metavar="DURATION",
-        help="ask the cluster for its member list this often (and on SIGHUP) and make the "
-        "members' client URLs the endpoints; --endpoints or SRV records are the seeds "
-        "(clientv3's AutoSyncInterval; default: %(default)s, off)",
-    )  # fmt: skip
-    o.add_argument(
-        "--metrics-addr", default="", metavar="HOST:PORT",
-        help="serve /metrics (Prometheus), /health, /ready and /status there (default: off)",
-    )  # fmt: skip
-    o.add_argument(
-        "--max-connections", default="0", metavar="N",
-        help="most client connections at once; more wait in the kernel's backlog "
-        "(default: 0, unlimited)",
-    )  # fmt: skip
-    o.add_argument(
-        "--listen-unix-mode", default="0660", metavar="MODE",
-        help="permissions of unix:// listen sockets (default: %(default)s)",
-    )  # fmt: skip
-    x.add_argument(
-        "--log-format", default="json", choices=("json", "text"),
-        help="log line format on stderr (default: %(default)s, zap-style like etcd)",
-    )  # fmt: skip
-    x.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warn", "error"),
-        help="lowest level logged (default: %(default)s; debug adds a line per connection)",
-    )  # fmt: skip
+    """The `start` flags, one per config.KEYS entry (so the man page and the file agree)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key in KEYS:
+        g = groups.get(key.group)
+        if g is None:
+            g = groups[key.group] = p.add_argument_group(key.group)
+        kw: dict[str, Any] = {"help": key.help}
+        if key.metavar is not None:
+            kw["metavar"] = key.metavar
+        if key.choices:
+            kw["choices"] = key.choices
+        if key.kind in ("listen", "endpoints"):
+            kw["action"] = "append"
+        elif key.kind == "bool":
+            kw.update(nargs="?", const="true", default=key.default)
+        else:
+            kw["default"] = key.default
+        g.add_argument(key.flag, **kw)
 
 
 def _sub(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -292,35 +180,7 @@ def _duration(flag: str, value: str) -> float:
         ) from None
 
 
-def _bool(flag: str, value: str) -> bool:
-    # pflag's strconv.ParseBool
-    v = value.lower()
-    if v in ("1", "t", "true"):
-        return True
-    if v in ("0", "f", "false"):
-        return False
-    raise UsageError(
-        f"invalid argument {go_quote(value)} for {go_quote(flag)} flag: "
-        f"strconv.ParseBool: parsing {go_quote(value)}: invalid syntax"
-    )
-
-
-def _int(flag: str, value: str, minimum: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise UsageError(
-            f"invalid argument {go_quote(value)} for {go_quote(flag)} flag: "
-            f"strconv.ParseInt: parsing {go_quote(value)}: invalid syntax"
-        ) from None
-    if n < minimum:
-        raise UsageError(
-            f"invalid argument {go_quote(value)} for {go_quote(flag)} flag: must be >= {minimum}"
-        )
-    return n
-
-
-def split_endpoints(values: Sequence[str] | None) -> list[str]:
+def split_endpoints(values: Sequence[str] | None, flag: str = "--endpoints") -> list[str]:
     """pflag StringSlice: CSV per occurrence, appended; no flag -> the default."""
     if values is None:
         return list(DEFAULT_ENDPOINTS)
@@ -332,95 +192,109 @@ def split_endpoints(values: Sequence[str] | None) -> list[str]:
             out.extend(next(csv.reader([v])))
         except (csv.Error, StopIteration) as e:
             raise UsageError(
-                f'invalid argument {go_quote(v)} for "--endpoints" flag: {e}'
+                f"invalid argument {go_quote(v)} for {go_quote(flag)} flag: {e}"
             ) from None
     return out
 
 
-def build_config(ns: argparse.Namespace) -> tuple[Config, list[str]]:
-    """Flags -> (Config without endpoints parsed, raw endpoint strings).
+class _Values:
+    """Each key's text from the command line, or from the config file when not given there."""
 
+    def __init__(self, ns: argparse.Namespace, file_values: dict[str, FileValue], path: str):
+        self.ns = ns
+        self.file = file_values
+        self.path = path
+
+    def text(self, key: Key) -> Any:
+        if key.name in self.file:
+            v = self.file[key.name]
+            return key.default if v is None else v
+        return getattr(self.ns, key.dest)
+
+    def get(self, name: str) -> Any:
+        key = KEY_BY_NAME[name]
+        text = self.text(key)
+        try:
+            return convert(key, text)
+        except ValueError as e:
+            reason = str(e)
+            short = reason if len(reason) <= 300 else reason[:300] + "..."
+            raise self.error(key, text, short) from None
+
+    def error(self, key: Key, text: str, reason: str) -> Exception:
+        shown = go_quote(text if len(text) <= 100 else text[:100] + "...")  # one short line
+        if key.name in self.file:
+            return ConfigError(
+                f"invalid config file {self.path}: {key.name}: {shown}: {reason}",
+                stream="stderr",
+            )
+        return UsageError(f"invalid argument {shown} for {go_quote(key.flag)} flag: {reason}")
+
+    def texts(self, name: str) -> list[str] | None:
+        """A list key's occurrences (None: not given anywhere)."""
+        key = KEY_BY_NAME[name]
+        v = self.text(key)
+        if v is None or isinstance(v, list):
+            values = v
+        else:
+            values = [v]  # a single scalar in the file
+        for t in values or ():
+            if "\0" in t:
+                raise self.error(key, t, "must not contain a NUL character")
+        return values
+
+
+def build_config(
+    ns: argparse.Namespace, file_values: dict[str, FileValue] | None = None, path: str = ""
+) -> tuple[Config, list[str]]:
+    """Flags (and config-file values) -> (Config without endpoints parsed, raw endpoints).
+
+    Every value goes through its key's converter (config.convert), whichever way it came.
     Endpoints are parsed later (after SRV discovery), in the Go gateway's order.
     """
-    retry = _duration("--retry-delay", ns.retry_delay)
-    if retry < 0:
-        # Go accepts it and then spins re-probing with no pause; refuse instead.
-        raise UsageError(
-            f'invalid argument {go_quote(ns.retry_delay)} for "--retry-delay" flag: '
-            "must not be negative"
-        )
-    dial = _duration("--dial-timeout", ns.dial_timeout)
-    drain = _duration("--drain-timeout", ns.drain_timeout)
-    keepalive = _duration("--tcp-keepalive", ns.tcp_keepalive)
-    rmin = _duration("--discovery-refresh-min", ns.discovery_refresh_min)
-    rmax = _duration("--discovery-refresh-max", ns.discovery_refresh_max)
-    for flag, val in (
-        ("--dial-timeout", dial),
-        ("--discovery-refresh-min", rmin),
-        ("--discovery-refresh-max", rmax),
-    ):
-        if val <= 0:
-            raise UsageError(f"invalid argument for {go_quote(flag)} flag: must be positive")
-    for flag, val in (("--drain-timeout", drain), ("--tcp-keepalive", keepalive)):
-        if val < 0:
-            raise UsageError(f"invalid argument for {go_quote(flag)} flag: must not be negative")
+    v = _Values(ns, file_values or {}, path)
+    rmin, rmax = v.get("discovery-refresh-min"), v.get("discovery-refresh-max")
     if rmin > rmax:
         raise UsageError("--discovery-refresh-min must not be greater than --discovery-refresh-max")
-    health_interval = _duration("--health-interval", ns.health_interval)
-    if health_interval <= 0:
-        raise UsageError('invalid argument for "--health-interval" flag: must be positive')
-    auto_sync = _duration("--auto-sync-interval", ns.auto_sync_interval)
-    if auto_sync < 0:
-        raise UsageError('invalid argument for "--auto-sync-interval" flag: must not be negative')
-    rise = _int("--health-rise", ns.health_rise, 1)
-    fall = _int("--health-fall", ns.health_fall, 1)
-    max_conns = _int("--max-connections", ns.max_connections, 0)
-    try:
-        unix_mode = int(ns.listen_unix_mode, 8)
-        if not 0 <= unix_mode <= 0o777:
-            raise ValueError
-    except ValueError:
-        raise UsageError(
-            f"invalid argument {go_quote(ns.listen_unix_mode)} for "
-            '"--listen-unix-mode" flag: expected an octal mode such as 0660'
-        ) from None
-    if bool(ns.health_cert_file) != bool(ns.health_key_file):
+    cert, key = v.get("health-cert-file"), v.get("health-key-file")
+    if bool(cert) != bool(key):
         raise UsageError("--health-cert-file and --health-key-file go together")
-    if ns.discovery_dns:
+    dns = v.get("discovery-dns")
+    if dns:
         from .resolver import parse_dns_server
 
-        parse_dns_server(ns.discovery_dns)  # ConfigError on a malformed value
-    listens = ns.listen_addr or [DEFAULT_LISTEN_ADDR]
+        parse_dns_server(dns)  # ConfigError on a malformed value
+    listens = v.texts("listen-addr") or [DEFAULT_LISTEN_ADDR]
     cfg = Config(
         listen=tuple(parse_listen(a) for a in listens),
         endpoints=(),
-        retry_delay=retry,
-        dial_timeout=dial,
-        discovery_srv=ns.discovery_srv,
-        discovery_srv_name=ns.discovery_srv_name,
-        discovery_dns=ns.discovery_dns,
+        retry_delay=v.get("retry-delay"),
+        dial_timeout=v.get("dial-timeout"),
+        discovery_srv=v.get("discovery-srv"),
+        discovery_srv_name=v.get("discovery-srv-name"),
+        discovery_dns=dns,
         discovery_refresh_min=rmin,
         discovery_refresh_max=rmax,
-        insecure_discovery=_bool("--insecure-discovery", ns.insecure_discovery),
-        trusted_ca_file=ns.trusted_ca_file,
-        log_format=ns.log_format,
-        log_level=ns.log_level,
-        drain_timeout=drain,
-        tcp_keepalive=keepalive,
-        max_connections=max_conns,
-        listen_unix_mode=unix_mode,
-        health_check=ns.health_check,
-        balance=ns.balance,
-        health_interval=health_interval,
-        health_rise=rise,
-        health_fall=fall,
-        health_cert_file=ns.health_cert_file,
-        health_key_file=ns.health_key_file,
-        auto_sync_interval=auto_sync,
-        metrics_addr=ns.metrics_addr,
-        config_file=ns.config_file,
+        insecure_discovery=v.get("insecure-discovery"),
+        trusted_ca_file=v.get("trusted-ca-file"),
+        log_format=v.get("log-format"),
+        log_level=v.get("log-level"),
+        drain_timeout=v.get("drain-timeout"),
+        tcp_keepalive=v.get("tcp-keepalive"),
+        max_connections=v.get("max-connections"),
+        listen_unix_mode=v.get("listen-unix-mode"),
+        health_check=v.get("health-check"),
+        balance=v.get("balance"),
+        health_interval=v.get("health-interval"),
+        health_rise=v.get("health-rise"),
+        health_fall=v.get("health-fall"),
+        health_cert_file=cert,
+        health_key_file=key,
+        auto_sync_interval=v.get("auto-sync-interval"),
+        metrics_addr=v.get("metrics-addr"),
+        config_file=v.get("config-file"),
     )
-    return cfg, split_endpoints(ns.endpoints)
+    return cfg, split_endpoints(v.texts("endpoints"))
 
 
 def version_text() -> str:
@@ -433,15 +307,23 @@ def parse_start(args: Sequence[str]) -> tuple[Config, list[str]]:
     """`start` flags (+ --config-file) -> (Config, raw endpoints). Also used by SIGHUP reload.
 
     Raises:
-        UsageError: a bad flag or config-file value.
-        ConfigError: an unreadable or invalid config file.
+        UsageError: a bad flag value.
+        ConfigError: an unreadable or invalid config file (or a value in it).
     """
     parser = get_parser()
     argv = normalise_argv(args, parser)
-    ns = parser.parse_args(argv)
+    return config_from(parser.parse_args(argv), argv)
+
+
+def config_from(ns: argparse.Namespace, argv: Sequence[str]) -> tuple[Config, list[str]]:
+    """A parsed `start` command line (+ its --config-file) -> (Config, raw endpoints)."""
+    file_values: dict[str, FileValue] = {}
     if ns.config_file:
-        apply_config_file(ns, ns.config_file, given_flags(argv))
-    return build_config(ns)
+        given = given_flags(argv)
+        file_values = {
+            k: v for k, v in read_config_file(ns.config_file).items() if "--" + k not in given
+        }
+    return build_config(ns, file_values, ns.config_file)
 
 
 def given_flags(argv: Sequence[str]) -> set[str]:
@@ -449,65 +331,38 @@ def given_flags(argv: Sequence[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
 
 
-def apply_config_file(ns: argparse.Namespace, path: str, given: set[str]) -> None:
-    """Fill ns from a YAML file whose keys are long flag names, like etcd's --config-file.
-
-    Raises:
-        ConfigError: unreadable file, invalid YAML, unknown key (stderr, exit 1).
-    """
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}", stream="stderr") from e
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"invalid config file {path}: YAML error{at}", stream="stderr") from e
-    if data is None:
-        return
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid config file {path}: expected a mapping", stream="stderr")
-    known = {a.dest: a for a in _start_parser()._actions if a.option_strings}
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        action = known.get(dest)
-        if action is None or dest in ("help", "config_file"):
-            raise ConfigError(f"invalid config file {path}: unknown key {key!r}", stream="stderr")
-        if action.option_strings[0] in given:
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        if isinstance(action, argparse._AppendAction):
-            items = value if isinstance(value, list) else [value]
-            value = [str(v) for v in items]
-        elif isinstance(value, list | dict):
-            raise ConfigError(
-                f"invalid config file {path}: {key} must be a single value", stream="stderr"
-            )
-        else:
-            value = str(value)
-        if action.choices is not None and value not in action.choices:
-            raise ConfigError(
-                f"invalid config file {path}: {key}: {value!r} is not one of "
-                + ", ".join(map(str, action.choices)),
-                stream="stderr",
-            )
-        setattr(ns, dest, value)
-
-
 def _start_parser() -> argparse.ArgumentParser:
     return _sub(get_parser())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `etcdgw` console script. Returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the `etcdgw` console script. Returns the exit code (see README).
+
+    0: stopped by SIGTERM/SIGINT (also before ready), --version, --help; 1: any start-up
+    error, as one line. Signals are handled from here on: see systemd.StartupSignals.
+    """
+    signals = StartupSignals().install()
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv), signals)
+    except Interrupted:
+        return 0  # stopped during parsing, before anything was bound: nothing to undo
+    finally:
+        signals.restore()
+
+
+def reparse(args: Sequence[str]) -> tuple[Config, list[str]]:
+    """parse_start for a SIGHUP reload: every failure is a ConfigError (one log line)."""
+    try:
+        return parse_start(args)
+    except UsageError as e:
+        raise ConfigError(str(e), stream="stderr") from None
+
+
+def _main(args: list[str], signals: StartupSignals) -> int:
     parser = get_parser()
     try:
-        ns = parser.parse_args(normalise_argv(args, parser))
+        normalised = normalise_argv(args, parser)
+        ns = parser.parse_args(normalised)
         if ns.version or ns.command == "version":
             print(version_text())
             return 0
@@ -518,27 +373,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command != "start":
             parser.print_help(sys.stderr)
             return 1
-        cfg, raw_endpoints = parse_start(args)
+        cfg, raw_endpoints = config_from(ns, normalised)
     except UsageError as e:
         # cobra prints "Error: <msg>" and the usage, then etcd's Main prints the error again.
         print(f"Error: {e}", file=sys.stderr)
         print(f"Run '{PROG} start --help' for usage.", file=sys.stderr)
         return 1
     except ConfigError as e:
-        _print_config_error(e)
+        print_config_error(e)
         return 1
 
     from .app import start
 
-    return start(cfg, raw_endpoints, argv=[PROG, *args])
+    return start(
+        cfg,
+        raw_endpoints,
+        argv=[PROG, *args],
+        reparse=lambda: reparse(args),
+        signals=signals,
+    )
 
 
-def _print_config_error(e: ConfigError) -> None:
+def print_config_error(e: ConfigError) -> None:
+    """A start-up failure: one line on the stream the Go gateway uses for it."""
     stream = sys.stdout if e.stream == "stdout" else sys.stderr
     print(e.message, file=stream)
     stream.flush()
-
-
-def fail(e: ConfigError) -> int:
-    _print_config_error(e)
-    return 1

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 
 DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
 DEFAULT_ENDPOINTS = ("127.0.0.1:2379",)
-DEFAULT_RETRY_DELAY = 60.0
-DEFAULT_DIAL_TIMEOUT = 5.0
 # etcd's tcpproxy.Run: "if tp.MonitorInterval == 0 { tp.MonitorInterval = 5 * time.Minute }".
 ZERO_RETRY_DELAY = 300.0
 
@@ -69,40 +67,6 @@ class Listen:
         if self.path is not None:
             return f"unix://{self.path}"
         return format_addr(self.host, self.port)
-
-
-@dataclass(frozen=True)
-class Config:
-    """The gateway's whole configuration, built by cli.py from flags (and a config file)."""
-
-    listen: tuple[Listen, ...] = (Listen("127.0.0.1", 23790),)
-    endpoints: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 2379),)
-    retry_delay: float = DEFAULT_RETRY_DELAY
-    dial_timeout: float = DEFAULT_DIAL_TIMEOUT
-    discovery_srv: str = ""
-    discovery_srv_name: str = ""
-    discovery_dns: str = ""
-    discovery_refresh_min: float = 5.0
-    discovery_refresh_max: float = 300.0
-    insecure_discovery: bool = False
-    trusted_ca_file: str = ""
-    drain_timeout: float = 30.0
-    tcp_keepalive: float = 15.0
-    max_connections: int = 0  # 0: unlimited
-    listen_unix_mode: int = 0o660
-    buffer_size: int = 65536
-    health_check: str = "tcp"  # none | tcp | etcd
-    balance: str = "round-robin"  # round-robin | least-connections
-    health_interval: float = 5.0
-    health_rise: int = 2
-    health_fall: int = 3
-    health_cert_file: str = ""
-    health_key_file: str = ""
-    auto_sync_interval: float = 0.0  # --auto-sync-interval; 0: off (membership.py)
-    metrics_addr: str = ""
-    config_file: str = ""
-    log_format: str = "json"
-    log_level: str = "info"
 
 
 def format_addr(host: str, port: int) -> str:
@@ -182,6 +146,8 @@ def parse_endpoint(ep: str, **srv: int | bool) -> Endpoint:
         raise ConfigError(f"error parsing endpoint {go_quote(ep)}: {e}") from None
     if not host:
         raise ConfigError(f"error parsing endpoint {go_quote(ep)}: missing host")
+    if (why := host_error(host)) is not None:
+        raise ConfigError(f"error parsing endpoint {go_quote(ep)}: {why}")
     return Endpoint(host, port, **srv)  # type: ignore[arg-type]
 
 
@@ -208,6 +174,8 @@ def parse_listen(addr: str) -> Listen:
         port = parse_port(port_text)
     except ValueError:
         raise ConfigError(f"failed to validate listen address: {addr}") from None
+    if host and (why := host_error(host)) is not None:
+        raise ConfigError(f"failed to validate listen address: {addr}: {why}")
     return Listen(host, port)
 
 
@@ -223,8 +191,8 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_NUMBER = re.compile(r"\d+\.?\d*|\.\d+")
-_UNIT = re.compile(r"[^\d.]*")
+_NUMBER = re.compile(r"[0-9]+\.?[0-9]*|\.[0-9]+")
+_UNIT = re.compile(r"[^0-9.]*")
 
 
 def parse_duration(text: str) -> float:
@@ -257,6 +225,8 @@ def parse_duration(text: str) -> float:
             raise ValueError(f"time: unknown unit {go_quote(name)} in duration {quoted}")
         total += float(num.group()) * _UNITS[name]
         pos = unit.end()
+    if total > MAX_DURATION:
+        raise ValueError(f"time: invalid duration {quoted}")
     return sign * total
 
 
@@ -368,3 +338,425 @@ def is_loopback_host(host: str, resolve: Resolver) -> bool:
         return all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addrs)
     except ValueError:
         return False
+
+
+# --- Host names --------------------------------------------------------------------------------
+
+
+def host_error(host: str) -> str | None:
+    """Why host cannot be a host name or IP literal, or None when it can.
+
+    Python's resolver encodes names with the IDNA codec, which raises UnicodeError (not
+    OSError) for an empty label (`a..b`) or one over 63 characters; refusing those here keeps
+    every later lookup free of that surprise.
+    """
+    if any(c.isspace() or not c.isprintable() for c in host):
+        return "invalid character in host name"
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        return None
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError:
+        return "invalid host name (empty label or a label over 63 characters)"
+    if len(encoded.rstrip(b".")) > 253:
+        return "invalid host name (over 253 characters)"
+    return None
+
+
+# --- The configuration schema: one definition per key -----------------------------------------
+#
+# Every key of `etcdgw start` is defined once below: its name (the long flag and the config-file
+# key), its type, its default written as an operator would write it, and its help. cli.py builds
+# the argparse parser (and so the man page) from this table, and read_config_file() reads the
+# YAML file into the same text form, so a value is validated by the same converter whichever
+# way it arrives.
+
+# Go's time.Duration is an int64 of nanoseconds: ParseDuration refuses anything longer.
+MAX_DURATION = (2**63 - 1) / 1e9
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; 1 MiB is plenty
+_INT = re.compile(r"[+-]?[0-9]{1,19}")
+_MODE = re.compile(r"[0-7]{3,4}")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key.
+
+    kind: duration | int | bool | mode | enum | string | listen | endpoints | dns | address.
+    default: the default as text (parsed by the same converter as a given value); None for
+        the list kinds, whose default is written in `help` and applied by convert_list().
+    lo/hi: inclusive bounds (int, duration); positive: a duration must be > 0.
+    """
+
+    name: str
+    kind: str
+    default: str | None
+    help: str
+    group: str = "etcdgw flags"
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    lo: float | None = None
+    hi: float | None = None
+    positive: bool = False
+    in_file: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+_G = "etcd gateway flags"
+_X = "etcdgw flags"
+_O = "operations flags"
+
+KEYS: tuple[Key, ...] = (
+    Key("listen-addr", "listen", None, group=_G, metavar="ADDR",
+        help=f"listen address (default: {DEFAULT_LISTEN_ADDR}). etcdgw: may be repeated; "
+        "host:port, [ipv6]:port or unix:///path"),
+    Key("endpoints", "endpoints", None, group=_G, metavar="LIST",
+        help="comma separated etcd cluster endpoints (default: 127.0.0.1:2379); repeating "
+        "the flag appends; http:// and https:// prefixes are stripped"),
+    Key("retry-delay", "duration", "1m0s", group=_G, metavar="DURATION", lo=0,
+        help="duration of delay before retrying failed endpoints (default: %(default)s; "
+        "0 means 5m, as in etcd)"),
+    Key("discovery-srv", "string", "", group=_G, metavar="DOMAIN",
+        help="DNS domain used to bootstrap initial cluster"),
+    Key("discovery-srv-name", "string", "", group=_G, metavar="NAME",
+        help="service name to query when using DNS discovery"),
+    Key("insecure-discovery", "bool", "false", group=_G, metavar="BOOL",
+        help="accept insecure SRV records"),
+    Key("trusted-ca-file", "string", "", group=_G, metavar="PATH",
+        help="path to the client server TLS CA file for verifying the discovered endpoints "
+        "when discovery-srv is provided. etcdgw: discovered https SRV targets must complete "
+        "a TLS handshake whose certificate chains to it and names the target (system trust "
+        "store when empty)"),
+    Key("dial-timeout", "duration", "5s", group=_X, metavar="DURATION", positive=True,
+        help="timeout for connecting to an endpoint before trying the next (default: "
+        "%(default)s; the Go gateway has none)"),
+    Key("drain-timeout", "duration", "30s", group=_X, metavar="DURATION", lo=0,
+        help="on SIGTERM/SIGINT, how long live connections may finish before they are "
+        "closed (default: %(default)s); a second signal stops at once"),
+    Key("tcp-keepalive", "duration", "15s", group=_X, metavar="DURATION", lo=0,
+        help="TCP keep-alive idle time and probe interval on both sockets; a dead peer is "
+        "detected within about 4x this (default: %(default)s; 0 disables)"),
+    Key("discovery-dns", "dns", "", group=_X, metavar="HOST:PORT",
+        help="DNS server (IP:PORT or [IPv6]:PORT; port 53 if omitted) to ask for the SRV "
+        "records of --discovery-srv and for their targets' addresses, at start-up, at refresh "
+        "and at each connect (default: the system resolver)"),
+    Key("discovery-refresh-min", "duration", "5s", group=_X, metavar="DURATION", positive=True,
+        help="shortest interval between SRV re-resolutions: the records' TTL is clamped to "
+        "[min, max]; failed lookups are retried after min, doubling up to max "
+        "(default: %(default)s)"),
+    Key("discovery-refresh-max", "duration", "5m", group=_X, metavar="DURATION", positive=True,
+        help="longest interval between SRV re-resolutions, however long the TTL "
+        "(default: %(default)s)"),
+    Key("config-file", "string", "", group=_O, metavar="PATH", in_file=False,
+        help="YAML file whose keys are the long flag names (as etcd's --config-file); flags "
+        "on the command line win; SIGHUP re-reads it"),
+    Key("health-check", "enum", "tcp", group=_O, choices=("none", "tcp", "etcd"),
+        help="tcp: re-probe inactive endpoints every --retry-delay (etcd's behaviour); etcd: "
+        "also GET /health on every endpoint every --health-interval; none: no probing, and a "
+        "failed dial never takes an endpoint out of rotation (the client goes to the next) "
+        "(default: %(default)s)"),
+    Key("balance", "enum", "round-robin", group=_O, choices=("round-robin", "least-connections"),
+        help="round-robin: the next endpoint in list order (etcd's behaviour); "
+        "least-connections: the endpoint with the fewest live connections (divided by the "
+        "SRV weight when weights are set), ties round-robin; within the best usable SRV "
+        "priority class either way (default: %(default)s)"),
+    Key("health-interval", "duration", "5s", group=_O, metavar="DURATION", positive=True,
+        help="interval of --health-check=etcd checks (default: %(default)s)"),
+    Key("health-rise", "int", "2", group=_O, metavar="N", lo=1, hi=1_000_000,
+        help="consecutive good checks before an unhealthy endpoint gets clients again "
+        "(default: %(default)s)"),
+    Key("health-fall", "int", "3", group=_O, metavar="N", lo=1, hi=1_000_000,
+        help="consecutive failed checks before a healthy endpoint gets no new clients "
+        "(default: %(default)s)"),
+    Key("health-cert-file", "string", "", group=_O, metavar="PATH",
+        help="client certificate for health checks of TLS endpoints (with --trusted-ca-file)"),
+    Key("health-key-file", "string", "", group=_O, metavar="PATH",
+        help="key of --health-cert-file"),
+    Key("auto-sync-interval", "duration", "0s", group=_O, metavar="DURATION", lo=0,
+        help="ask the cluster for its member list this often (and on SIGHUP) and make the "
+        "members' client URLs the endpoints; --endpoints or SRV records are the seeds "
+        "(clientv3's AutoSyncInterval; default: %(default)s, off)"),
+    Key("metrics-addr", "address", "", group=_O, metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /health, /ready and /status there (default: off)"),
+    Key("max-connections", "int", "0", group=_O, metavar="N", lo=0, hi=2**31 - 1,
+        help="most client connections at once; more wait in the kernel's backlog "
+        "(default: 0, unlimited)"),
+    Key("listen-unix-mode", "mode", "0660", group=_O, metavar="MODE",
+        help="permissions of unix:// listen sockets (default: %(default)s)"),
+    Key("log-format", "enum", "json", group=_X, choices=("json", "text"),
+        help="log line format on stderr (default: %(default)s, zap-style like etcd)"),
+    Key("log-level", "enum", "info", group=_X, choices=("debug", "info", "warn", "error"),
+        help="lowest level logged (default: %(default)s; debug adds a line per connection)"),
+)  # fmt: skip
+KEY_BY_NAME = {k.name: k for k in KEYS}
+
+
+def convert(key: Key, text: str) -> object:
+    """One key's text (a flag value or a config-file scalar) -> its typed value.
+
+    Raises:
+        ValueError: the reason, worded to follow `invalid argument "<text>" for "<flag>"
+            flag: ` (pflag's form).
+        ConfigError: for kinds whose message is the Go gateway's own (metrics address).
+    """
+    if "\0" in text:
+        raise ValueError("must not contain a NUL character")
+    kind = key.kind
+    if kind == "duration":
+        seconds = parse_duration(text)
+        if key.positive and seconds <= 0:
+            raise ValueError("must be positive")
+        if key.lo is not None and seconds < key.lo:
+            raise ValueError("must not be negative")
+        return seconds
+    if kind == "int":
+        if not text.isascii() or not _INT.fullmatch(text):
+            raise ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: invalid syntax")
+        n = int(text)
+        if key.lo is not None and n < key.lo:
+            raise ValueError(f"must be >= {int(key.lo)}")
+        if key.hi is not None and n > key.hi:
+            raise ValueError(f"must be <= {int(key.hi)}")
+        return n
+    if kind == "bool":
+        # pflag's strconv.ParseBool
+        if text in ("1", "t", "T", "true", "TRUE", "True"):
+            return True
+        if text in ("0", "f", "F", "false", "FALSE", "False"):
+            return False
+        raise ValueError(f"strconv.ParseBool: parsing {go_quote(text)}: invalid syntax")
+    if kind == "mode":
+        return parse_mode(text)
+    if kind == "enum":
+        if text not in key.choices:
+            raise ValueError(f"must be one of {', '.join(key.choices)}")
+        return text
+    if kind == "address" and text:
+        try:
+            host, port_text = split_host_port(text)
+            parse_port(port_text)
+        except ValueError:
+            raise ConfigError(
+                f"failed to validate metrics address: {text}", stream="stderr"
+            ) from None
+        if host and (why := host_error(host)) is not None:
+            raise ConfigError(f"failed to validate metrics address: {text}: {why}", stream="stderr")
+        return text
+    return text  # string, dns (checked by discovery.parse_dns_server), address ""
+
+
+def parse_mode(text: str) -> int:
+    """A unix permission mode: exactly 3 or 4 octal digits, at most 0777 (`0660`, `660`).
+
+    `0o660`, `0_660`, ` 0660` and setuid/sticky bits are refused: the mode is a security
+    setting, so only the one obvious spelling is accepted.
+    """
+    if not text.isascii() or not _MODE.fullmatch(text):
+        raise ValueError("expected an octal mode such as 0660 (3 or 4 octal digits)")
+    mode = int(text, 8)
+    if mode > 0o777:
+        raise ValueError("expected an octal mode such as 0660 (at most 0777)")
+    return mode
+
+
+def default_of(name: str) -> object:
+    """A key's default, typed (its text default through its own converter)."""
+    key = KEY_BY_NAME[name]
+    assert key.default is not None
+    return convert(key, key.default)
+
+
+def _d(name: str) -> float:
+    v = default_of(name)
+    assert isinstance(v, float)
+    return v
+
+
+def _i(name: str) -> int:
+    v = default_of(name)
+    assert isinstance(v, int)
+    return v
+
+
+def _b(name: str) -> bool:
+    v = default_of(name)
+    assert isinstance(v, bool)
+    return v
+
+
+def _s(name: str) -> str:
+    v = default_of(name)
+    assert isinstance(v, str)
+    return v
+
+
+# --- The config file ---------------------------------------------------------------------------
+
+# What a config file holds once read: key -> text, a list of texts, or None (key: with no
+# value, `~` or `null`: unset, the default applies).
+FileValue = str | list[str] | None
+
+
+def read_config_file(path: str) -> dict[str, FileValue]:
+    """Read a YAML config file into {key: text | [text, ...] | None}, validating its shape.
+
+    Every scalar is kept as the text the operator wrote: YAML 1.1's implicit types are not
+    applied, so `listen-unix-mode: 0660` is the mode 0660 (not the integer 432), `1:30` is
+    not sexagesimal, and `yes` is not a boolean. A plain empty value, `~` or `null` means
+    "unset" (the default applies). Aliases are refused (an alias bomb cannot expand), as are
+    nested lists or maps, duplicate and unknown keys, files over 1 MiB and non-UTF-8 bytes.
+
+    Raises:
+        ConfigError: `invalid config file <path>: <reason>` or `cannot read config file ...`
+            (stderr).
+    """
+    import yaml
+
+    def bad(reason: str) -> ConfigError:
+        return ConfigError(f"invalid config file {path}: {reason}", stream="stderr")
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read config file {path}: {e.strerror or e}", stream="stderr"
+        ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise bad(f"larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        events = list(yaml.parse(text, Loader=parser))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None)
+        raise bad(f"YAML error{at}" + (f": {problem}" if problem else "")) from None
+    return _from_events(events, bad)
+
+
+_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _from_events(
+    events: Sequence[object], bad: Callable[[str], ConfigError]
+) -> dict[str, FileValue]:
+    import yaml
+
+    out: dict[str, FileValue] = {}
+    body = [e for e in events if not isinstance(e, yaml.StreamStartEvent | yaml.StreamEndEvent)]
+    if not body:
+        return out
+    if any(isinstance(e, yaml.AliasEvent) for e in body):
+        # Refused outright: an alias bomb (aliases of aliases) must not expand.
+        raise bad("YAML aliases (*name) are not supported")
+    docs = sum(isinstance(e, yaml.DocumentStartEvent) for e in body)
+    if docs != 1:
+        raise bad("expected one YAML document")
+    body = [e for e in body if not isinstance(e, yaml.DocumentStartEvent | yaml.DocumentEndEvent)]
+    if len(body) == 1 and isinstance(body[0], yaml.ScalarEvent) and _is_null(body[0]):
+        return out  # an empty document
+    if not body or not isinstance(body[0], yaml.MappingStartEvent):
+        raise bad("expected a mapping of flag names to values")
+    i = 1
+
+    def scalar_text(e: yaml.ScalarEvent) -> str:
+        return str(e.value)
+
+    while i < len(body) - 1:
+        k = body[i]
+        if isinstance(k, yaml.AliasEvent):
+            raise bad("YAML aliases are not supported")
+        if not isinstance(k, yaml.ScalarEvent):
+            raise bad("keys must be flag names")
+        name = scalar_text(k)
+        key = KEY_BY_NAME.get(name)
+        if key is None or not key.in_file:
+            raise bad(f"unknown key {name!r}")
+        if name in out:
+            raise bad(f"duplicate key {name!r}")
+        i += 1
+        v = body[i]
+        if isinstance(v, yaml.AliasEvent):
+            raise bad(f"{name}: YAML aliases are not supported")
+        if isinstance(v, yaml.ScalarEvent):
+            out[name] = None if _is_null(v) else scalar_text(v)
+            i += 1
+            continue
+        if isinstance(v, yaml.MappingStartEvent):
+            raise bad(f"{name}: expected a single value, not a mapping")
+        assert isinstance(v, yaml.SequenceStartEvent)
+        if key.kind not in ("listen", "endpoints"):
+            raise bad(f"{name}: expected a single value, not a list")
+        items: list[str] = []
+        i += 1
+        while not isinstance(body[i], yaml.SequenceEndEvent):
+            item = body[i]
+            if isinstance(item, yaml.AliasEvent):
+                raise bad(f"{name}: YAML aliases are not supported")
+            if not isinstance(item, yaml.ScalarEvent):
+                raise bad(f"{name}: expected a list of values, not nested lists or mappings")
+            if _is_null(item):
+                raise bad(f"{name}: empty list item")
+            items.append(scalar_text(item))
+            i += 1
+        out[name] = items
+        i += 1
+    return out
+
+
+def _is_null(e: object) -> bool:
+    # Only a plain (unquoted) scalar can be null: `key: ""` is an explicit empty text.
+    return getattr(e, "style", None) in (None, "") and getattr(e, "value", None) in _NULLS
+
+
+@dataclass(frozen=True)
+class Config:
+    """The gateway's whole configuration, built by cli.py from flags (and a config file).
+
+    Defaults come from KEYS (one definition per key); fields without a key are internal.
+    """
+
+    listen: tuple[Listen, ...] = (parse_listen(DEFAULT_LISTEN_ADDR),)
+    endpoints: tuple[Endpoint, ...] = tuple(parse_endpoint(e) for e in DEFAULT_ENDPOINTS)
+    retry_delay: float = _d("retry-delay")
+    dial_timeout: float = _d("dial-timeout")
+    discovery_srv: str = _s("discovery-srv")
+    discovery_srv_name: str = _s("discovery-srv-name")
+    discovery_dns: str = _s("discovery-dns")
+    discovery_refresh_min: float = _d("discovery-refresh-min")
+    discovery_refresh_max: float = _d("discovery-refresh-max")
+    insecure_discovery: bool = _b("insecure-discovery")
+    trusted_ca_file: str = _s("trusted-ca-file")
+    drain_timeout: float = _d("drain-timeout")
+    tcp_keepalive: float = _d("tcp-keepalive")
+    max_connections: int = _i("max-connections")  # 0: no cap
+    listen_unix_mode: int = _i("listen-unix-mode")
+    buffer_size: int = 65536
+    health_check: str = _s("health-check")  # none|tcp|etcd
+    balance: str = _s("balance")  # round-robin | least-connections
+    health_interval: float = _d("health-interval")
+    health_rise: int = _i("health-rise")
+    health_fall: int = _i("health-fall")
+    health_cert_file: str = _s("health-cert-file")
+    health_key_file: str = _s("health-key-file")
+    auto_sync_interval: float = _d("auto-sync-interval")  # 0: off (membership.py)
+    metrics_addr: str = _s("metrics-addr")
+    config_file: str = _s("config-file")
+    log_format: str = _s("log-format")
+    log_level: str = _s("log-level")

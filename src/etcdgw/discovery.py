@@ -20,6 +20,7 @@ import contextlib
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -244,12 +245,20 @@ def _lookup_both(cfg: Config, lifetime: float) -> tuple[Lookup, Lookup]:
 
         return failed(https_name), failed(http_name)
     server = server_text(r)
-    # Both queries at once: a dead server then costs one timeout, not two.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        fut = pool.submit(lookup_srv, r, https_name, server)
-        http = lookup_srv(r, http_name, server)
-        https = fut.result()
-    return https, http
+    # Both queries at once: a dead server then costs one timeout, not two. A daemon thread,
+    # not an executor: a SIGTERM during start-up (systemd.Interrupted) must not wait for it.
+    box: list[Lookup] = []
+    other = threading.Thread(
+        target=lambda: box.append(lookup_srv(r, https_name, server)),
+        name="etcdgw-srv-lookup",
+        daemon=True,
+    )
+    other.start()
+    http = lookup_srv(r, http_name, server)
+    other.join()
+    if not box:  # lookup_srv raised in the thread (a bug): report it as a failed lookup
+        box.append(Lookup(https_name, error=f"lookup {https_name} on {server}: failed"))
+    return box[0], http
 
 
 def _min_ttl(*lookups: Lookup) -> float:

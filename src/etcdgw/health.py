@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 # A health answer is a few dozen bytes; anything bigger is not etcd's /health.
-MAX_RESPONSE = 64 * 1024
+MAX_RESPONSE = 64 * 1024  # longest status or header line
+MAX_BODY = 4096  # body bytes read and judged; the rest of a longer (or endless) body is not read
 
 
 # --- decision (pure) --------------------------------------------------------------------------
@@ -277,27 +278,32 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]
                 chunked = True
         else:
             raise _BadResponse("too many header lines")
+        # At most MAX_BODY bytes, appended to one buffer (a hostile member sending endless
+        # 1-byte chunks costs a bounded, linear read, not a quadratic one per check).
+        body = bytearray()
         if chunked:
-            body = b""
-            while True:
+            while len(body) < MAX_BODY:
                 size_line = (await reader.readline()).split(b";", 1)[0].strip()
                 try:
                     size = int(size_line, 16)
                 except ValueError:
                     raise _BadResponse("bad chunk size") from None
-                if size == 0 or len(body) + size > MAX_RESPONSE:
+                if size <= 0:
                     break
-                body += await reader.readexactly(size)
+                want = min(size, MAX_BODY - len(body))
+                body += await reader.readexactly(want)
+                if want < size:
+                    break  # enough to judge; the rest is not read
                 await reader.readline()
         elif length is not None:
-            body = await reader.readexactly(min(length, MAX_RESPONSE))
+            body += await reader.readexactly(min(length, MAX_BODY))
         else:
-            body = await reader.read(MAX_RESPONSE)
+            body += await reader.read(MAX_BODY)
     except (asyncio.LimitOverrunError, ValueError):
         raise _BadResponse("response too large") from None
     except asyncio.IncompleteReadError:
         raise _BadResponse("connection closed mid-response") from None
-    return status, reason, body
+    return status, reason, bytes(body)
 
 
 def _reason(e: BaseException) -> str:

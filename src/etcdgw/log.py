@@ -85,7 +85,3 @@ def _text(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v) if (" " in v or not v) else v
     return json.dumps(v, default=str)
-
-
-# A process-wide default, replaced by cli.main() once flags are parsed.
-default = Logger()

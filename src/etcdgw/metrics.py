@@ -42,10 +42,17 @@ if TYPE_CHECKING:
 __all__ = ["GatewayCollector", "MetricsServer", "endpoint_rows", "status_document"]
 
 PYTHON_VERSION = platform.python_version()
-READ_TIMEOUT = 5.0  # seconds for the whole request head, then for the response write
+READ_TIMEOUT = 5.0  # seconds for the whole request head (not per byte: trickling is bounded)
+WRITE_TIMEOUT = 5.0  # seconds for the response to reach the kernel
 MAX_LINE = 8192  # bytes per request or header line
 MAX_HEADERS = 100
-MAX_CLIENTS = 32  # concurrent metrics clients; more are closed at once
+# Concurrent metrics clients. At the cap a new client sheds the oldest one still sending its
+# request (slow or idle) instead of being refused, so a prober that sends its request at once
+# is answered however many slow clients hold connections open. The cap is well above the
+# listen backlog (asyncio accepts at most that many per wake-up): a burst of newcomers cannot
+# shed a prober accepted just before them while its request is being read.
+MAX_CLIENTS = 256
+BACKLOG = 100
 # What generate_latest() writes: the classic text format every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -330,7 +337,9 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         self.sock: socket.socket | None = None
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
+        # Open clients in arrival order -> True while their request is still being read.
+        self._clients: dict[asyncio.StreamWriter, bool] = {}
+        self.shed = 0  # clients dropped to make room (for tests and the log)
         self._closed = False
 
     def bind(self) -> None:
@@ -369,7 +378,9 @@ class MetricsServer:
         if self.sock is None:
             self.bind()
         assert self.sock is not None
-        self._server = await asyncio.start_server(self._handle, sock=self.sock, limit=MAX_LINE)
+        self._server = await asyncio.start_server(
+            self._handle, sock=self.sock, limit=MAX_LINE, backlog=BACKLOG
+        )
         name = self.sock.getsockname()
         self.log.info(
             "serving metrics",
@@ -392,11 +403,23 @@ class MetricsServer:
             w.transport.abort()
         self._clients.clear()
 
+    def _make_room(self) -> bool:
+        """At the cap, abort the oldest client still reading its request; False if none."""
+        if len(self._clients) < MAX_CLIENTS:
+            return True
+        for w, reading in self._clients.items():
+            if reading:
+                del self._clients[w]
+                w.transport.abort()
+                self.shed += 1
+                return True
+        return False
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= MAX_CLIENTS or self._closed:
+        if self._closed or not self._make_room():
             writer.transport.abort()
             return
-        self._clients.add(writer)
+        self._clients[writer] = True
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
@@ -409,6 +432,9 @@ class MetricsServer:
                 method = "GET"
             else:
                 status, ctype, body = self.respond(method, path)
+            if writer not in self._clients:
+                return  # shed while its request arrived
+            self._clients[writer] = False
             head = (
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
@@ -419,12 +445,12 @@ class MetricsServer:
             # A high-water mark of 0: drain() returns once everything is handed to the kernel.
             writer.transport.set_write_buffer_limits(high=0)
             writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with asyncio.timeout(WRITE_TIMEOUT):
                 await writer.drain()
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or stalled; nothing to answer
         finally:
-            self._clients.discard(writer)
+            self._clients.pop(writer, None)
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()
             else:
