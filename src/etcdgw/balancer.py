@@ -196,7 +196,9 @@ class Balancer:
         # Native accept: the relay thread picks with its own copy of the rule and its own
         # counter; while it runs, pick() asks it (`Engine.pick`), so there is one counter.
         self.delegate: Callable[[], int] | None = None
-        self._by_tag: dict[int, Remote] = {}
+        # Every remote ever listed, by tag: the relay thread may report on a remote that a
+        # refresh removed since (its connections go on).
+        self._by_tag: dict[int, Remote] = {r.tag: r for r in self.remotes}
         # The selector's input, kept until a change (round-robin reads no live counts).
         self._view: list[tuple[int, int, bool, int]] | None = None
 
@@ -220,12 +222,7 @@ class Balancer:
 
     def by_tag(self, tag: int) -> Remote | None:
         """The remote the relay engine calls `tag` (current or removed since)."""
-        r = self._by_tag.get(tag)
-        if r is None:
-            for r in self.remotes:
-                self._by_tag[r.tag] = r
-            r = self._by_tag.get(tag)
-        return r
+        return self._by_tag.get(tag)
 
     def fallback(self) -> list[Remote]:
         """Remotes to try once more when pick() found none (not removed ones).
@@ -323,6 +320,7 @@ class Balancer:
             else:
                 r = Remote(ep)
                 added.append(r)
+                self._by_tag[r.tag] = r
             new.append(r)
         removed = [r for rs in old.values() for r in rs]
         for r in removed:
