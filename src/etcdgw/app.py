@@ -436,8 +436,8 @@ class Reloader:
             assert run.refresher is not None
             # Read again here: the refresher may have changed the set since the thread did.
             endpoints = run.refresher.endpoints or p.endpoints
-            gw.cfg = dataclasses.replace(new, endpoints=endpoints)
-            self._set_endpoints(endpoints)  # also applies a changed --balance
+            gw.configure(dataclasses.replace(new, endpoints=endpoints))
+            self._set_endpoints(endpoints)
             run.refresher.refresh_now()
             log.info("reloaded configuration", endpoints=[ep.addr for ep in endpoints])
             return
@@ -445,7 +445,7 @@ class Reloader:
             run.refresher_task.cancel()
             log.info("reload: SRV refresh stopped", **{"srv-server": gw.cfg.discovery_srv})
         run.refresher = run.refresher_task = None
-        gw.cfg = new
+        gw.configure(new)
         self._set_endpoints(p.endpoints)
         if isinstance(p.discovered, discovery.Discovered):
             run.refresher = discovery.Refresher(
@@ -463,12 +463,11 @@ class Reloader:
 
     def _set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
         """The reloaded endpoints; with --auto-sync-interval they are the member list's seeds
-        (the list decides, and a changed --balance still applies at once)."""
+        (the list decides)."""
         run = self.run
         if run.membership is None:
             run.gw.set_endpoints(endpoints)
             return
-        run.gw.set_endpoints([r.endpoint for r in run.gw.balancer.remotes])
         run.membership.set_seeds(tuple(endpoints))
         run.membership.sync_now()
 

@@ -201,16 +201,22 @@ class Gateway:
         task.add_done_callback(done)
         return task
 
+    def configure(self, cfg: Config) -> None:
+        """Take a reloaded configuration: what comes next (dials, timeouts, limits, health,
+        the balancing rule) follows it; the relay thread is told at once. Listeners, the
+        metrics address and the endpoint set are not changed here."""
+        self.cfg = cfg
+        self.balancer.set_least(cfg.balance == "least-connections")
+        self.balancer.changed()  # dial timeout, limit, socket options: the engine's copy
+
     def set_endpoints(self, endpoints: Sequence[Endpoint], source: str | None = None) -> None:
         """Replace the endpoint set: new ones get clients, removed ones keep their live ones.
 
         source (`flag`, `srv`, `member-list`), when given, is stamped on every endpoint (shown
-        by /status) and logged. Also applies what a reload may have changed in self.cfg for
-        the balancer (--balance).
+        by /status) and logged.
         """
         if source is not None:
             endpoints = [dataclasses.replace(ep, source=source) for ep in endpoints]
-        self.balancer.set_least(self.cfg.balance == "least-connections")
         added, removed = self.balancer.set_endpoints(endpoints)
         if added or removed:
             extra = {} if source is None else {"source": source}
