@@ -7,9 +7,11 @@ back from a restart only its 1/N share of new clients, least-connections gives i
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -135,5 +137,23 @@ def test_finished_connections_no_longer_count(gateway: Start, held: Held) -> Non
         # The gateway hears of the ends in the same wake-up or within a 5 ms report batch.
         wait_for(lambda: hold(port, 1, held) == {"a": 1}, 10, step=0.05)
         assert hold(port, 2, held) == {"a": 2}
+        release(held)
+        assert g.stop() == 0
+
+
+def test_a_reload_switches_the_rule(gateway: Start, held: Held, tmp_path: Path) -> None:
+    """`balance:` in the config file takes effect on SIGHUP, in the relay thread too."""
+    port = free_tcp_port()
+    with TagServer("a") as a, TagServer("b") as b:
+        conf = tmp_path / "etcdgw.yaml"
+        conf.write_text(f"endpoints: [{a.addr}, {b.addr}]\nbalance: round-robin\n")
+        g = gateway(f"--config-file={conf}", f"--listen-addr=127.0.0.1:{port}")
+        assert hold(port, 4, held) == {"a": 2, "b": 2}
+        drop(held, "b")  # a holds 2, b none
+        wait_for(lambda: b.open_connections == 0, 10)
+        conf.write_text(f"endpoints: [{a.addr}, {b.addr}]\nbalance: least-connections\n")
+        g.proc.send_signal(signal.SIGHUP)
+        g.wait_log("reloaded configuration")
+        assert hold(port, 2, held) == {"b": 2}  # round-robin would give one each
         release(held)
         assert g.stop() == 0
