@@ -55,6 +55,12 @@ def read_line(s: socket.socket) -> bytes:
     return buf
 
 
+def tag_via(port: int, host: str = "127.0.0.1") -> str:
+    """Connect through the gateway and read the TagServer's tag: which backend got the client."""
+    with connect(port, host) as s:
+        return read_line(s).decode().strip()
+
+
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
     """Poll pred until truthy or timeout (then AssertionError)."""
     deadline = time.monotonic() + timeout

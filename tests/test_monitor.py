@@ -10,14 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line
+from _gateway import GatewayProc, TagServer, free_tcp_port, tag_via
 
 Start = Callable[..., GatewayProc]
-
-
-def tag_via(port: int) -> str:
-    with connect(port) as s:
-        return read_line(s).decode().strip()
 
 
 def test_health_check_none_keeps_every_endpoint_in_rotation(gateway: Start) -> None:

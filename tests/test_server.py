@@ -24,15 +24,11 @@ from _gateway import (
     free_tcp_port,
     read_line,
     silent_listener,
+    tag_via,
     wait_for,
 )
 
 Start = Callable[..., GatewayProc]
-
-
-def tag_via(port: int, host: str = "127.0.0.1") -> str:
-    with connect(port, host) as s:
-        return read_line(s).decode().strip()
 
 
 def dead_port() -> int:

@@ -132,10 +132,21 @@ def resolve_endpoints(
     if not endpoints:
         # gateway.go: "no endpoints discovered, fall back to provided endpoints"
         endpoints = parse_endpoints(raw_endpoints)
+    return checked(cfg, endpoints, resolve_host), discovered
+
+
+def checked(
+    cfg: Config, endpoints: tuple[Endpoint, ...], resolve_host: Callable[[str], list[str]]
+) -> tuple[Endpoint, ...]:
+    """Steps 4-5: refuse self-pointing endpoints and an empty list.
+
+    Raises:
+        ConfigError: with the Go gateway's message.
+    """
     check_self_loop(cfg.listen, endpoints, resolve_host, is_local=is_local_ip)
     if not endpoints:
         raise ConfigError("no endpoints found")
-    return endpoints, discovered
+    return endpoints
 
 
 def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
@@ -404,14 +415,9 @@ class Reloader:
         if new.discovery_srv and same_discovery and has_refresher and refresher is not None:
             # The refresher keeps owning the SRV set; while it is on the --endpoints
             # fall-back (nothing valid discovered yet) the file's endpoints apply.
-            endpoints = refresher.endpoints
-            if not endpoints:
-                endpoints = parse_endpoints(raw)
-                check_self_loop(
-                    new.listen, endpoints, resolver.host_resolver(new), is_local=is_local_ip
-                )
-                if not endpoints:
-                    raise ConfigError("no endpoints found")
+            endpoints = refresher.endpoints or checked(
+                new, parse_endpoints(raw), resolver.host_resolver(new)
+            )
             return _Prepared(new, endpoints, None, keep_refresher=True)
         endpoints, discovered = resolve_endpoints(new, raw, self.run.gw.log)
         return _Prepared(new, endpoints, discovered, keep_refresher=False)
