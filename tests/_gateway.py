@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,9 +28,17 @@ __all__ = [
     "free_tcp_port",
     "wait_for",
     "SRC",
+    "tool",
 ]
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def tool(name: str) -> str:
+    """The path of a tool scripts/setup.sh installs; a missing one fails loudly."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    assert path, f"{name} not found: run scripts/setup.sh (make setup)"
+    return path
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from _gateway import TagServer, connect, engine_env, free_tcp_port, read_line
+from _gateway import TagServer, connect, engine_env, free_tcp_port, read_line, tool
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "etcdgw.service"
@@ -32,13 +32,6 @@ DROPINS = ROOT / "contrib" / "systemd-dropins"
 RULES = ROOT / "contrib" / "prometheus" / "etcdgw-rules.yml"
 RULE_TESTS = ROOT / "contrib" / "prometheus" / "etcdgw-rules.test.yml"
 DASHBOARD = ROOT / "contrib" / "grafana" / "etcdgw.json"
-
-
-def tool(name: str) -> str:
-    """The path of a tool scripts/setup.sh installs; a missing one fails loudly."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    assert path, f"{name} not found: run scripts/setup.sh (make setup)"
-    return path
 
 
 def run(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

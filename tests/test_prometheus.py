@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 from _etcd import EtcdCluster, require_etcd_binaries
-from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line, wait_for
+from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line, tool, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "contrib" / "prometheus" / "etcdgw-rules.yml"
@@ -35,12 +34,6 @@ DASHBOARD = ROOT / "contrib" / "grafana" / "etcdgw.json"
 IMPL = "python" if os.environ.get("ETCDGW_NO_EXTENSIONS") else "cython"
 # Names a PromQL expression may contain that are not metrics.
 METRIC = re.compile(r"\b((?:etcdgw|process)_[a-z0-9_]+)\b")
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} not found: run scripts/setup.sh (make setup)"
-    return path
 
 
 def http_json(url: str, timeout: float = 5) -> Any:

@@ -140,7 +140,7 @@ cdef enum:
     MAX_LISTENERS = 64
     MAX_SOCKOPTS = 8
     ACCEPT_BATCH = 128  # clients accepted per listener per batch of the relay thread
-    REPORT_BATCH = 64   # started/finished records that make the thread notify at once
+    REPORT_BATCH = 1024  # started/finished records that make the thread notify at once
 
 
 cdef struct Dir:

@@ -43,7 +43,7 @@ cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native l
 # done with): the thread lets them gather for up to this long, or REPORT_BATCH of them,
 # before it wakes the loop, which then handles them in one go. Failed dials (a client is
 # waiting) and errors are announced at once.
-cdef uint64_t REPORT_DELAY_NS = 5000000
+cdef uint64_t REPORT_DELAY_NS = 50000000
 
 # Benchmarks compare splice with plain recv/send through _set_splice(); not an API.
 cdef bint splice_enabled = True

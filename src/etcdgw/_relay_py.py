@@ -306,8 +306,12 @@ def _so_error(s: socket.socket) -> int:
 
 
 def _sockcall(fd: int, call: Callable[[socket.socket], int]) -> int:
-    """Run a socket method on a borrowed fd: the temporary socket object never owns it."""
-    s = socket.socket(fileno=fd)
+    """Run a socket method on a borrowed fd: the temporary socket object never owns it.
+
+    Family, type and protocol are given, not detected: detection costs two getsockopt()
+    calls, and shutdown() and SO_ERROR mean the same for every stream socket (TCP, unix).
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
     try:
         return call(s)
     finally:

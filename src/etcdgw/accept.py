@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .config import format_duration
 from .dial import Dial, dial_error
 from .engine import Report, Target
+from .listeners import LATE_OPTIONS_AFTER
 
 if TYPE_CHECKING:
     from .balancer import Remote
@@ -41,9 +42,6 @@ ACCEPT_PAUSE_MAX = 1.0
 # How often native accept refreshes stale host-name answers (the relay thread dials by
 # address and never asks the address book itself).
 NATIVE_UPKEEP = 1.0
-# Keep-alive options go on an upstream socket once its connection has lived this long (the
-# shortest --tcp-keepalive: they cannot matter sooner, and short connections save 5 calls).
-LATE_OPTIONS_AFTER = 1.0
 
 
 class Acceptor:
@@ -163,6 +161,11 @@ class LoopAccept(Acceptor):
     """Accept in the asyncio loop: each listener is a reader; a Dial per client."""
 
     def _listen(self, lsock: socket.socket) -> None:
+        if lsock.family != socket.AF_UNIX:
+            # Before the first client: the clients accepted from now on inherit the options
+            # (tuned lazily at the first wake-up, that first client would not have, and every
+            # client would be tuned by hand: six calls each).
+            self.gw.tcp.tune_listener(lsock, self.gw.cfg.tcp_keepalive)
         self.gw.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
 
     def _unlisten(self, lsock: socket.socket) -> None:
@@ -233,8 +236,8 @@ class NativeAccept(Acceptor):
                 fam, ip = addrs[0][0], addrs[0][1][0]
             targets.append(Target(r.tag, int(fam), ip, ep.port, ep.priority, ep.weight, r.usable))
         cfg = gw.cfg
-        opts = gw.tcp.options(cfg.tcp_keepalive)
-        now, late = opts[:1], opts[1:]  # TCP_NODELAY at once, keep-alive late
+        now, late = gw.tcp.split(cfg.tcp_keepalive)
+        opts = now + late
         least = gw.balancer.selector.least
         told = (tuple(targets), tuple(opts), cfg.dial_timeout, cfg.max_connections, least)
         if told == self._told:

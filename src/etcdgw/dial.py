@@ -145,7 +145,8 @@ class Dial:
             gw.dials.discard(self)
             gw.refuse(self.client)
             return
-        gw.tcp.apply(sock, gw.cfg.tcp_keepalive)
+        for level, opt, value in gw.tcp.split(gw.cfg.tcp_keepalive)[0]:
+            sock.setsockopt(level, opt, value)  # the keep-alive ones once it lived: start_relay
         err = sock.connect_ex((sa[0], remote.endpoint.port))
         if err == 0:
             self.sock = sock

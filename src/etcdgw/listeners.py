@@ -10,15 +10,22 @@ given, by the relay thread's native accept (_accept.pxi).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import os
 import socket
 import stat
 
 from .config import Config, ConfigError, Listen, format_addr
 
-__all__ = ["ListenerSet", "TcpOptions", "sock_name"]
+__all__ = ["LATE_OPTIONS_AFTER", "LateOptions", "ListenerSet", "TcpOptions", "sock_name"]
 
 SockOpt = tuple[int, int, int]
+
+# Keep-alive options go on an upstream socket once its connection has lived this long (the
+# shortest --tcp-keepalive: they cannot matter sooner, and short connections save 5 calls).
+# The relay thread does the same for its own dials (_accept.pxi); LateOptions for the loop's.
+LATE_OPTIONS_AFTER = 1.0
 
 
 class TcpOptions:
@@ -50,6 +57,12 @@ class TcpOptions:
     def apply(self, sock: socket.socket, keepalive: float) -> None:
         for level, opt, value in self.options(keepalive):
             sock.setsockopt(level, opt, value)
+
+    def split(self, keepalive: float) -> tuple[list[SockOpt], list[SockOpt]]:
+        """(options an upstream socket gets before connect, those it gets once it lived
+        LATE_OPTIONS_AFTER): TCP_NODELAY at once, the keep-alive ones late."""
+        opts = self.options(keepalive)
+        return opts[:1], opts[1:]
 
     def tune_listener(self, lsock: socket.socket, keepalive: float) -> bool:
         """Whether lsock's clients come out of accept() tuned already.
@@ -92,6 +105,46 @@ class TcpOptions:
 
     def forget(self, lsock: socket.socket) -> None:
         self._listener_state.pop(lsock, None)
+
+
+class LateOptions:
+    """The keep-alive half of TcpOptions.split() for upstream sockets the loop dialled, given
+    once their connection has lived LATE_OPTIONS_AFTER; one timer for all of them."""
+
+    def __init__(self, tcp: TcpOptions, loop: asyncio.AbstractEventLoop) -> None:
+        self._tcp = tcp
+        self._loop = loop
+        self._due: collections.deque[tuple[float, socket.socket, float]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, sock: socket.socket, keepalive: float) -> None:
+        """sock (connected) gets keepalive's late options in LATE_OPTIONS_AFTER if still open."""
+        if not keepalive:
+            return
+        self._due.append((self._loop.time() + LATE_OPTIONS_AFTER, sock, keepalive))
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._due[0][0], self._run)
+
+    def _run(self) -> None:
+        self._timer = None
+        due, now = self._due, self._loop.time()
+        while due and due[0][0] <= now:
+            _, sock, keepalive = due.popleft()
+            if sock.fileno() < 0:
+                continue  # the connection ended first: the point of waiting
+            try:
+                for level, opt, value in self._tcp.split(keepalive)[1]:
+                    sock.setsockopt(level, opt, value)
+            except OSError:
+                pass  # reset meanwhile: the relay reports it
+        if due:
+            self._timer = self._loop.call_at(due[0][0], self._run)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
 
 
 class ListenerSet:

@@ -38,7 +38,7 @@ from .balancer import Balancer, Remote
 from .config import Config, Endpoint, format_duration
 from .dial import Dial
 from .engine import Report
-from .listeners import ListenerSet, TcpOptions
+from .listeners import LateOptions, ListenerSet, TcpOptions
 from .log import Logger
 from .monitor import Monitor
 from .relay import IMPLEMENTATION, Engine, Relay
@@ -120,6 +120,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._done: asyncio.Future[None] | None = None
         self._drain_handle: asyncio.TimerHandle | None = None
+        self._late_options: LateOptions | None = None  # the loop's dials: keep-alive once lived
         self._refuse_log_at = 0.0
         self._refuse_suppressed = 0
         # SIGHUP: set by app.py (reload, SRV refresh).
@@ -170,6 +171,7 @@ class Gateway:
                 self.spawn(native.upkeep())
             else:
                 self._acceptor = LoopAccept(self)
+            self._late_options = LateOptions(self.tcp, self._loop)
             self._acceptor.start()
             self.spawn(self.monitor.run())
             self._install_signals()
@@ -245,6 +247,8 @@ class Gateway:
             return
         self.conns[pid] = Conn(client, upstream, remote)
         self.balancer.opened(remote)
+        if self._late_options is not None:
+            self._late_options.add(upstream, self.cfg.tcp_keepalive)
 
     def started_native(self, pid: int, remote: Remote) -> None:
         """The relay thread accepted and connected a pair (it owns the sockets)."""
@@ -411,6 +415,8 @@ class Gateway:
             self._acceptor.close()
         if self._drain_handle is not None:
             self._drain_handle.cancel()
+        if self._late_options is not None:
+            self._late_options.close()
         for t in list(self._tasks):
             t.cancel()
         self.addresses.close()
