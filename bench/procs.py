@@ -174,6 +174,17 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def tree_user_seconds(root: int) -> float:
+    """The user-mode part of tree_cpu_seconds (utime + cutime): the proxy's own code, as
+    opposed to the kernel's work in its system calls."""
+    ticks = 0
+    for pid in tree_pids(root):
+        fields = _stat_fields(pid)
+        if fields:
+            ticks += int(fields[11]) + int(fields[13])
+    return ticks / CLK_TCK
+
+
 def machine_busy_seconds() -> float:
     """Whole-machine busy CPU time so far, all CPUs: user+nice+system+irq+softirq+steal from
     /proc/stat (idle and iowait left out). Unlike tree_cpu_seconds it also counts softirq

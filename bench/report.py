@@ -49,9 +49,10 @@ _RATE = Column("req/s", "rate", 0)
 _P50 = Column("p50 ms", "p50_ms", 2)
 _P99 = Column("p99 ms", "p99_ms", 2)
 _CPU_REQ = Column("proxy CPU µs/req", "cpu_us_per_req", 1)
+_USER_REQ = Column("of which user µs/req", "user_us_per_req", 1)
 _MACHINE_REQ = Column("machine CPU µs/req", "machine_us_per_req", 1)
 _ADDED_REQ = Column("added machine CPU µs/req", "added_machine_us_per_req", 1)
-_REQ_COLUMNS = (_RATE, _P50, _P99, _CPU_REQ, _MACHINE_REQ, _ADDED_REQ)
+_REQ_COLUMNS = (_RATE, _P50, _P99, _CPU_REQ, _USER_REQ, _MACHINE_REQ, _ADDED_REQ)
 _BULK_COLUMNS = (
     Column("Gbit/s", "gbit_s", 2),
     Column("GB/CPU-s", "gb_per_cpu_s", 2),
@@ -90,6 +91,7 @@ TABLES: dict[str, Table] = {
             _P50,
             _P99,
             Column("proxy CPU µs/conn", "cpu_us_per_conn", 1),
+            Column("of which user µs/conn", "user_us_per_conn", 1),
             Column("machine CPU µs/conn", "machine_us_per_conn", 1),
             Column("added machine CPU µs/conn", "added_machine_us_per_conn", 1),
         ),
@@ -280,10 +282,12 @@ LEGEND = (
     "more than {drift:.0%} away from the median of this proxy's medians in the last "
     "{keep} runs with the same settings (bench/out/history.json; checked on the cost and "
     "machine CPU columns of every proxy but etcdgw's, whose changes are the point). Proxy CPU "
-    "is user+system time of the proxy's process tree; machine CPU is the whole machine's busy "
-    "time (/proc/stat: user+nice+system+irq+softirq+steal) over the same window, and added "
-    "machine CPU is that minus direct's (no proxy) in the same repetition. Repetitions are "
-    "interleaved: repetition k runs every proxy once, in an order rotated by k."
+    'is user+system time of the proxy\'s process tree ("of which user": the part spent in '
+    "the proxy's own code rather than in the kernel's system calls); machine CPU is the "
+    "whole machine's busy time (/proc/stat: user+nice+system+irq+softirq+steal) over the "
+    "same window, and added machine CPU is that minus direct's (no proxy) in the same "
+    "repetition. Repetitions are interleaved: repetition k runs every proxy once, in an "
+    "order rotated by k."
 )
 
 

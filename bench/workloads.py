@@ -25,6 +25,7 @@ from procs import (
     tree_cpu_seconds,
     tree_memory_kb,
     tree_pids,
+    tree_user_seconds,
 )
 
 BENCH = Path(__file__).resolve().parent
@@ -71,14 +72,19 @@ def _cpu(cell: Cell) -> float:
     return tree_cpu_seconds(cell.proc.pid) if cell.proc is not None else 0.0
 
 
+def _user(cell: Cell) -> float:
+    return tree_user_seconds(cell.proc.pid) if cell.proc is not None else 0.0
+
+
 def _measure(cell: Cell, fn: Callable[[], Metrics]) -> Metrics:
     """Run fn with the proxy tree's and the whole machine's CPU time sampled just before and
     just after."""
-    cpu0, busy0, t0 = _cpu(cell), machine_busy_seconds(), time.monotonic()
+    user0, cpu0, busy0, t0 = _user(cell), _cpu(cell), machine_busy_seconds(), time.monotonic()
     out = fn()
-    cpu1, busy1, t1 = _cpu(cell), machine_busy_seconds(), time.monotonic()
+    cpu1, busy1, t1, user1 = _cpu(cell), machine_busy_seconds(), time.monotonic(), _user(cell)
     out["wall_s"] = round(t1 - t0, 3)
     out["proxy_cpu_s"] = round(cpu1 - cpu0, 3) if cell.proc is not None else None
+    out["proxy_user_s"] = round(user1 - user0, 3) if cell.proc is not None else None
     out["machine_cpu_s"] = round(busy1 - busy0, 3)
     if cell.proc is not None and not cell.proc.alive():
         raise RuntimeError(f"{cell.proxy} died during the run:\n{cell.proc.tail()}")
@@ -128,10 +134,12 @@ def _wrk_cell(cell: Cell, path: str, env_extra: dict[str, str], per: str) -> Met
         "errors": errors,
         "wall_s": res["wall_s"],
         "proxy_cpu_s": res["proxy_cpu_s"],
+        "proxy_user_s": res["proxy_user_s"],
         "machine_cpu_s": res["machine_cpu_s"],
     }
     if res["proxy_cpu_s"] is not None and n:
         out[f"cpu_us_per_{per}"] = round(res["proxy_cpu_s"] * 1e6 / n, 1)
+        out[f"user_us_per_{per}"] = round(res["proxy_user_s"] * 1e6 / n, 1)
     if n:
         out[f"machine_us_per_{per}"] = round(res["machine_cpu_s"] * 1e6 / n, 1)
     if n == 0 or errors > n // 100:
