@@ -1272,7 +1272,7 @@ def test_no_secret_in_logs(
         for i in range(3):
             r = etcdctl(f"127.0.0.1:{port}", "put", "secret-test", str(i), cluster=cluster)
             assert r.returncode == 0, r.stderr
-        assert "connection closed" in g.messages()
+        g.wait_log("connection closed")  # the relay thread reports within 50 ms
         # The members' checks passed (they demand the client certificate): the key was used.
         unhealthy = {r.get("address") for r in g.records() if r["msg"] == "endpoint unhealthy"}
         assert unhealthy == {plain.addr}, unhealthy
