@@ -750,7 +750,7 @@ class Config:
     # The engines' read (and splice) size. 32 KiB, not 64: over loopback (the client side of
     # a local gateway) TCP builds segments of up to 65,482 bytes (2 x its 32,741-byte MSS),
     # so each 64 KiB write also sent a 54-byte one: 1.2x the segments per GB (nstat) and
-    # 1.4-1.8x the CPU per GB relayed, both engines (bench/RESULTS.md, "buffer size").
+    # 1.25-1.6x the CPU per GB relayed, both engines (bench/RESULTS.md, "buffer size").
     buffer_size: int = 32768
     health_check: str = _s("health-check")  # none|tcp|etcd
     balance: str = _s("balance")  # round-robin | least-connections
