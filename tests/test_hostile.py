@@ -263,6 +263,19 @@ def _rss_kib(pid: int) -> int:
 # --- symptom 3: a reload owns the SRV refresher ----------------------------------------------
 
 
+def config_gateway(conf: Path, dnsmasq: Dnsmasq, port: int) -> GatewayProc:
+    """The engine under test with a config file, asking the test's DNS server."""
+    return GatewayProc(
+        [
+            "start",
+            f"--config-file={conf}",
+            f"--discovery-dns={dnsmasq.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+        ],
+        IMPL,
+    )
+
+
 def _srv(*servers: TagServer) -> list[SrvHost]:
     return [SrvHost(f"_etcd-client._tcp.{DOMAIN}", "m.etcd.test", s.port) for s in servers]
 
@@ -279,15 +292,7 @@ def test_reload_srv_to_static_stops_the_refresher(dnsmasq: Dnsmasq, tmp_path: Pa
         conf.write_text(
             f"discovery-srv: {DOMAIN}\ninsecure-discovery: true\ndiscovery-refresh-min: 200ms\n"
         )
-        g = GatewayProc(
-            [
-                "start",
-                f"--config-file={conf}",
-                f"--discovery-dns={dnsmasq.addr}",
-                f"--listen-addr=127.0.0.1:{port}",
-            ],
-            IMPL,
-        )
+        g = config_gateway(conf, dnsmasq, port)
         try:
             g.wait_ready()
             assert relay_once(port)[0] == b"one\n"
@@ -312,15 +317,7 @@ def test_reload_static_to_srv_keeps_refreshing(dnsmasq: Dnsmasq, tmp_path: Path)
     with TagServer("one") as one, TagServer("two") as two, TagServer("three") as three:
         dnsmasq.restart(srv=_srv(two), hosts=HOSTS)
         conf.write_text(f"endpoints: [{one.addr}]\n")
-        g = GatewayProc(
-            [
-                "start",
-                f"--config-file={conf}",
-                f"--discovery-dns={dnsmasq.addr}",
-                f"--listen-addr=127.0.0.1:{port}",
-            ],
-            IMPL,
-        )
+        g = config_gateway(conf, dnsmasq, port)
         try:
             g.wait_ready()
             conf.write_text(
@@ -655,15 +652,7 @@ def test_sighup_during_startup_reloads_once_ready(dnsmasq: Dnsmasq, tmp_path: Pa
         srv = [SrvHost(f"_etcd-client-ssl._tcp.{DOMAIN}", "m.etcd.test", silent.getsockname()[1])]
         dnsmasq.restart(srv=srv, hosts=HOSTS)
         conf.write_text(f"discovery-srv: {DOMAIN}\nendpoints: [{one.addr}]\n")
-        g = GatewayProc(
-            [
-                "start",
-                f"--config-file={conf}",
-                f"--discovery-dns={dnsmasq.addr}",
-                f"--listen-addr=127.0.0.1:{port}",
-            ],
-            IMPL,
-        )
+        g = config_gateway(conf, dnsmasq, port)
         try:
             g.wait_log("validating discovered SRV endpoints")
             time.sleep(0.3)  # inside the handshake wait

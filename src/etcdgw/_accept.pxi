@@ -89,7 +89,7 @@ cdef void _dial(Core *c, int cfd) noexcept nogil:
         return
     t = &c.targets[ti]
     p.tag = t.tag
-    _track(c, p)  # a client being connected counts for least-connections already
+    _count(t, p)  # a client being connected counts for least-connections already
     if t.addrlen == 0:
         _dial_fail(c, p, t.tag, 0)  # a host name not resolved yet: the caller dials
         return

@@ -46,12 +46,15 @@ cdef Target *_target_of(Core *c, int64_t tag) noexcept nogil:
             return &c.targets[i]
     return NULL
 
-cdef void _track(Core *c, Pair *p) noexcept nogil:
-    """Count a pair in its target's live connections (least-connections)."""
-    cdef Target *t = _target_of(c, p.tag)
+cdef void _count(Target *t, Pair *p) noexcept nogil:
+    """Count a pair in target t's live connections (least-connections)."""
     if t != NULL and not p.counted:
         t.live += 1
         p.counted = 1
+
+cdef void _track(Core *c, Pair *p) noexcept nogil:
+    """_count() for a pair known by its tag only."""
+    _count(_target_of(c, p.tag), p)
 
 cdef void _untrack(Core *c, Pair *p) noexcept nogil:
     cdef Target *t

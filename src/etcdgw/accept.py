@@ -237,7 +237,7 @@ class NativeAccept(Acceptor):
             targets.append(Target(r.tag, int(fam), ip, ep.port, ep.priority, ep.weight, r.usable))
         cfg = gw.cfg
         now, late = gw.tcp.split(cfg.tcp_keepalive)
-        opts = now + late
+        opts = gw.tcp.options(cfg.tcp_keepalive)
         least = gw.balancer.selector.least
         told = (tuple(targets), tuple(opts), cfg.dial_timeout, cfg.max_connections, least)
         if told == self._told:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -265,35 +266,21 @@ def build_config(
 
         parse_dns_server(dns)  # ConfigError on a malformed value
     listens = v.texts("listen-addr") or [DEFAULT_LISTEN_ADDR]
-    cfg = Config(
-        listen=tuple(parse_listen(a) for a in listens),
-        endpoints=(),
-        retry_delay=v.get("retry-delay"),
-        dial_timeout=v.get("dial-timeout"),
-        discovery_srv=v.get("discovery-srv"),
-        discovery_srv_name=v.get("discovery-srv-name"),
-        discovery_dns=dns,
-        discovery_refresh_min=rmin,
-        discovery_refresh_max=rmax,
-        insecure_discovery=v.get("insecure-discovery"),
-        trusted_ca_file=v.get("trusted-ca-file"),
-        log_format=v.get("log-format"),
-        log_level=v.get("log-level"),
-        drain_timeout=v.get("drain-timeout"),
-        tcp_keepalive=v.get("tcp-keepalive"),
-        max_connections=v.get("max-connections"),
-        listen_unix_mode=v.get("listen-unix-mode"),
-        health_check=v.get("health-check"),
-        balance=v.get("balance"),
-        health_interval=v.get("health-interval"),
-        health_rise=v.get("health-rise"),
-        health_fall=v.get("health-fall"),
-        health_cert_file=cert,
-        health_key_file=key,
-        auto_sync_interval=v.get("auto-sync-interval"),
-        metrics_addr=v.get("metrics-addr"),
-        config_file=v.get("config-file"),
-    )
+    given: dict[str, Any] = {
+        "listen": tuple(parse_listen(a) for a in listens),
+        "endpoints": (),
+        "discovery_dns": dns,
+        "discovery_refresh_min": rmin,
+        "discovery_refresh_max": rmax,
+        "health_cert_file": cert,
+        "health_key_file": key,
+    }
+    # Every other field named after a key (retry_delay <- retry-delay) takes that key's value.
+    for f in dataclasses.fields(Config):
+        name = f.name.replace("_", "-")
+        if f.name not in given and name in KEY_BY_NAME:
+            given[f.name] = v.get(name)
+    cfg = Config(**given)
     return cfg, split_endpoints(v.texts("endpoints"))
 
 

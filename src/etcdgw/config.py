@@ -11,6 +11,9 @@ import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
 DEFAULT_ENDPOINTS = ("127.0.0.1:2379",)
@@ -577,28 +580,26 @@ def default_of(name: str) -> object:
     return convert(key, key.default)
 
 
-def _d(name: str) -> float:
+def _typed(name: str, typ: type[_T]) -> _T:
     v = default_of(name)
-    assert isinstance(v, float)
+    assert isinstance(v, typ)
     return v
+
+
+def _d(name: str) -> float:
+    return _typed(name, float)
 
 
 def _i(name: str) -> int:
-    v = default_of(name)
-    assert isinstance(v, int)
-    return v
+    return _typed(name, int)
 
 
 def _b(name: str) -> bool:
-    v = default_of(name)
-    assert isinstance(v, bool)
-    return v
+    return _typed(name, bool)
 
 
 def _s(name: str) -> str:
-    v = default_of(name)
-    assert isinstance(v, str)
-    return v
+    return _typed(name, str)
 
 
 # --- The config file ---------------------------------------------------------------------------

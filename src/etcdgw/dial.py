@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from .balancer import Remote
 from .config import Endpoint, format_addr
+from .listeners import set_options
 from .resolver import Addr, AddressBook
 
 if TYPE_CHECKING:
@@ -145,8 +146,7 @@ class Dial:
             gw.dials.discard(self)
             gw.refuse(self.client)
             return
-        for level, opt, value in gw.tcp.split(gw.cfg.tcp_keepalive)[0]:
-            sock.setsockopt(level, opt, value)  # the keep-alive ones once it lived: start_relay
+        set_options(sock, gw.tcp.split(gw.cfg.tcp_keepalive)[0])  # keep-alive: start_relay
         err = sock.connect_ex((sa[0], remote.endpoint.port))
         if err == 0:
             self.sock = sock

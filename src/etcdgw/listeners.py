@@ -18,7 +18,14 @@ import stat
 
 from .config import Config, ConfigError, Listen, format_addr
 
-__all__ = ["LATE_OPTIONS_AFTER", "LateOptions", "ListenerSet", "TcpOptions", "sock_name"]
+__all__ = [
+    "LATE_OPTIONS_AFTER",
+    "LateOptions",
+    "ListenerSet",
+    "TcpOptions",
+    "set_options",
+    "sock_name",
+]
 
 SockOpt = tuple[int, int, int]
 
@@ -28,12 +35,18 @@ SockOpt = tuple[int, int, int]
 LATE_OPTIONS_AFTER = 1.0
 
 
+def set_options(sock: socket.socket, opts: list[SockOpt]) -> None:
+    for level, opt, value in opts:
+        sock.setsockopt(level, opt, value)
+
+
 class TcpOptions:
     """(level, option, value) for every relayed TCP socket, for the current --tcp-keepalive."""
 
     def __init__(self) -> None:
         self._for: float | None = None
         self._opts: list[SockOpt] = []
+        self._split: tuple[list[SockOpt], list[SockOpt]] = ([], [])
         # listener -> (tcp_keepalive it was tuned for, its clients inherit it: None = unknown)
         self._listener_state: dict[socket.socket, tuple[float, bool | None]] = {}
 
@@ -51,18 +64,18 @@ class TcpOptions:
                     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
                     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, secs * 4000),
                 ]
-            self._opts, self._for = opts, keepalive
+            self._opts, self._split, self._for = opts, (opts[:1], opts[1:]), keepalive
         return self._opts
 
     def apply(self, sock: socket.socket, keepalive: float) -> None:
-        for level, opt, value in self.options(keepalive):
-            sock.setsockopt(level, opt, value)
+        set_options(sock, self.options(keepalive))
 
     def split(self, keepalive: float) -> tuple[list[SockOpt], list[SockOpt]]:
         """(options an upstream socket gets before connect, those it gets once it lived
-        LATE_OPTIONS_AFTER): TCP_NODELAY at once, the keep-alive ones late."""
-        opts = self.options(keepalive)
-        return opts[:1], opts[1:]
+        LATE_OPTIONS_AFTER): TCP_NODELAY at once, the keep-alive ones late. Computed once
+        per --tcp-keepalive value, like options(): this is on every dial's path."""
+        self.options(keepalive)
+        return self._split
 
     def tune_listener(self, lsock: socket.socket, keepalive: float) -> bool:
         """Whether lsock's clients come out of accept() tuned already.
@@ -77,10 +90,9 @@ class TcpOptions:
             return state[1] is True
         opts = self.options(keepalive)
         try:
-            for level, opt, value in (
-                opts if keepalive else [*opts, (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
-            ):
-                lsock.setsockopt(level, opt, value)
+            set_options(
+                lsock, opts if keepalive else [*opts, (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+            )
         except OSError:
             self._listener_state[lsock] = (keepalive, False)
             return False
@@ -133,8 +145,7 @@ class LateOptions:
             if sock.fileno() < 0:
                 continue  # the connection ended first: the point of waiting
             try:
-                for level, opt, value in self._tcp.split(keepalive)[1]:
-                    sock.setsockopt(level, opt, value)
+                set_options(sock, self._tcp.split(keepalive)[1])
             except OSError:
                 pass  # reset meanwhile: the relay reports it
         if due:
