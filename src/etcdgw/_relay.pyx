@@ -269,7 +269,7 @@ cdef class Engine:
         accepted, accept_errors: counts since the last collect().
         short: with aggregate, the engine's pairs that started and finished since the last
             collect() are left out of started and finished and summed per target instead:
-            [ShortSum(tag, pairs, c2u, u2c, resets)] (a churn of short connections then
+            [ShortSum(tag, pairs, c2u, u2c, resets, silent)] (a churn of short connections then
             costs the caller one row per target, not two records per connection).
         """
         self._check_open()
@@ -298,11 +298,12 @@ cdef class Engine:
                 if aggregate and p.state == FINISHED:
                     acc = sums.get(p.tag)
                     if acc is None:
-                        acc = sums[p.tag] = [p.tag, 0, 0, 0, 0]
+                        acc = sums[p.tag] = [p.tag, 0, 0, 0, 0, 0]
                     acc[1] += 1
                     acc[2] += p.dir[0].moved
                     acc[3] += p.dir[1].moved
                     acc[4] += p.err != 0
+                    acc[5] += p.dir[0].moved > 0 and p.dir[1].moved == 0
                     p.short = 1
                 else:
                     started.append(Started(p.id, p.tag))
@@ -516,17 +517,30 @@ cdef class Engine:
         self._unlock()
         return n
 
-    def pick(self) -> int:
+    def pick(self, exclude=()) -> int:
         """The tag of the target for the next client, or -1: the relay thread's own choice.
 
         The balancer asks this while native accept runs, so the loop's picks (clients whose
-        dial failed over) and the thread's share one round-robin counter.
+        dial failed over) and the thread's share one round-robin counter. exclude: tags this
+        client was already sent to; they count as unusable for this one pick.
         """
         cdef int i
+        cdef uint8_t *saved
         self._check_native()
+        tags = frozenset(exclude)
         self._lock()
+        saved = <uint8_t *>malloc(self.c.ntargets + 1) if tags else NULL
+        if saved != NULL:
+            for i in range(self.c.ntargets):
+                saved[i] = self.c.targets[i].usable
+                if self.c.targets[i].tag in tags:
+                    self.c.targets[i].usable = 0
         i = _pick(&self.c)
         tag = self.c.targets[i].tag if i >= 0 else -1
+        if saved != NULL:
+            for i in range(self.c.ntargets):
+                self.c.targets[i].usable = saved[i]
+            free(saved)
         self._unlock()
         return tag
 

@@ -232,7 +232,12 @@ class NativeAccept(Acceptor):
             addrs = gw.addresses.known(ep.host)
             fam: int = socket.AF_INET
             ip: str | None = None
-            if addrs and "%" not in addrs[0][1][0]:  # scoped IPv6: dialled by dial.py
+            # Scoped IPv6 and the gateway's own addresses: dial.py dials (or refuses) those.
+            if (
+                addrs
+                and "%" not in addrs[0][1][0]
+                and not gw.own.dials_self(addrs[0][1][0], ep.port)
+            ):
                 fam, ip = addrs[0][0], addrs[0][1][0]
             targets.append(Target(r.tag, int(fam), ip, ep.port, ep.priority, ep.weight, r.usable))
         cfg = gw.cfg
@@ -275,7 +280,7 @@ class NativeAccept(Acceptor):
             for s in report.short:
                 remote = by_tag(s.tag)
                 assert remote is not None
-                gw.finished_short(remote, s.pairs, s.c2u, s.u2c, s.resets)
+                gw.finished_short(remote, s.pairs, s.c2u, s.u2c, s.resets, s.silent)
             gw.room()
         for st in report.started:
             remote = by_tag(st.tag)
@@ -283,8 +288,15 @@ class NativeAccept(Acceptor):
             gw.started_native(st.pair_id, remote)
         for f in report.failed:
             client = socket.socket(fileno=f.client_fd)
-            client.setblocking(False)
-            self._take_over(client, by_tag(f.tag) if f.tag >= 0 else None, f.err)
+            try:
+                client.setblocking(False)
+                self._take_over(client, by_tag(f.tag) if f.tag >= 0 else None, f.err)
+            except Exception as e:  # a bug must cost this client, not the rest of the report
+                gw.log.error("failed to take over a client", error=repr(e))
+                for d in [d for d in gw.dials if d.client is client]:
+                    d.abort()
+                client.close()
+                gw.room()
         for p in report.paused:
             lsock = next((s for s in gw.listeners if s.fileno() == p.listen_fd), None)
             if lsock is None or not self.accepting:

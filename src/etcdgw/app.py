@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -143,6 +142,8 @@ def checked(
     Raises:
         ConfigError: with the Go gateway's message.
     """
+    from .dial import is_local_ip
+
     check_self_loop(cfg.listen, endpoints, resolve_host, is_local=is_local_ip)
     if not endpoints:
         raise ConfigError("no endpoints found")
@@ -156,6 +157,7 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
         ConfigError: any start-up failure, with the message to print.
     """
     from . import discovery, resolver
+    from .dial import is_local_ip
     from .server import Gateway
 
     endpoints, discovered = resolve_endpoints(cfg, raw_endpoints, log)
@@ -185,6 +187,8 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
 
             run.metrics = MetricsServer(gw, cfg.metrics_addr, log)
             run.metrics.bind()
+            if run.metrics.sock is not None:
+                gw.own.add(run.metrics.sock.getsockname())
         from .health import HealthChecker
 
         # Built now so a bad --trusted-ca-file or health key is a start-up error. It reads
@@ -425,6 +429,7 @@ class Reloader:
     def _apply(self, p: _Prepared) -> None:
         """Apply a prepared configuration (on the loop; nothing here waits)."""
         from . import discovery, resolver
+        from .dial import is_local_ip
 
         run, gw, log = self.run, self.run.gw, self.run.gw.log
         if p.cfg.listen != gw.cfg.listen or p.cfg.metrics_addr != gw.cfg.metrics_addr:
@@ -504,17 +509,3 @@ async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
 
     threading.Thread(target=work, name="etcdgw-reload", daemon=True).start()
     return await fut
-
-
-def is_local_ip(ip: str) -> bool:
-    """Whether ip is one of this machine's addresses: only those can be bound without
-    IP_FREEBIND. Used by the self-loop guard for wildcard listen addresses."""
-    if ip.startswith("127.") or ip == "::1":
-        return True
-    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            return False
-    return True

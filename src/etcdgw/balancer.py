@@ -16,7 +16,7 @@ fixes it where it is not:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .config import Endpoint
@@ -38,6 +38,10 @@ class Remote:
     # (reachable) and healthy to get new clients.
     healthy: bool = True
     removed: bool = False
+    # --balance=least-connections: set aside for a pause after its fresh connections failed
+    # (monitor.py decides when and for how long); `strikes` counts them in a row.
+    aside: bool = False
+    strikes: int = 0
     last_error: str = ""
     down_since: float | None = None
     # Counters, read by metrics and `etcdgw status`.
@@ -67,7 +71,7 @@ class Remote:
 
     @property
     def usable(self) -> bool:
-        return self.active and self.healthy and not self.removed
+        return self.active and self.healthy and not self.removed and not self.aside
 
 
 class Selector:
@@ -195,7 +199,7 @@ class Balancer:
         self.on_change: Callable[[], None] | None = None
         # Native accept: the relay thread picks with its own copy of the rule and its own
         # counter; while it runs, pick() asks it (`Engine.pick`), so there is one counter.
-        self.delegate: Callable[[], int] | None = None
+        self.delegate: Callable[[Sequence[int]], int] | None = None
         # Every remote ever listed, by tag: the relay thread may report on a remote that a
         # refresh removed since (its connections go on).
         self._by_tag: dict[int, Remote] = {r.tag: r for r in self.remotes}
@@ -204,15 +208,20 @@ class Balancer:
 
     # --- selection ---------------------------------------------------------------------
 
-    def pick(self) -> Remote | None:
-        """The remote for the next client, or None when no remote is usable."""
+    def pick(self, exclude: Collection[Remote] = ()) -> Remote | None:
+        """The remote for the next client, or None when no remote is usable.
+
+        exclude: remotes this client was already sent to (a dial tries each once); they
+        count as unusable for this pick.
+        """
         if self.delegate is not None:
-            tag = self.delegate()
+            tag = self.delegate([r.tag for r in exclude])
             return self.by_tag(tag) if tag >= 0 else None
         view = self._view
-        if self.selector.least:
+        if self.selector.least or exclude:
             view = [
-                (r.endpoint.priority, r.endpoint.weight, r.usable, r.live) for r in self.remotes
+                (r.endpoint.priority, r.endpoint.weight, r.usable and r not in exclude, r.live)
+                for r in self.remotes
             ]
         elif view is None:
             view = [(r.endpoint.priority, r.endpoint.weight, r.usable, 0) for r in self.remotes]
@@ -261,10 +270,22 @@ class Balancer:
         self.changed()
         return True
 
+    def set_aside(self, remote: Remote, aside: bool) -> bool:
+        """Set a remote aside from least-connections' picks, or back. True if it changed."""
+        if remote.aside == aside:
+            return False
+        remote.aside = aside
+        self.changed()
+        return True
+
     def set_least(self, least: bool) -> None:
         """--balance: least-connections (True) or round-robin (etcd's, False)."""
         if self.selector.least != least:
             self.selector.least = least
+            if not least:  # set aside only for least-connections' sake
+                for r in self.remotes:
+                    r.aside = False
+                    r.strikes = 0
             self.changed()
 
     def set_healthy(self, remote: Remote, healthy: bool) -> bool:

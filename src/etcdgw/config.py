@@ -149,6 +149,10 @@ def parse_endpoint(ep: str, **srv: int | bool) -> Endpoint:
         raise ConfigError(f"error parsing endpoint {go_quote(ep)}: {e}") from None
     if not host:
         raise ConfigError(f"error parsing endpoint {go_quote(ep)}: missing host")
+    if ":" in host and "%25" in host:
+        # RFC 6874: in a URL an IPv6 zone's "%" is written "%25" (etcd member URLs carry
+        # `http://[fe80::1%25eth0]:2379`); the address itself is fe80::1%eth0.
+        host = host.replace("%25", "%", 1)
     if (why := host_error(host)) is not None:
         raise ConfigError(f"error parsing endpoint {go_quote(ep)}: {why}")
     return Endpoint(host, port, **srv)  # type: ignore[arg-type]
@@ -309,12 +313,23 @@ def check_self_loop(
         if not own:
             continue
         for ip in ep_ips:
-            if ip in own or _is_any(ip) or ("*" in own and is_local(ip)):
+            if loops_back(ip, own, is_local):
                 listen = ",".join(ls.addr for ls in listens if ls.port == ep.port)
                 raise ConfigError(
                     f"SRV or endpoint ({ep.addr}->{format_addr(ip, ep.port)}) should not "
                     f"resolve to the gateway listen addr ({listen})"
                 )
+
+
+def loops_back(ip: str, own: set[str], is_local: Callable[[str], bool]) -> bool:
+    """Whether a connect to ip reaches one of own, the gateway's listen IPs on that port.
+
+    own holds normalised IPs and "*" for a wildcard listener (every local address). An
+    unspecified ip (0.0.0.0, ::) connects to this host. The one rule for the start-up guard
+    (check_self_loop) and the connect path (dial.OwnAddresses).
+    """
+    ip = _norm_ip(ip)
+    return ip in own or _is_any(ip) or ("*" in own and is_local(ip))
 
 
 def _norm_ip(a: str) -> str:

@@ -4,6 +4,15 @@
 blocking (one timer for --dial-timeout shared by every address of the remote), and on
 failure marks the remote down and tries the next; when the balancer has nothing usable,
 every unusable remote gets one more try (`Balancer.fallback`) before the client is closed.
+
+A dial is bounded whatever the health-check mode and the balancing rule: it tries each
+remote at most once (the balancer is asked to pick among the ones it has not tried, then the
+fallback gets the untried unusable ones), so one client costs at most one connect per
+endpoint; between two remotes it looks whether its client is still there, and stops when it
+left. Every failure on the way (a refused or silent endpoint, a name that does not resolve,
+an address Python cannot use, such as an IPv6 zone naming no interface) is one error text in
+Go's words, never an exception that escapes with the client's fd. An address that is the
+gateway's own (a name that now resolves to a listen or metrics address) is never dialled.
 No asyncio Task per client: callbacks only (a Task only while a never-resolved host name is
 looked up). The relay thread's native accept does the first dial itself and hands a client
 whose dial failed to a `Dial` (`resume`), so failover has this one implementation.
@@ -17,17 +26,71 @@ import asyncio
 import errno
 import os
 import socket
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .balancer import Remote
-from .config import Endpoint, format_addr
+from .config import Endpoint, format_addr, loops_back
 from .listeners import set_options
 from .resolver import Addr, AddressBook
 
 if TYPE_CHECKING:
     from .server import Gateway
 
-__all__ = ["Dial", "dial_error", "probe_connect"]
+__all__ = [
+    "Dial",
+    "OwnAddresses",
+    "connect_error",
+    "dial_error",
+    "is_local_ip",
+    "probe_connect",
+]
+
+# How long OwnAddresses remembers whether an IP is one of this machine's (a bind test).
+LOCAL_IP_TTL = 5.0
+
+
+class OwnAddresses:
+    """The gateway's own TCP addresses (listen and metrics), checked before every connect.
+
+    The self-loop guard (config.check_self_loop, the Go gateway's CVE-2020-15114 check) runs
+    when endpoints are set; a name that resolves to the gateway later (DNS rebinding, a
+    mistake in /etc/hosts) would still make the gateway dial itself, each self-connection
+    accepted and dialled again until fds run out. So the connect path asks `dials_self`
+    for every address it is about to dial. Which IPs are local (for wildcard listeners) is
+    a bind test, remembered for LOCAL_IP_TTL seconds.
+    """
+
+    def __init__(
+        self, is_local: Callable[[str], bool], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._own: dict[int, set[str]] = {}  # port -> listen IPs ("*": every local one)
+        self._is_local = is_local
+        self._clock = clock
+        self._local: dict[str, tuple[float, bool]] = {}
+
+    def add(self, sockname: tuple[Any, ...]) -> None:
+        """A bound TCP socket's getsockname() (a wildcard IP stands for every local one)."""
+        ip, port = str(sockname[0]), int(sockname[1])
+        self._own.setdefault(port, set()).add("*" if ip in ("0.0.0.0", "::") else ip)
+
+    def dials_self(self, ip: str, port: int) -> bool:
+        own = self._own.get(port)
+        if not own:
+            return False
+        return loops_back(ip, own, self._cached_is_local)
+
+    def _cached_is_local(self, ip: str) -> bool:
+        now = self._clock()
+        hit = self._local.get(ip)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if len(self._local) > 1024:
+            self._local.clear()
+        local = self._is_local(ip)
+        self._local[ip] = (now + LOCAL_IP_TTL, local)
+        return local
 
 
 class Dial:
@@ -44,6 +107,7 @@ class Dial:
         "deadline",
         "error",
         "task",
+        "tried",
     )
 
     def __init__(self, gw: Gateway, client: socket.socket) -> None:
@@ -57,6 +121,8 @@ class Dial:
         self.deadline = 0.0
         self.error = ""
         self.task: asyncio.Task[None] | None = None
+        # Remotes this client was sent to: each at most once (a bounded dial).
+        self.tried: set[Remote] = set()
 
     def start(self) -> None:
         self.gw.dials.add(self)
@@ -72,6 +138,7 @@ class Dial:
         gw = self.gw
         gw.dials.add(self)
         self._set_remote(remote)
+        self.tried.add(remote)
         self.deadline = gw.loop.time() + gw.cfg.dial_timeout
         self.addrs = addrs
         self.error = error
@@ -79,11 +146,17 @@ class Dial:
 
     def _next_remote(self) -> None:
         gw = self.gw
+        if self.tried and self._client_gone():
+            # Nobody to connect any more: stop here rather than dial for a closed socket.
+            self._set_remote(None)
+            gw.dials.discard(self)
+            gw.abandoned(self.client)
+            return
         remote: Remote | None = None
         if self.fallback is None:
-            remote = gw.balancer.pick()
+            remote = gw.balancer.pick(exclude=self.tried)
             if remote is None:
-                self.fallback = gw.balancer.fallback()
+                self.fallback = [r for r in gw.balancer.fallback() if r not in self.tried]
         if remote is None:
             assert self.fallback is not None
             if not self.fallback:
@@ -93,6 +166,16 @@ class Dial:
                 return
             remote = self.fallback.pop(0)
         self._dial_remote(remote)
+
+    def _client_gone(self) -> bool:
+        """The client closed or reset while we dialled (a peek: nothing is consumed)."""
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # ECONNRESET and the like
+        return data == b""
 
     def _set_remote(self, remote: Remote | None) -> None:
         # A client being connected counts for least-connections (Remote.live).
@@ -105,6 +188,7 @@ class Dial:
     def _dial_remote(self, remote: Remote) -> None:
         gw = self.gw
         self._set_remote(remote)
+        self.tried.add(remote)
         self.deadline = gw.loop.time() + gw.cfg.dial_timeout
         addrs = gw.addresses.known(remote.endpoint.host)
         if addrs is None:
@@ -122,7 +206,9 @@ class Dial:
             self.task = None
             self._failed(f"dial tcp {remote.addr}: lookup {host}: i/o timeout")
             return
-        except OSError as e:
+        except (OSError, UnicodeError, ValueError) as e:
+            # OSError from the resolvers; UnicodeError/ValueError from a name the IDNA codec
+            # or the address parser refuses: an endpoint's fault, not the gateway's.
             self.task = None
             self._failed(f"dial tcp {remote.addr}: lookup {host}: {e}")
             return
@@ -137,6 +223,11 @@ class Dial:
             self._failed(self.error or f"dial tcp {remote.addr}: no address")
             return
         fam, sa = self.addrs.pop(0)
+        port = remote.endpoint.port
+        if gw.own.dials_self(sa[0], port):
+            self.error = f"dial tcp {format_addr(sa[0], port)}: {SELF_DIAL}"
+            self._connect_next()
+            return
         try:
             sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
@@ -147,7 +238,15 @@ class Dial:
             gw.refuse(self.client)
             return
         set_options(sock, gw.tcp.split(gw.cfg.tcp_keepalive)[0])  # keep-alive: start_relay
-        err = sock.connect_ex((sa[0], remote.endpoint.port))
+        try:
+            err = sock.connect_ex((sa[0], port))
+        except (OSError, UnicodeError, ValueError) as e:
+            # connect_ex returns errnos but raises for an address it cannot parse: an IPv6
+            # zone that names no interface (socket.gaierror), a malformed literal.
+            sock.close()
+            self.error = connect_error(remote.endpoint, sa[0], e)
+            self._connect_next()
+            return
         if err == 0:
             self.sock = sock
             self._connected()
@@ -227,14 +326,44 @@ class Dial:
         self.gw.dials.discard(self)
 
 
+def is_local_ip(ip: str) -> bool:
+    """Whether ip is one of this machine's addresses: only those can be bound without
+    IP_FREEBIND. Used by the self-loop guards for wildcard listen addresses."""
+    if ip.startswith("127.") or ip == "::1":
+        return True
+    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
+SELF_DIAL = "refused: the address is one of the gateway's own (listen or metrics)"
+
+
 def dial_error(ep: Endpoint, ip: str, err: int) -> str:
     """Go's dial error text: `dial tcp 127.0.0.1:2379: connect: connection refused`."""
     where = format_addr(ip, ep.port) if ip else ep.addr
     return f"dial tcp {where}: connect: {os.strerror(err).lower()}"
 
 
-async def probe_connect(ep: Endpoint, addresses: AddressBook, timeout: float) -> None:
+def connect_error(ep: Endpoint, ip: str, e: BaseException) -> str:
+    """dial_error() for an exception from connect: an errno, or an address it cannot use."""
+    if isinstance(e, OSError) and not isinstance(e, socket.gaierror) and e.errno:
+        return dial_error(ep, ip, e.errno)
+    where = format_addr(ip, ep.port) if ip else ep.addr
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return f"dial tcp {where}: connect: invalid address: {reason.lower()}"
+
+
+async def probe_connect(
+    ep: Endpoint, addresses: AddressBook, timeout: float, own: OwnAddresses | None = None
+) -> None:
     """A TCP connect to ep within timeout (every address shares it), closed at once.
+
+    An address in own (the gateway's) fails the probe without a connect: it would succeed.
 
     Raises:
         OSError: the dial error, in Go's words.
@@ -247,8 +376,13 @@ async def probe_connect(ep: Endpoint, addresses: AddressBook, timeout: float) ->
         raise OSError(
             errno.ETIMEDOUT, f"dial tcp {ep.addr}: lookup {ep.host}: i/o timeout"
         ) from None
+    except (UnicodeError, ValueError) as e:
+        raise OSError(errno.EINVAL, f"dial tcp {ep.addr}: lookup {ep.host}: {e}") from None
     last: OSError | None = None
     for fam, sa in addrs:
+        if own is not None and own.dials_self(sa[0], ep.port):
+            last = OSError(errno.EINVAL, f"dial tcp {format_addr(sa[0], ep.port)}: {SELF_DIAL}")
+            continue
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
@@ -258,8 +392,8 @@ async def probe_connect(ep: Endpoint, addresses: AddressBook, timeout: float) ->
             return
         except TimeoutError:
             last = OSError(errno.ETIMEDOUT, f"dial tcp {ep.addr}: i/o timeout")
-        except OSError as e:
-            last = OSError(e.errno, dial_error(ep, sa[0], e.errno or 0))
+        except (OSError, UnicodeError, ValueError) as e:
+            last = OSError(getattr(e, "errno", None) or errno.EINVAL, connect_error(ep, sa[0], e))
         finally:
             s.close()
     if last is None:

@@ -17,7 +17,7 @@ and the compiled twin builds them as cheaply as plain tuples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
@@ -90,6 +90,7 @@ class ShortSum(NamedTuple):
     c2u: int
     u2c: int
     resets: int  # pairs that ended with an errno
+    silent: int  # pairs whose client sent bytes and the upstream none (least-connections)
 
 
 class Report(NamedTuple):
@@ -187,8 +188,9 @@ class NativeAccept(Protocol):
         least: bool = False,
     ) -> None: ...
 
-    def pick(self) -> int:
-        """The tag of the target for the next client by the engine's own counter, or -1."""
+    def pick(self, exclude: Collection[int] = ()) -> int:
+        """The tag of the target for the next client by the engine's own counter, or -1;
+        the tags in exclude count as unusable for this pick."""
         ...
 
     def collect(self, aggregate: bool = False) -> Report: ...

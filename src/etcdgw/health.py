@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .balancer import Remote
 from .config import Config, ConfigError, Endpoint, format_addr, format_duration
+from .dial import SELF_DIAL
 
 if TYPE_CHECKING:
     from .log import Logger
@@ -423,7 +424,12 @@ class HealthChecker:
                 why = "i/o timeout" if isinstance(e, TimeoutError) else _reason(e)
                 error = f"lookup {ep.host}: {why}"
             else:
-                error = await check_endpoint(ep, addrs, timeout=timeout, ssl_context=ctx)
+                # Never through the gateway itself (a name that now resolves to it).
+                addrs = [a for a in addrs if not gw.own.dials_self(a[1][0], ep.port)]
+                if addrs:
+                    error = await check_endpoint(ep, addrs, timeout=timeout, ssl_context=ctx)
+                else:
+                    error = f"dial tcp {ep.addr}: {SELF_DIAL}"
         if self.enabled:
             self.apply(remote, error)
 

@@ -11,6 +11,18 @@ client whose dial fails is connected to the next endpoint instead, as HAProxy do
 server without `check`: a dead member costs its share of clients one failed dial each
 (fast when it refuses, --dial-timeout when it is silent). Turning it on by a reload brings
 every endpoint back into rotation.
+
+--balance=least-connections sends each new client to the endpoint with the fewest live
+connections, and an endpoint whose connections fail at once holds none: a dead member
+(under `none`, where a failed dial does not deactivate it) or one that accepts and closes
+at once (a stuck process behind a port forwarder; its TCP re-probe passes) would get nearly
+every new client. So, for least-connections, a fresh connection that fails is a strike (a
+failed dial; a relayed connection the endpoint ended within IMMEDIATE seconds without
+sending a byte, after the client had sent some: HAProxy's `observe layer4` idea): the
+endpoint is set aside (no new clients while another is usable) for ASIDE_MIN seconds,
+doubling with each strike in a row up to ASIDE_MAX, then gets clients again. A connection
+that received bytes from it ends the streak. Clients that send nothing do not count, so a
+port scanner or a TCP liveness probe of the gateway cannot set a member aside.
 """
 
 from __future__ import annotations
@@ -29,6 +41,11 @@ if TYPE_CHECKING:
 __all__ = ["Monitor"]
 # --health-check=none: at most one "dial failed" line per endpoint per this many seconds.
 NONE_LOG_EVERY = 10.0
+# least-connections: a connection the endpoint ended this soon, silent, is a strike.
+IMMEDIATE = 1.0
+# least-connections: the pause of an endpoint set aside, per strike in a row (seconds).
+ASIDE_MIN = 0.5
+ASIDE_MAX = 30.0
 
 
 class Monitor:
@@ -37,6 +54,7 @@ class Monitor:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self._logged: dict[Remote, float] = {}
+        self._aside: dict[Remote, asyncio.TimerHandle] = {}
 
     @property
     def probing(self) -> bool:
@@ -53,8 +71,8 @@ class Monitor:
         if not self.probing:
             remote.dial_failures += 1
             remote.last_error = error
-            if now - self._logged.get(remote, -NONE_LOG_EVERY) >= NONE_LOG_EVERY:
-                self._logged[remote] = now
+            self.strike(remote, error)
+            if self._may_log(remote):
                 gw.log.warn(
                     "failed to connect to endpoint; trying the next (--health-check=none)",
                     address=remote.addr,
@@ -68,6 +86,56 @@ class Monitor:
                 interval=format_duration(self.interval),
                 error=error,
             )
+
+    def closed(self, remote: Remote, pairs: int, silent: int, answered: bool) -> None:
+        """pairs of remote's connections ended: silent of them at once with no byte from it
+        (the client had sent some); answered: at least one received bytes from it."""
+        if answered:
+            remote.strikes = 0
+        elif silent:
+            self.strike(remote, "closed the connection at once without answering")
+
+    def strike(self, remote: Remote, error: str) -> None:
+        """A fresh connection to remote failed: least-connections sets it aside a while."""
+        gw = self.gw
+        if not gw.balancer.selector.least or remote.removed:
+            return
+        remote.strikes += 1
+        if remote.aside:
+            return  # a client picked before it was set aside: the pause runs already
+        pause = min(ASIDE_MIN * 2 ** min(remote.strikes - 1, 16), ASIDE_MAX)
+        gw.balancer.set_aside(remote, True)
+        old = self._aside.pop(remote, None)
+        if old is not None:
+            old.cancel()
+        self._aside[remote] = gw.loop.call_later(pause, self._back, remote)
+        if self._may_log(remote):
+            gw.log.warn(
+                "endpoint set aside (least-connections)",
+                address=remote.addr,
+                pause=format_duration(pause),
+                strikes=remote.strikes,
+                error=error,
+            )
+
+    def _may_log(self, remote: Remote) -> bool:
+        """At most one line per endpoint per NONE_LOG_EVERY (the record stays bounded)."""
+        now = time.monotonic()
+        if now - self._logged.get(remote, -NONE_LOG_EVERY) < NONE_LOG_EVERY:
+            return False
+        if len(self._logged) >= 256:
+            self._logged = {r: t for r, t in self._logged.items() if now - t < NONE_LOG_EVERY}
+        self._logged[remote] = now
+        return True
+
+    def _back(self, remote: Remote) -> None:
+        self._aside.pop(remote, None)
+        self.gw.balancer.set_aside(remote, False)
+
+    def close(self) -> None:
+        for h in self._aside.values():
+            h.cancel()
+        self._aside.clear()
 
     def dial_succeeded(self, remote: Remote) -> None:
         if not remote.removed and not remote.active:
@@ -93,7 +161,8 @@ class Monitor:
 
     async def _probe(self, remote: Remote) -> None:
         try:
-            await probe_connect(remote.endpoint, self.gw.addresses, self.gw.cfg.dial_timeout)
+            gw = self.gw
+            await probe_connect(remote.endpoint, gw.addresses, gw.cfg.dial_timeout, gw.own)
         except OSError as e:
             remote.last_error = str(e)
             self.gw.log.warn(

@@ -8,7 +8,7 @@ import os
 import select
 import selectors
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from . import engine as contract
@@ -202,9 +202,10 @@ class Relay:
             targets, sockopts, dial_timeout, limit, late_sockopts, late_after, least
         )
 
-    def pick(self) -> int:
-        """Native accept: the relay thread's choice for the next client (a tag, or -1)."""
-        return self._native_accept().pick()
+    def pick(self, exclude: Collection[int] = ()) -> int:
+        """Native accept: the relay thread's choice for the next client (a tag, or -1),
+        leaving out the tags in exclude."""
+        return self._native_accept().pick(exclude)
 
     def native_pending(self) -> int:
         """Native accept: clients accepted that the callbacks have not reported yet."""

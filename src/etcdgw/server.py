@@ -36,11 +36,11 @@ from . import systemd
 from .accept import Acceptor, LoopAccept, NativeAccept
 from .balancer import Balancer, Remote
 from .config import Config, Endpoint, format_duration
-from .dial import Dial
+from .dial import Dial, OwnAddresses, is_local_ip
 from .engine import Report
 from .listeners import LateOptions, ListenerSet, TcpOptions
 from .log import Logger
-from .monitor import Monitor
+from .monitor import IMMEDIATE, Monitor
 from .relay import IMPLEMENTATION, Engine, Relay
 from .resolver import AddressBook, AsyncResolver, async_host_resolver
 
@@ -61,6 +61,7 @@ class Counters:
 
     accepted: int = 0
     refused: int = 0  # closed because no endpoint could be reached
+    abandoned: int = 0  # clients that left while they were being dialled
     accept_errors: int = 0
     finished: int = 0
     reset: int = 0
@@ -105,6 +106,8 @@ class Gateway:
         )
         self.tcp = TcpOptions()
         self.listening = ListenerSet(cfg, list(inherited))
+        # Where the gateway itself listens (and serves metrics): never dialled (dial.py).
+        self.own = OwnAddresses(is_local_ip)
         self.monitor = Monitor(self)
         self.counters = Counters()
         self.conns: dict[int, Conn] = {}
@@ -148,6 +151,9 @@ class Gateway:
     def bind(self) -> None:
         """Create and bind every listener (ListenerSet.bind), before anything is served."""
         self.listening.bind()
+        for s in self.listeners:
+            if s.family in (socket.AF_INET, socket.AF_INET6):
+                self.own.add(s.getsockname())
 
     async def run(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Serve on loop (the running one) until stopped; returns when every socket is closed."""
@@ -255,14 +261,25 @@ class Gateway:
         self.conns[pid] = Conn(None, None, remote)
         self.balancer.opened(remote)
 
-    def finished_short(self, remote: Remote, pairs: int, c2u: int, u2c: int, resets: int) -> None:
-        """Pairs of remote that the relay thread started and finished between two reports."""
+    def finished_short(
+        self, remote: Remote, pairs: int, c2u: int, u2c: int, resets: int, silent: int = 0
+    ) -> None:
+        """Pairs of remote that the relay thread started and finished between two reports
+        (silent: the client sent bytes and the endpoint none)."""
         self.balancer.passed(remote, pairs, c2u, u2c)
+        if self.balancer.selector.least:
+            self.monitor.closed(remote, pairs, silent, u2c > 0)
         c = self.counters
         c.finished += pairs
         c.reset += resets
         c.bytes_finished[0] += c2u
         c.bytes_finished[1] += u2c
+
+    def abandoned(self, client: socket.socket) -> None:
+        """The client left while it was being dialled: close it, nothing to tell anyone."""
+        self.counters.abandoned += 1
+        client.close()
+        self.room()
 
     def refuse(self, client: socket.socket) -> None:
         """No endpoint could be reached: close the client (the Go gateway does too, silently)."""
@@ -302,6 +319,9 @@ class Gateway:
     def _close_conn(self, conn: Conn, c2u: int, u2c: int, err: int) -> None:
         remote = conn.remote
         self.balancer.closed(remote, c2u, u2c)
+        if self.balancer.selector.least and not self.draining:
+            silent = c2u > 0 and u2c == 0 and time.monotonic() - conn.started < IMMEDIATE
+            self.monitor.closed(remote, 1, int(silent), u2c > 0)
         c = self.counters
         c.finished += 1
         c.bytes_finished[0] += c2u
@@ -417,6 +437,7 @@ class Gateway:
             self._drain_handle.cancel()
         if self._late_options is not None:
             self._late_options.close()
+        self.monitor.close()
         for t in list(self._tasks):
             t.cancel()
         self.addresses.close()
