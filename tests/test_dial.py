@@ -19,10 +19,13 @@ import time
 from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from _dns import Dnsmasq
 from _gateway import GatewayProc, TagServer, free_tcp_port, silent_listener, wait_for
-from etcdgw.config import parse_endpoint
+from etcdgw.config import ConfigError, host_error, parse_endpoint
+from etcdgw.resolver import AddressBook
 
 Start = Callable[..., GatewayProc]
 
@@ -276,6 +279,38 @@ def test_a_zone_naming_no_interface_is_a_dial_error(gateway: Start) -> None:
         assert "Traceback" not in text
         rec = g.wait_log("failed to connect to endpoint; trying the next (--health-check=none)")
         assert "invalid address" in rec["error"], rec
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.builds(
+            lambda s, h, z, p: f"{s}[{h}%{z}]:{p}",
+            st.sampled_from(["", "http://", "https://", "unixs://"]),
+            st.sampled_from(["fe80::1", "::1", "1.2.3.4", "fe80::", "::ffff:127.0.0.1", ""]),
+            st.text(max_size=12),
+            st.sampled_from(["2379", "0", "65536", "", "x"]),
+        ),
+    )
+)
+def test_any_endpoint_text_parses_or_is_one_error(text: str) -> None:
+    """parse_endpoint: a ConfigError, or an endpoint whose host every later step accepts
+    (the connect path's address book knows an IP literal without raising)."""
+    try:
+        ep = parse_endpoint(text)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return
+    assert 1 <= ep.port <= 65535
+    assert host_error(ep.host) is None
+    book = AddressBook(_no_lookup)
+    addrs = book.known(ep.host)
+    assert addrs is None or all(fam in (socket.AF_INET, socket.AF_INET6) for fam, _ in addrs)
+
+
+async def _no_lookup(host: str) -> list[str]:
+    raise OSError("no lookups in this test")
 
 
 # --- 4. never dial the gateway itself -------------------------------------------------------

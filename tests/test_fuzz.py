@@ -515,7 +515,24 @@ def values(flag: str, p: dict[str, Any], dns: str, tmp: str) -> st.SearchStrateg
     """Realistic and broken values for one flag (and garbage for every flag)."""
     taken, free = p["taken"], p["free"]
     hosts = st.sampled_from(
-        ["127.0.0.1", "[::1]", "localhost", "0.0.0.0", "[::]", "m1.etcd.test", "x.invalid"]
+        [
+            "127.0.0.1",
+            "[::1]",
+            "localhost",
+            "0.0.0.0",
+            "[::]",
+            "m1.etcd.test",
+            "x.invalid",
+            # IPv6 zones (RFC 6874's URL form and the plain one), odd hosts, userinfo
+            "[fe80::1%25eth0]",
+            "[fe80::1%25lo]",
+            "[fe80::1%nosuchif0]",
+            "[fe80::1%]",
+            "[::1%25lo]",
+            "a..b",
+            "user:pw@127.0.0.1",
+            "ex\u00e4mple.test",
+        ]
     )
     port = st.sampled_from(["2379", "1", "0", "70000", "-1", "abc", "", str(taken), str(free)])
     scheme = st.sampled_from(["", "http://", "https://", "unix://", "ftp://"])

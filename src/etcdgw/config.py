@@ -259,9 +259,28 @@ def format_duration(seconds: float) -> str:
     return "-" + out if neg else out
 
 
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_GO_ESCAPES["\v"] = "\\v"
+
+
 def go_quote(s: str) -> str:
-    """Go's %q for the plain strings we print: double quotes, backslash escapes."""
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Go's %q (strconv.Quote): double quotes, backslash escapes, and every non-printable
+    character escaped, so a quoted value is always one line."""
+    out = []
+    for c in s:
+        if c in ('"', "\\"):
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        elif c in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[c])
+        elif ord(c) < 0x80:
+            out.append(f"\\x{ord(c):02x}")
+        elif ord(c) <= 0xFFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return '"' + "".join(out) + '"'
 
 
 # --- Start-up checks (gateway.go startGateway, step 7) ---------------------------------------
