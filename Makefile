@@ -7,14 +7,14 @@ PYTEST_ARGS ?=
 BIN := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
 tool = $(firstword $(wildcard $(BIN)/$(1)) $(1))
 
-.PHONY: help setup demo test lint pytest man bench soak build dist clean
+.PHONY: help setup demo test lint pytest man bench bench-scale soak build dist clean
 
 help:
 	@echo "make setup   install etcd, etcdctl, dnsmasq and etcdgw (editable, with test tools)"
 	@echo "make demo    3-member etcd cluster + etcdgw on 127.0.0.1:23790; Ctrl-C stops it"
 	@echo "make test    setup, lint, then the whole test suite (both relay engines)"
 	@echo "make dist    sdist + manylinux wheel in dist/, checked by twine (README: Release)"
-	@echo "make lint | man | bench | soak | build | clean"
+	@echo "make lint | man | bench | bench-scale | soak | build | clean"
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -40,6 +40,12 @@ man:
 
 bench:
 	$(PYTHON) bench/run.py
+
+# Curves over held connections and offered load, every proxy (bench/README.md "Scaling"):
+# root (its own network namespace), ~40 minutes on an idle machine; plots need matplotlib
+# (the `bench` extra, installed by bench/setup.sh).
+bench-scale:
+	$(PYTHON) bench/scale.py
 
 soak:
 	@if [ -f bench/soak.py ]; then $(PYTHON) bench/soak.py; \

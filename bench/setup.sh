@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install the peer proxies and load tools the benchmark compares against (Debian apt only).
+# Install the peer proxies and load tools the benchmark compares against (Debian apt), and
+# matplotlib for `make bench-scale`'s plots (pip: the `bench` extra of pyproject.toml).
 # Debian's postinst scripts auto-start nginx and haproxy as system services; the benchmark
 # must own every process it measures and port 80 must stay free, so a service that this
 # script's install started is stopped again (only via `service`, only if we started it).
@@ -13,6 +14,13 @@ for p in $PKGS; do
         missing="$missing $p"
     fi
 done
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import matplotlib' 2>/dev/null; then
+    echo "bench/setup.sh: pip-installing matplotlib (the bench extra)"
+    "$PYTHON" -m pip install --quiet 'matplotlib>=3.5' || \
+        echo "bench/setup.sh: warning: no matplotlib: make bench-scale will skip its plots"
+fi
 
 if [ -z "$missing" ]; then
     echo "bench/setup.sh: all of ($PKGS) already installed"
