@@ -40,8 +40,9 @@ cdef int _round_robin(Core *c, int mode, int prio) noexcept nogil:
     return -1
 
 cdef Target *_target_of(Core *c, int64_t tag) noexcept nogil:
+    """The target (listed, or parked: left with live pairs) of that tag, or NULL."""
     cdef int i
-    for i in range(c.ntargets):
+    for i in range(c.ntargets + c.nparked):
         if c.targets[i].tag == tag:
             return &c.targets[i]
     return NULL
@@ -63,7 +64,7 @@ cdef void _untrack(Core *c, Pair *p) noexcept nogil:
     p.counted = 0
     t = _target_of(c, p.tag)
     if t != NULL and t.live > 0:
-        t.live -= 1  # (a target that left the list took its count with it)
+        t.live -= 1
 
 cdef bint _fewer(Target *a, Target *b, bint weighted) noexcept nogil:
     """a has fewer connections than b: (live + 1) / weight when weighted, else live."""

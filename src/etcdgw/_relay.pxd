@@ -240,8 +240,9 @@ cdef struct Core:
     # native accept (threaded mode only): listeners, targets and the dial path
     Listener lst[MAX_LISTENERS]
     int nlst
-    Target *targets
+    Target *targets     # ntargets listed ones (picked from), then nparked left ones
     int ntargets
+    int nparked         # targets no longer listed that still have live pairs (counts kept)
     bint plain          # every target has priority 0 and weight 0: plain round-robin
     bint least          # --balance=least-connections
     uint64_t rr         # the round-robin counter (etcd's pickCount)

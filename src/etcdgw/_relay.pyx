@@ -411,16 +411,25 @@ cdef class Engine:
         dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
         limit: live plus connecting pairs beyond which clients wait in the backlog (0: none).
         least: choose by least connections (Selector's rule) instead of round-robin; each
-            target's live count carries over from the previous call by tag.
+            target's live count carries over from the previous call by tag. A target that
+            leaves keeps its count while it has live pairs (parked: never picked), so a tag
+            listed again later still has it; the clients being connected to it are handed
+            back at once (collect()'s failed, errno 0: dial them yourself), so once the next
+            collect() has returned, the engine says nothing more of a tag that left.
         late_sockopts: set on the upstream socket of a pair that is still live late_after
             seconds after its connect (keep-alive settings, which cannot matter sooner: a
             connection that lives less saves the syscalls); clients that do not inherit
             options from their listener get them at once with the others.
         """
         cdef Py_ssize_t n = len(targets), i
+        cdef Py_ssize_t nold = self.c.ntargets + self.c.nparked  # only changed here
         cdef Target *arr = NULL
         cdef Target *old
         cdef Target *t
+        cdef Pair *p
+        cdef int32_t slot, nxt
+        cdef int nparked = 0
+        cdef bint listed
         cdef sockaddr_in *sin
         cdef sockaddr_in6 *sin6
         cdef int opts[MAX_SOCKOPTS][3]
@@ -437,11 +446,11 @@ cdef class Engine:
         for level, opt, value in late_sockopts:
             late[nlate][0], late[nlate][1], late[nlate][2] = level, opt, value
             nlate += 1
-        if n:
-            arr = <Target *>malloc(n * sizeof(Target))
+        if n + nold:  # room for the listed ones and every one that may be parked
+            arr = <Target *>malloc((n + nold) * sizeof(Target))
             if arr == NULL:
                 raise MemoryError()
-            memset(arr, 0, n * sizeof(Target))
+            memset(arr, 0, (n + nold) * sizeof(Target))
         try:
             for i, (tag, family, ip, port, prio, weight, usable) in enumerate(targets):
                 t = &arr[i]
@@ -473,13 +482,38 @@ cdef class Engine:
             raise
         self._lock()
         old = self.c.targets
+        slot = self.c.conn_head  # dials to a target that leaves: handed back now
+        while slot >= 0:
+            p = &self.c.pairs[slot]
+            nxt = p.cnext
+            listed = False
+            for i in range(n):
+                if arr[i].tag == p.tag:
+                    listed = True
+                    break
+            if not listed:
+                _unconnect(&self.c, p)
+                _dial_fail_registered(&self.c, p, 0)  # uncounted from its old target
+            slot = nxt
         for i in range(n):  # live counts follow their target (a handful of targets)
-            for j in range(self.c.ntargets):
+            for j in range(nold):
                 if old[j].tag == arr[i].tag:
                     arr[i].live = old[j].live
                     break
+        for j in range(nold):  # a target that left with live pairs is parked
+            if old[j].live <= 0:
+                continue
+            listed = False
+            for i in range(n):
+                if arr[i].tag == old[j].tag:
+                    listed = True
+                    break
+            if not listed:
+                arr[n + nparked] = old[j]
+                nparked += 1
         self.c.targets = arr
         self.c.ntargets = <int>n
+        self.c.nparked = nparked
         self.c.plain = plain
         self.c.least = least
         changed = nopts != self.c.nsockopts

@@ -200,9 +200,11 @@ class Balancer:
         # Native accept: the relay thread picks with its own copy of the rule and its own
         # counter; while it runs, pick() asks it (`Engine.pick`), so there is one counter.
         self.delegate: Callable[[Sequence[int]], int] | None = None
-        # Every remote ever listed, by tag: the relay thread may report on a remote that a
-        # refresh removed since (its connections go on).
+        # The remotes the relay engine may report on, by tag: the current ones, and removed
+        # ones until prune() (their connections go on; a report may still name them).
         self._by_tag: dict[int, Remote] = {r.tag: r for r in self.remotes}
+        # The removed ones among them, oldest first: revived if listed again, else pruned.
+        self._removed: dict[int, Remote] = {}
         # The selector's input, kept until a change (round-robin reads no live counts).
         self._view: list[tuple[int, int, bool, int]] | None = None
 
@@ -230,7 +232,7 @@ class Balancer:
         return self.remotes[i] if i >= 0 else None
 
     def by_tag(self, tag: int) -> Remote | None:
-        """The remote the relay engine calls `tag` (current or removed since)."""
+        """The remote the relay engine calls `tag` (current, or removed and not pruned)."""
         return self._by_tag.get(tag)
 
     def fallback(self) -> list[Remote]:
@@ -320,13 +322,17 @@ class Balancer:
         return any(r.usable for r in self.remotes)
 
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> tuple[list[Remote], list[Remote]]:
-        """Replace the endpoint set (SRV refresh, reload), keeping the state of those that stay.
+        """Replace the endpoint set (SRV refresh, reload, member list), keeping the state of
+        those that stay.
 
         A remote that leaves is flagged `removed` and dropped from the list: it gets no new
-        clients, while connections already relayed to it continue untouched.
+        clients, while connections already relayed to it continue untouched. Listed again
+        before prune() forgot it (a member-list flap), it comes back as it was: the same
+        tag and counts, so least-connections still sees its live connections, here and in
+        the relay thread (which keeps a removed tag's count while it has live pairs).
 
         Returns:
-            (added, removed) remotes.
+            (added, removed) remotes; added includes revived ones.
         """
         old: dict[tuple[str, int], list[Remote]] = {}
         for r in self.remotes:
@@ -337,15 +343,42 @@ class Balancer:
             same = old.get((ep.host, ep.port))
             if same:
                 r = same.pop(0)
-                r.endpoint = ep  # priority/weight may have changed
             else:
-                r = Remote(ep)
-                added.append(r)
+                r = self._revive(ep) or Remote(ep)
                 self._by_tag[r.tag] = r
+                added.append(r)
+            r.endpoint = ep  # priority/weight may have changed
             new.append(r)
         removed = [r for rs in old.values() for r in rs]
         for r in removed:
             r.removed = True
+            self._removed[r.tag] = r
         self.remotes = new
         self.changed()
         return added, removed
+
+    def _revive(self, ep: Endpoint) -> Remote | None:
+        for tag, r in self._removed.items():
+            if (r.endpoint.host, r.endpoint.port) == (ep.host, ep.port):
+                del self._removed[tag]
+                r.removed = False
+                return r
+        return None
+
+    def prune(self) -> list[Remote]:
+        """Forget the removed remotes that hold no live connection; returns them.
+
+        Call it only after a report cycle of the relay engine that began after the last
+        set_endpoints() (server.Gateway.collect_now()). Then the engine says nothing more
+        of a pruned remote's tag: it was told the new targets at once (set_endpoints()
+        raises the change signal, accept.NativeAccept.sync sets them), so it picks that tag
+        no more and hands back the clients it was still connecting to it; what it connected
+        or finished before is in that report (`started`, `short`, `failed`); and a pair that
+        is still live holds its remote (live > 0) until it finishes, which is reported by
+        pair id, not by tag. A pruned remote listed again is a new one (new tag, no counts).
+        """
+        gone = [r for r in self._removed.values() if r.live == 0]
+        for r in gone:
+            del self._removed[r.tag]
+            del self._by_tag[r.tag]
+        return gone

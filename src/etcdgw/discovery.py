@@ -40,6 +40,7 @@ from .config import (
     format_addr,
     format_duration,
     go_quote,
+    parse_listen,
 )
 from .log import Logger
 from .resolver import (
@@ -559,17 +560,23 @@ def self_check_for(
     resolve: Callable[[str], Sequence[str]] | None = None,
     is_local: Callable[[str], bool] | None = None,
 ) -> Callable[[Endpoint], str | None]:
-    """A Refresher self_check: the self-loop guard (CVE-2020-15114) for one endpoint.
+    """A Refresher (and member list) self_check: the self-loop guard (CVE-2020-15114) for
+    one endpoint.
 
-    Returns the guard's message when ep points back at a --listen-addr (or does not
-    resolve), else None. `is_local` is passed on to config.check_self_loop.
+    Returns the guard's message when ep points back at a --listen-addr or the
+    --metrics-addr (clients sent there would get our metrics server's 404s), or does not
+    resolve; else None. `is_local` is passed on to config.check_self_loop.
     """
     res = resolve if resolve is not None else host_resolver(cfg)
     extra: dict[str, Callable[[str], bool]] = {} if is_local is None else {"is_local": is_local}
+    own = list(cfg.listen)
+    if cfg.metrics_addr:
+        with contextlib.suppress(ConfigError):  # validated at start-up already
+            own.append(parse_listen(cfg.metrics_addr))
 
     def check(ep: Endpoint) -> str | None:
         try:
-            check_self_loop(cfg.listen, [ep], res, **extra)
+            check_self_loop(own, [ep], res, **extra)
         except ConfigError as e:
             return e.message
         return None

@@ -165,13 +165,14 @@ async def request(
     method: str = "GET",
     path: str = "/health",
     body: bytes = b"",
+    max_body: int = MAX_BODY,
 ) -> tuple[int, str, bytes]:
     """One HTTP/1.1 request to ep (https when ep.secure and ssl_context), all within timeout.
 
     Shared by the health checks (GET /health) and membership.py (POST member list).
 
     Returns:
-        (status, reason, body), body cut at MAX_RESPONSE.
+        (status, reason, body), body cut at max_body bytes (the rest is not read).
 
     Raises:
         HttpError: no answer (dial, TLS, timeout, malformed response), with the reason.
@@ -181,7 +182,13 @@ async def request(
     try:
         async with asyncio.timeout(timeout):
             return await _fetch(
-                ep, addrs, ssl_context if ep.secure else None, method=method, path=path, body=body
+                ep,
+                addrs,
+                ssl_context if ep.secure else None,
+                method=method,
+                path=path,
+                body=body,
+                max_body=max_body,
             )
     except TimeoutError:
         raise HttpError(f"{where}: i/o timeout ({format_duration(timeout)})") from None
@@ -211,6 +218,7 @@ async def _fetch(
     method: str,
     path: str,
     body: bytes,
+    max_body: int,
 ) -> tuple[int, str, bytes]:
     loop = asyncio.get_running_loop()
     sock: socket.socket | None = None
@@ -249,7 +257,7 @@ async def _fetch(
             + body
         )
         await writer.drain()
-        return await _read_response(reader)
+        return await _read_response(reader, max_body)
     finally:
         if writer is not None:
             # abort, not close: no TLS close_notify round trip to wait for.
@@ -258,7 +266,9 @@ async def _fetch(
             sock.close()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+async def _read_response(
+    reader: asyncio.StreamReader, max_body: int = MAX_BODY
+) -> tuple[int, str, bytes]:
     try:
         line = await reader.readline()
         parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
@@ -279,11 +289,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]
                 chunked = True
         else:
             raise _BadResponse("too many header lines")
-        # At most MAX_BODY bytes, appended to one buffer (a hostile member sending endless
+        # At most max_body bytes, appended to one buffer (a hostile member sending endless
         # 1-byte chunks costs a bounded, linear read, not a quadratic one per check).
         body = bytearray()
         if chunked:
-            while len(body) < MAX_BODY:
+            while len(body) < max_body:
                 size_line = (await reader.readline()).split(b";", 1)[0].strip()
                 try:
                     size = int(size_line, 16)
@@ -291,15 +301,19 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]
                     raise _BadResponse("bad chunk size") from None
                 if size <= 0:
                     break
-                want = min(size, MAX_BODY - len(body))
+                want = min(size, max_body - len(body))
                 body += await reader.readexactly(want)
                 if want < size:
                     break  # enough to judge; the rest is not read
                 await reader.readline()
         elif length is not None:
-            body += await reader.readexactly(min(length, MAX_BODY))
+            body += await reader.readexactly(min(length, max_body))
         else:
-            body += await reader.read(MAX_BODY)
+            while len(body) < max_body:  # up to the end of the stream (read() stops sooner)
+                chunk = await reader.read(max_body - len(body))
+                if not chunk:
+                    break
+                body += chunk
     except (asyncio.LimitOverrunError, ValueError):
         raise _BadResponse("response too large") from None
     except asyncio.IncompleteReadError:

@@ -23,7 +23,7 @@ import functools
 import ipaddress
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import dns.asyncresolver
 import dns.exception
@@ -298,6 +298,12 @@ class AddressBook:
         for host in hosts:
             if not self.fresh(host) and _literal(host) is None:
                 self._refresh_in_background(host)
+
+    def forget(self, hosts: Iterable[str]) -> None:
+        """Drop the answers of hosts no endpoint uses any more (a member list that changes
+        at every answer must not grow the book); asked again, they are looked up again."""
+        for host in hosts:
+            self._cache.pop(host, None)
 
     def close(self) -> None:
         """Cancel lookups in flight (at shutdown)."""
