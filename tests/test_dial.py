@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -228,6 +229,106 @@ def test_least_connections_sets_aside_a_member_that_closes_at_once(gateway: Star
             assert stop(g) == 0
     finally:
         closer.close()
+
+
+def test_least_connections_sets_aside_at_once_in_a_burst(gateway: Start) -> None:
+    """Clients back to back: the relay thread must not wait for its next report to the
+    loop (it sent 18 of 20 to the closing member before it learned)."""
+    port = free_tcp_port()
+    closer = Closer()
+    try:
+        with TagServer("a") as a, TagServer("b") as b:
+            g = gateway(
+                f"--endpoints={a.addr},127.0.0.1:{closer.port},{b.addr}",
+                f"--listen-addr=127.0.0.1:{port}",
+                "--balance=least-connections",
+            )
+            got = [ask(port) for _ in range(20)]
+            lost = got.count("")
+            print(f"RELIABILITY leastconn-burst {g.impl}: {lost} of 20 to the closing member")
+            assert lost <= 4, f"{lost} of 20 clients went to the member that closes: {got}"
+            assert stop(g) == 0
+    finally:
+        closer.close()
+
+
+class Replier:
+    """A member that answers a request line with its tag and keeps the connection (etcd
+    speaks only after its client)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag.encode()
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.port = int(self.sock.getsockname()[1])
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        self.conns.append(c)
+        c.settimeout(10)
+        buf = b""
+        try:
+            while b"\n" not in buf:  # a whole request line, as etcd waits for a whole request
+                chunk = c.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+            if b"\n" in buf:
+                c.sendall(self.tag + b"\n")
+                while c.recv(4096):  # until the client's EOF is passed on
+                    pass
+        except OSError:
+            pass
+        c.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._t.join(2)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def test_clients_that_reset_cannot_set_members_aside(gateway: Start) -> None:
+    """The review's attack: a client sends a byte and resets, over and over. The member did
+    not end those connections, so they are no strike (was: all three members set aside,
+    every client steered to the first one for ~6 s)."""
+    port = free_tcp_port()
+    members = [Replier(t) for t in "abc"]
+    try:
+        g = gateway(
+            "--endpoints=" + ",".join(f"127.0.0.1:{m.port}" for m in members),
+            f"--listen-addr=127.0.0.1:{port}",
+            "--balance=least-connections",
+        )
+        linger0 = struct.pack("ii", 1, 0)
+        for _ in range(30):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"x")
+            time.sleep(0.01)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+            s.close()  # RST
+        time.sleep(0.2)
+        got = [ask(port) for _ in range(9)]
+        assert sorted(got) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3, got
+        assert "endpoint set aside (least-connections)" not in g.messages()
+        assert stop(g) == 0
+    finally:
+        for m in members:
+            m.close()
 
 
 def test_round_robin_is_unchanged_by_a_member_that_closes_at_once(gateway: Start) -> None:

@@ -363,6 +363,7 @@ def test_short_pairs_are_summed_per_target(native: Native, backends: list[Backen
         assert c.recv(10) == b"abc"
         c.close()
     sums: dict[int, list[int]] = {}
+    silent_total = 0
     deadline = time.monotonic() + 5
     while sum(v[0] for v in sums.values()) < n:
         assert time.monotonic() < deadline, sums
@@ -371,7 +372,7 @@ def test_short_pairs_are_summed_per_target(native: Native, backends: list[Backen
         # A pair still open at a collect is reported one by one (started, then finished).
         for _, tag in started:
             sums.setdefault(tag, [0, 0, 0, 0])
-        for pid, c2u, u2c, _ in finished:
+        for pid, c2u, u2c, _, _ in finished:
             tag = next(t for p, t in native.started + started if p == pid)
             row = sums.setdefault(tag, [0, 0, 0, 0])
             row[0] += 1
@@ -379,13 +380,15 @@ def test_short_pairs_are_summed_per_target(native: Native, backends: list[Backen
             row[2] += u2c
         native.started += started
         assert not failed
-        for tag, pairs, c2u, u2c, errs in short:
+        for tag, pairs, c2u, u2c, errs, silent in short:
             row = sums.setdefault(tag, [0, 0, 0, 0])
             row[0] += pairs
             row[1] += c2u
             row[2] += u2c
             row[3] += errs
+            silent_total += silent  # every upstream answered: none is silent
     assert sums == {1: [10, 50, 30, 0], 2: [10, 50, 30, 0]}
+    assert silent_total == 0
     assert len(native.engine) == 0
 
 

@@ -89,6 +89,11 @@ class Peer:
         return self.eof and self.hash.digest() == hashlib.sha256(expected).digest()
 
 
+def core(finished: list[Any]) -> list[tuple[int, int, int, int]]:
+    """Finished records without `ended` (which side ended first): id, bytes both ways, errno."""
+    return [(f[0], f[1], f[2], f[3]) for f in finished]
+
+
 def drive(
     engine: Any,
     peers: list[Peer],
@@ -236,7 +241,7 @@ def test_both_directions_byte_exact(engine: Any, sockets: Any, kind: str, size: 
     assert registered(engine) == {down.fileno(), up.fileno()}
     peers = [Peer(client, request), Peer(upstream, response)]
     finished = drive(engine, peers, all_done(peers))
-    assert finished == [(pid, size, size, 0)]
+    assert core(finished) == [(pid, size, size, 0)]
     assert peers[0].got(response) and peers[1].got(request)
     assert registered(engine) == set() and len(engine) == 0
     assert engine.totals() == (size, size)
@@ -251,7 +256,7 @@ def test_half_close_passes_the_reply_back(engine: Any, sockets: Any) -> None:
     peers = [Peer(client, request), Peer(upstream, reply=reply)]
     finished = drive(engine, peers, all_done(peers))
     assert peers[1].got(request) and peers[0].got(reply)
-    assert finished == [(pid, len(request), len(reply), 0)]
+    assert core(finished) == [(pid, len(request), len(reply), 0)]
 
 
 def test_eof_is_passed_on_while_the_other_direction_keeps_going(engine: Any, sockets: Any) -> None:
@@ -264,7 +269,7 @@ def test_eof_is_passed_on_while_the_other_direction_keeps_going(engine: Any, soc
         upstream.send(b"more")
         drive(engine, peers, lambda _: peers[0].received == want)  # noqa: B023
     upstream.shutdown(socket.SHUT_WR)
-    assert drive(engine, peers, lambda f: bool(f)) == [(pid, 3, 12, 0)]
+    assert core(drive(engine, peers, lambda f: bool(f))) == [(pid, 3, 12, 0)]
 
 
 def test_data_and_eof_sent_before_add_are_relayed(engine: Any, sockets: Any) -> None:
@@ -277,7 +282,7 @@ def test_data_and_eof_sent_before_add_are_relayed(engine: Any, sockets: Any) -> 
     peers = [Peer(client), Peer(upstream, shut=False)]
     drive(engine, peers, lambda _: peers[1].eof)
     upstream.shutdown(socket.SHUT_WR)
-    assert drive(engine, peers, all_done(peers)) == [(pid, 5, 10, 0)]
+    assert core(drive(engine, peers, all_done(peers))) == [(pid, 5, 10, 0)]
     assert peers[0].got(b"also early") and peers[1].got(b"early")
 
 
@@ -308,7 +313,7 @@ def test_bytes_sent_before_a_reset_are_relayed_first(engine: Any, sockets: Any) 
     reset(upstream)
     peer = Peer(client, shut=False)
     (finished,) = drive(engine, [peer], lambda f: bool(f) and peer.received == 10)
-    assert finished == (pid, 0, 10, errno.ECONNRESET)
+    assert finished == (pid, 0, 10, errno.ECONNRESET, 2)  # the upstream side ended it
 
 
 def test_send_to_a_closed_peer_finishes_with_epipe(engine: Any, sockets: Any) -> None:
@@ -321,7 +326,7 @@ def test_send_to_a_closed_peer_finishes_with_epipe(engine: Any, sockets: Any) ->
     drive(engine, [peer], lambda _: peer.eof)
     assert len(engine) == 1
     client.sendall(b"x" * 1000)
-    assert drive(engine, [peer], lambda f: bool(f)) == [(pid, 0, 0, errno.EPIPE)]
+    assert core(drive(engine, [peer], lambda f: bool(f))) == [(pid, 0, 0, errno.EPIPE)]
 
 
 def test_fds_are_borrowed_never_closed(engine: Any, sockets: Any) -> None:
@@ -364,7 +369,7 @@ def test_backpressure_bounds_buffering(engine: Any, sockets: Any, kind: str) -> 
     assert writer.sent - engine.stats(pid)[0] <= 65536 + kernel  # at most one read held
     reader.reading = True
     finished = drive(engine, [writer, reader], all_done([reader]))
-    assert reader.got(data) and finished == [(pid, total, 0, 0)]
+    assert reader.got(data) and core(finished) == [(pid, total, 0, 0)]
 
 
 def _traced_growth(make: Callable[[], Any]) -> tuple[int, Any]:
@@ -465,7 +470,7 @@ def test_no_splice_while_sigpipe_could_kill(new_engine: Any, sockets: Any) -> No
     drive_for(engine, [writer, reader], 0.2)
     assert pipes() == base
     reader.reading = True
-    assert drive(engine, [writer, reader], all_done([reader])) == [(pid, 4 << 20, 0, 0)]
+    assert core(drive(engine, [writer, reader], all_done([reader]))) == [(pid, 4 << 20, 0, 0)]
 
 
 def test_run_stops_early_for_fairness_and_resumes(
@@ -506,7 +511,7 @@ def test_many_concurrent_pairs(engine: Any, sockets: Any) -> None:
         rigs.append((Peer(client, req), Peer(upstream, resp), req, resp))
         peers += rigs[-1][:2]
     finished = drive(engine, peers, lambda f: len(f) == len(expect) and all(p.eof for p in peers))
-    assert sorted(finished) == sorted(expect.values())
+    assert sorted(core(finished)) == sorted(expect.values())
     assert all(c.got(resp) and u.got(req) for c, u, req, resp in rigs)
     assert engine.totals() == tuple(sum(f[i] for f in finished) for i in (1, 2))
     assert registered(engine) == set() and len(engine) == 0
@@ -521,7 +526,7 @@ def test_remove_mid_stream(engine: Any, sockets: Any) -> None:
     writer, reader = Peer(client, payload(10 << 20)), Peer(upstream, b"x" * 10, shut=False)
     drive(engine, [writer, reader], lambda _: reader.received > 1 << 20)
     c2u, u2c = engine.stats(pid)
-    assert engine.remove(pid) == (pid, c2u, u2c, 0) and u2c == 10
+    assert engine.remove(pid) == (pid, c2u, u2c, 0, 0) and u2c == 10
     assert registered(engine) == set() and len(engine) == 0
     with pytest.raises(KeyError):
         engine.stats(pid)
@@ -539,7 +544,7 @@ def test_stats_and_totals_cover_live_and_finished_pairs(engine: Any, sockets: An
     peers = [Peer(done[0], b"a" * 10), Peer(done[3], b"b" * 20)]
     peers += [Peer(live[0], b"c" * 30, shut=False), Peer(live[3], b"d" * 40, shut=False)]
     finished = drive(engine, peers, lambda f: bool(f) and peers[2].received == 40)
-    assert finished == [(pid_done, 10, 20, 0)]
+    assert core(finished) == [(pid_done, 10, 20, 0)]
     assert engine.stats(pid_live) == (30, 40)
     assert engine.totals() == (40, 60) and len(engine) == 1
 
@@ -563,7 +568,7 @@ def test_add_failure_leaves_nothing_behind(engine: Any, sockets: Any) -> None:
     assert info.value.errno == errno.EBADF
     assert len(engine) == 0 and registered(engine) == set()
     pid = engine.add(down.fileno(), up.fileno())
-    assert drive(engine, [Peer(client, b"ok"), Peer(upstream)], lambda f: bool(f)) == [
+    assert core(drive(engine, [Peer(client, b"ok"), Peer(upstream)], lambda f: bool(f))) == [
         (pid, 2, 0, 0)
     ]
 
@@ -724,7 +729,7 @@ def test_relay_thread_announces_finished_pairs_on_fileno(sockets: Any) -> None:
         upstream.sendall(b"bye")
         upstream.shutdown(socket.SHUT_WR)
         assert select.select([engine.fileno()], [], [], 10)[0]
-        assert engine.run() == [(pid, 5, 3, 0)]
+        assert core(engine.run()) == [(pid, 5, 3, 0)]
         assert not select.select([engine.fileno()], [], [], 0)[0]  # drained
         assert engine.run() == [] and len(engine) == 0 and registered(engine) == set()
     finally:
@@ -767,7 +772,7 @@ def test_remove_racing_with_traffic_leaves_the_fds_alone(sockets: Any) -> None:
         stop.set()
         for w in workers:
             w.join(10)
-        for (pid, down, up, got), (rpid, c2u, u2c, err) in zip(rigs, removed, strict=True):
+        for (pid, down, up, got), (rpid, c2u, u2c, err, _) in zip(rigs, removed, strict=True):
             assert (rpid, err) == (pid, 0)
             assert (got[0][0], got[1][0]) == (c2u, u2c)  # counted == delivered, not more
             # Unread bytes stay in the kernel: nobody reads the removed fds any more.
@@ -819,7 +824,7 @@ def test_many_pairs_added_while_the_thread_relays(sockets: Any) -> None:
             assert time.monotonic() < deadline, "finished pairs were not all announced"
             select.select([engine.fileno()], [], [], 1)
             finished += engine.run()
-        assert sorted(finished) == sorted((pid, len(msg), 0, 0) for pid, _, msg in rigs)
+        assert sorted(core(finished)) == sorted((pid, len(msg), 0, 0) for pid, _, msg in rigs)
         assert len(engine) == 1 and engine.stats(busy)[0] > 0
         stop.set()
         for w in workers:
@@ -895,7 +900,7 @@ def test_relay_drives_the_engine_from_asyncio(
 
     monkeypatch.setattr(Relay, "_on_again", counting)
 
-    def on_finished(pid: int, c2u: int, u2c: int, err: int) -> None:
+    def on_finished(pid: int, c2u: int, u2c: int, err: int, ended: int) -> None:
         finished.append((pid, c2u, u2c, err))
         if len(finished) == 1:
             raise RuntimeError("boom")  # reported, and the other pairs still come through
@@ -963,7 +968,7 @@ def test_relay_remove_and_stats(engine_cls: Any, sockets: Any) -> None:
         client.sendall(b"abc")
         await asyncio.wait_for(loop.sock_recv(upstream, 10), 10)
         assert relay.stats(pid) == (3, 0) and len(relay) == 1
-        assert relay.remove(pid) == (pid, 3, 0, 0)
+        assert relay.remove(pid) == (pid, 3, 0, 0, 0)
         relay.close()
 
     upstream.setblocking(False)

@@ -151,6 +151,8 @@ cdef void _go_live(Core *c, Pair *p) noexcept nogil:
         _late_push(c, slot, p.id)
     p.state = LIVE
     c.nlive += 1
+    if c.least:
+        p.deadline = _now_ns()  # from now on: when it went live (a strike's window)
     p.fresh = 1
     p.snext = c.started_head
     c.started_head = slot

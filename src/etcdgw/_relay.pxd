@@ -173,6 +173,7 @@ cdef struct Pair:
     uint8_t short       # started and finished before collect(): reported in a sum
     uint8_t outarmed    # bit per side: that fd is registered for EPOLLOUT too
     uint8_t counted     # counted in its target's `live` (tag >= 0)
+    uint8_t first       # which side ended first (EOF): 1 client, 2 upstream, 0 not yet
     int32_t snext       # started list (fresh pairs)
     int32_t cprev       # connecting list (CONNECTING pairs, oldest first)
     int32_t cnext

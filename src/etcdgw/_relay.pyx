@@ -44,6 +44,9 @@ cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native l
 # before it wakes the loop, which then handles them in one go. Failed dials (a client is
 # waiting) and errors are announced at once.
 cdef uint64_t REPORT_DELAY_NS = 50000000
+# least-connections: a pair its upstream ended within this long, silent, is a strike (the
+# loop's rule: monitor.IMMEDIATE; tests/test_dial.py holds the two together).
+cdef uint64_t IMMEDIATE_NS = 1000000000
 
 # Benchmarks compare splice with plain recv/send through _set_splice(); not an API.
 cdef bint splice_enabled = True
@@ -303,7 +306,7 @@ cdef class Engine:
                     acc[2] += p.dir[0].moved
                     acc[3] += p.dir[1].moved
                     acc[4] += p.err != 0
-                    acc[5] += p.dir[0].moved > 0 and p.dir[1].moved == 0
+                    acc[5] += _silent(p)
                     p.short = 1
                 else:
                     started.append(Started(p.id, p.tag))
@@ -316,7 +319,9 @@ cdef class Engine:
                 if p.state == DIALFAIL:
                     failed.append(Failed(p.dir[0].src, p.tag, p.err))
                 elif not p.short:
-                    finished.append(Finished(p.id, p.dir[0].moved, p.dir[1].moved, p.err))
+                    finished.append(
+                        Finished(p.id, p.dir[0].moved, p.dir[1].moved, p.err, _ended(p))
+                    )
                 self.c.finished_head = p.next
                 _release(&self.c, slot)
             for i in range(self.c.nlst):
@@ -851,6 +856,8 @@ cdef void _visit(Core *c, Pair *p) noexcept nogil:
                 if so_error:
                     _finish(c, p, so_error)
                     return
+    if not p.first:
+        p.first = 1 if p.dir[0].eof else (2 if p.dir[1].eof else 0)
     if p.dir[0].done and p.dir[1].done:
         _finish(c, p, 0)
     elif (p.dir[0].ready or p.dir[1].ready) and not p.queued:
@@ -963,7 +970,33 @@ cdef void _unpipe(Core *c, Dir *d) noexcept nogil:
     d.piped = 0
     c.npipes -= 1
 
+cdef uint8_t _ended(Pair *p) noexcept nogil:
+    """Which side ended the pair first: 1 client, 2 upstream, 0 unknown (an EOF, else the
+    side whose fd reported an error)."""
+    if p.first:
+        return p.first
+    if p.errcheck & 1:
+        return 1
+    if p.errcheck & 2:
+        return 2
+    return 0
+
+cdef bint _silent(Pair *p) noexcept nogil:
+    """The upstream ended the pair first without a byte, after the client had sent some:
+    a strike for least-connections (monitor.py)."""
+    return p.dir[0].moved > 0 and p.dir[1].moved == 0 and _ended(p) == 2
+
 cdef void _finish(Core *c, Pair *p, int err) noexcept nogil:
+    cdef Target *t
+    if c.least and p.owned and _silent(p) and _now_ns() - p.deadline < IMMEDIATE_NS:
+        # A member that ends fresh connections at once holds none, so least-connections
+        # would send it the next client too, and the next, until the loop hears of it
+        # (monitor.Monitor.strike sets it aside). Set it aside here at once, and report
+        # now; the loop's next set_targets carries its decision.
+        t = _target_of(c, p.tag)
+        if t != NULL:
+            t.usable = 0
+        c.report_at = 1
     _untrack(c, p)
     if p.owned:
         # close() drops the registrations itself: no EPOLL_CTL_DEL for the engine's pairs

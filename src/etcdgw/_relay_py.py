@@ -47,13 +47,20 @@ class _Dir:
 
 
 class _Pair:
-    __slots__ = ("id", "dirs", "errcheck")
+    __slots__ = ("id", "dirs", "errcheck", "first")
 
     def __init__(self, pair_id: int, client_fd: int, upstream_fd: int) -> None:
         self.id = pair_id
         # [0] client -> upstream, [1] upstream -> client; index = side of the src fd.
         self.dirs = (_Dir(client_fd, upstream_fd), _Dir(upstream_fd, client_fd))
         self.errcheck = [False, False]  # per side: EPOLLERR seen on that side's fd
+        self.first = 0  # the side that said EOF first: 1 client, 2 upstream (0: none yet)
+
+    def ended(self) -> int:
+        """Which side ended the pair first: an EOF, else the side that reported an error."""
+        if self.first:
+            return self.first
+        return 1 if self.errcheck[0] else (2 if self.errcheck[1] else 0)
 
 
 class Engine:
@@ -223,6 +230,8 @@ class Engine:
                 if so_error:
                     self._finish(pair, so_error)
                     return
+        if not pair.first:
+            pair.first = 1 if pair.dirs[0].eof else (2 if pair.dirs[1].eof else 0)
         if pair.dirs[0].done and pair.dirs[1].done:
             self._finish(pair, 0)
         elif pair.dirs[0].ready or pair.dirs[1].ready:
@@ -280,7 +289,9 @@ class Engine:
 
     def _finish(self, pair: _Pair, err: int) -> None:
         self._detach(pair)
-        self._finished.append(Finished(pair.id, pair.dirs[0].moved, pair.dirs[1].moved, err))
+        self._finished.append(
+            Finished(pair.id, pair.dirs[0].moved, pair.dirs[1].moved, err, pair.ended())
+        )
 
     def _detach(self, pair: _Pair) -> None:
         """Unregister both fds and drop the buffers, so the owner may close the fds."""

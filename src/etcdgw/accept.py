@@ -256,6 +256,11 @@ class NativeAccept(Acceptor):
                 if s.family != socket.AF_UNIX:
                     gw.tcp.tune_listener(s, cfg.tcp_keepalive)  # a reload changed it?
 
+    def resync(self) -> None:
+        """sync(), even if the balancer's state looks the same as last told."""
+        self._told = None
+        self.sync()
+
     async def upkeep(self) -> None:
         """Keep host-name answers fresh for the relay thread (it dials by address)."""
         while True:

@@ -41,6 +41,7 @@ class Finished(NamedTuple):
     c2u: int  # bytes client -> upstream
     u2c: int  # bytes upstream -> client
     err: int  # errno that ended it, 0 for a clean end (both EOFs passed on)
+    ended: int = 0  # the side that ended first: 1 client, 2 upstream, 0 unknown (removed)
 
 
 class Target(NamedTuple):

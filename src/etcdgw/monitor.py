@@ -109,7 +109,9 @@ class Monitor:
         if old is not None:
             old.cancel()
         self._aside[remote] = gw.loop.call_later(pause, self._back, remote)
-        if self._may_log(remote):
+        # The first strike of a streak and each doubling after it (the pause it got), so a
+        # long streak shows without a line per strike.
+        if remote.strikes & (remote.strikes - 1) == 0 and self._may_log(remote, force=True):
             gw.log.warn(
                 "endpoint set aside (least-connections)",
                 address=remote.addr,
@@ -118,10 +120,11 @@ class Monitor:
                 error=error,
             )
 
-    def _may_log(self, remote: Remote) -> bool:
-        """At most one line per endpoint per NONE_LOG_EVERY (the record stays bounded)."""
+    def _may_log(self, remote: Remote, *, force: bool = False) -> bool:
+        """At most one line per endpoint per NONE_LOG_EVERY unless forced (the record of
+        when each was logged stays bounded)."""
         now = time.monotonic()
-        if now - self._logged.get(remote, -NONE_LOG_EVERY) < NONE_LOG_EVERY:
+        if not force and now - self._logged.get(remote, -NONE_LOG_EVERY) < NONE_LOG_EVERY:
             return False
         if len(self._logged) >= 256:
             self._logged = {r: t for r, t in self._logged.items() if now - t < NONE_LOG_EVERY}

@@ -143,7 +143,7 @@ class Relay:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_finished: Callable[[int, int, int, int], None],
+        on_finished: Callable[[int, int, int, int, int], None],
         *,
         engine_cls: type[Engine] = Engine,
         bufsize: int = 65536,

@@ -269,6 +269,10 @@ class Gateway:
         self.balancer.passed(remote, pairs, c2u, u2c)
         if self.balancer.selector.least:
             self.monitor.closed(remote, pairs, silent, u2c > 0)
+            if silent and isinstance(self._acceptor, NativeAccept):
+                # The relay thread set the target aside on its own (_relay.pyx _finish):
+                # tell it the balancer's verdict even if that did not change.
+                self._acceptor.resync()
         c = self.counters
         c.finished += pairs
         c.reset += resets
@@ -309,18 +313,21 @@ class Gateway:
         assert isinstance(self._acceptor, NativeAccept)
         self._acceptor.on_report(report)
 
-    def _on_finished(self, pid: int, c2u: int, u2c: int, err: int) -> None:
+    def _on_finished(self, pid: int, c2u: int, u2c: int, err: int, ended: int = 0) -> None:
         conn = self.conns.pop(pid, None)
         if conn is None:
             return
-        self._close_conn(conn, c2u, u2c, err)
+        self._close_conn(conn, c2u, u2c, err, ended)
         self.room()
 
-    def _close_conn(self, conn: Conn, c2u: int, u2c: int, err: int) -> None:
+    def _close_conn(self, conn: Conn, c2u: int, u2c: int, err: int, ended: int = 0) -> None:
         remote = conn.remote
         self.balancer.closed(remote, c2u, u2c)
         if self.balancer.selector.least and not self.draining:
-            silent = c2u > 0 and u2c == 0 and time.monotonic() - conn.started < IMMEDIATE
+            # A strike: the endpoint (not the client) ended it at once, silent (monitor.py).
+            silent = (
+                ended == 2 and c2u > 0 and u2c == 0 and time.monotonic() - conn.started < IMMEDIATE
+            )
             self.monitor.closed(remote, 1, int(silent), u2c > 0)
         c = self.counters
         c.finished += 1
@@ -449,7 +456,7 @@ class Gateway:
             self._relay.poll()  # pairs the engine started or finished since the last wake-up
             for pid in list(self.conns):
                 try:
-                    _, c2u, u2c, _ = self._relay.remove(pid)
+                    _, c2u, u2c, _, _ = self._relay.remove(pid)
                 except KeyError:  # finished by the relay thread just now: unregistered
                     c2u = u2c = 0
                 self._close_conn(self.conns.pop(pid), c2u, u2c, 0)
