@@ -11,17 +11,22 @@ RELIABILITY.md ("Hostile operator").
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from _gateway import GatewayProc, TagServer, free_tcp_port, wait_for
 from etcdgw import listeners
 from etcdgw.config import Config, ConfigError, parse_listen
+from test_hostile import assert_one_line, relay_once, run_start
 
 # hypothesis reads mypy_extensions.TypedDict while it reports a falsifying example; under
 # the suite's warnings-as-errors that deprecation would turn the report into an INTERNALERROR.
@@ -193,3 +198,105 @@ def test_unix_socket_mode_is_exact_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         ls.close()
     assert not path.exists()
+
+
+# --- item 12: --config-file must be a regular file, at start-up and on reload -----------------
+
+
+@pytest.fixture
+def odd_file(tmp_path: Path) -> Iterator[Callable[[str], tuple[Path, str]]]:
+    """make(kind) -> (a path that is not a regular file, what the refusal calls it)."""
+    held: list[socket.socket] = []
+
+    def make(kind: str) -> tuple[Path, str]:
+        path = tmp_path / f"{kind}.yaml"
+        if kind == "fifo":
+            os.mkfifo(path)
+            return path, "a FIFO"
+        if kind == "dev-zero":
+            path.symlink_to("/dev/zero")  # a symbolic link is followed: the device is refused
+            return path, "a character device"
+        if kind == "directory":
+            path.mkdir()
+            return path, "a directory"
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+        held.append(s)
+        return path, "a socket"
+
+    yield make
+    for s in held:
+        s.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "socket"])
+def test_config_file_that_is_not_a_regular_file_fails_the_start(
+    odd_file: Callable[[str], tuple[Path, str]], kind: str
+) -> None:
+    """Item 12: a FIFO blocked start-up for good with no message (a directory and a socket
+    gave errno texts, /dev/zero was read up to the size cap). Now one line and exit 1, at
+    once."""
+    path, what = odd_file(kind)
+    try:
+        code, text, took = run_start(f"--config-file={path}", "--endpoints=127.0.0.1:1", timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"start-up with --config-file={kind} still running after 10 s")
+    assert_one_line(code, text, f"--config-file {path}: not a regular file ({what})")
+    print(f"RELIABILITY config-file {kind} at start-up: exit {code} after {took:.2f}s")
+    assert took < 5
+
+
+def _reload_failures(g: GatewayProc, n: int) -> list[dict[str, Any]] | None:
+    """The `reload failed` records once there are n of them (a failing reload logs one)."""
+    failed = [
+        r for r in g.records() if r["msg"] == "reload failed; keeping the running configuration"
+    ]
+    assert len(failed) <= n, g.lines
+    return failed if len(failed) == n else None
+
+
+def test_config_file_that_is_not_a_regular_file_fails_the_reload(
+    relay_impl: str, tmp_path: Path
+) -> None:
+    """Item 12 on SIGHUP: each reload from a FIFO failed only at the 10 s deadline and left a
+    thread blocked in open() for good. Now each is refused at once in one line, no thread is
+    left, the running configuration stays; a regular file again reloads as before."""
+    conf = tmp_path / "gw.yaml"
+    port = free_tcp_port()
+    with TagServer("one") as one, TagServer("two") as two:
+        conf.write_text(f"endpoints: [{one.addr}]\n")
+        g = GatewayProc(
+            ["start", f"--config-file={conf}", f"--listen-addr=127.0.0.1:{port}"], relay_impl
+        )
+        try:
+            g.wait_ready()
+            threads = len(os.listdir(f"/proc/{g.pid}/task"))
+            for i, kind in enumerate(["fifo", "fifo", "dev-zero", "fifo"]):
+                conf.unlink()
+                if kind == "fifo":
+                    os.mkfifo(conf)
+                else:
+                    conf.symlink_to("/dev/zero")
+                t0 = time.monotonic()
+                g.proc.send_signal(signal.SIGHUP)
+                failed = wait_for(lambda n=i + 1: _reload_failures(g, n), timeout=5)
+                took = time.monotonic() - t0
+                what = "a FIFO" if kind == "fifo" else "a character device"
+                assert failed[-1]["error"] == f"--config-file {conf}: not a regular file ({what})"
+                assert relay_once(port)[0] == b"one\n"
+            # Reload threads end with their reload: none is left blocked.
+            wait_threads = time.monotonic() + 5
+            while len(os.listdir(f"/proc/{g.pid}/task")) > threads:
+                assert time.monotonic() < wait_threads, os.listdir(f"/proc/{g.pid}/task")
+                time.sleep(0.05)
+            conf.unlink()
+            conf.write_text(f"endpoints: [{two.addr}]\n")
+            g.proc.send_signal(signal.SIGHUP)
+            g.wait_log("reloaded configuration", timeout=10)
+            assert relay_once(port)[0] == b"two\n"
+            print(
+                f"RELIABILITY config-file FIFO on SIGHUP {relay_impl}: reload failed in {took:.3f}s"
+            )
+        finally:
+            assert g.stop() == 0
+    assert not any("Traceback" in line for line in g.lines), g.lines
