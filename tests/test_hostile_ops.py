@@ -10,22 +10,29 @@ RELIABILITY.md ("Hostile operator").
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from _gateway import GatewayProc, TagServer, free_tcp_port, wait_for
+from _gateway import GatewayProc, TagServer, engine_env, free_tcp_port, wait_for
 from etcdgw import listeners
 from etcdgw.config import Config, ConfigError, parse_listen
+from etcdgw.status import BadDocument, parse_document, render
 from test_hostile import assert_one_line, relay_once, run_start
 
 # hypothesis reads mypy_extensions.TypedDict while it reports a falsifying example; under
@@ -300,3 +307,261 @@ def test_config_file_that_is_not_a_regular_file_fails_the_reload(
         finally:
             assert g.stop() == 0
     assert not any("Traceback" in line for line in g.lines), g.lines
+
+
+# --- item 14: `etcdgw status` and a malformed /status document --------------------------------
+
+
+VALID = {
+    "version": "0.1.0",
+    "engine": "cython",
+    "uptime_seconds": 61.5,
+    "ready": True,
+    "health_check": "etcd",
+    "connections": {"active": 1, "accepted": 2, "refused": 0},
+    "bytes": {"to_endpoints": 2048, "from_endpoints": 10},
+    "member_sync": {
+        "cluster_id": "cdf818194e3a8c32",
+        "last_success_seconds_ago": 1.5,
+        "ok": 3,
+        "failed": 0,
+        "refused": 0,
+    },
+    "endpoints": [
+        {
+            "address": "127.0.0.1:2379",
+            "state": "up",
+            "healthy": True,
+            "removed": False,
+            "active_connections": 1,
+            "total_connections": 2,
+            "bytes_to_endpoint": 2048,
+            "bytes_from_endpoint": 10,
+            "dial_failures": 0,
+            "last_error": None,
+            "last_health_error": None,
+            "source": "member-list",
+        }
+    ],
+}
+
+# The seven shapes of the review, each as a body and the reason `etcdgw status` gives.
+DEEP = b'{"endpoints": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+MALFORMED = {
+    "recursion": (DEEP, "nested too deeply"),
+    "wrong-type": (
+        json.dumps({**VALID, "connections": 5}).encode(),
+        "connections: expected an object, got 5",
+    ),
+    "overflow": (
+        json.dumps(VALID).replace("61.5", "1e999").encode(),
+        "uptime_seconds: expected seconds from 0 to 1e+12, got Infinity",
+    ),
+    "huge-number": (
+        json.dumps({**VALID, "bytes": {"to_endpoints": 10**400}}).encode(),
+        "bytes.to_endpoints: expected a whole number from 0 to 2**64-1, got "
+        + "1"
+        + "0" * 36
+        + "...",
+    ),
+    "missing-endpoint": (
+        json.dumps({**VALID, "endpoints": [None]}).encode(),
+        "endpoints[0]: expected an object, got null",
+    ),
+    "list-for-object": (
+        json.dumps({**VALID, "bytes": []}).encode(),
+        "bytes: expected an object, got a list",
+    ),
+    "string-for-number": (
+        json.dumps({**VALID, "endpoints": [{"bytes_to_endpoint": "lots"}]}).encode(),
+        'endpoints[0].bytes_to_endpoint: expected a whole number, got "lots"',
+    ),
+    "non-utf8": (
+        b'{"endpoints": [], "version": "\xff"}',
+        "not UTF-8: byte 0xff at offset 30",
+    ),
+    "top-level-list": (b"[]", "the document: expected an object, got a list"),
+}
+
+
+class _Serve(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        body: bytes = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server() -> Iterator[Callable[[bytes], int]]:
+    """serve(body) -> the port of an HTTP server answering every GET with body."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Serve)
+    t = threading.Thread(target=httpd.serve_forever, args=(0.05,))
+    t.start()
+
+    def serve(body: bytes) -> int:
+        httpd.body = body  # type: ignore[attr-defined]
+        return int(httpd.server_address[1])
+
+    yield serve
+    httpd.shutdown()
+    httpd.server_close()
+    t.join(5)
+
+
+@pytest.mark.parametrize("shape", list(MALFORMED))
+def test_status_of_a_malformed_document_is_one_line(
+    status_server: Callable[[bytes], int], shape: str
+) -> None:
+    """Item 14: `etcdgw status` printed a traceback for 7 of 7 malformed shapes. Now one line
+    naming the first bad value, exit 1, nothing on stdout."""
+    body, reason = MALFORMED[shape]
+    port = status_server(body)
+    r = subprocess.run(
+        [sys.executable, "-m", "etcdgw", "status", f"--metrics-addr=127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=engine_env("python"),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (
+        f"etcdgw status: cannot read http://127.0.0.1:{port}/status: "
+        f"not a valid status document ({reason})\n"
+    )
+
+
+def test_status_of_a_valid_document_is_the_table(status_server: Callable[[bytes], int]) -> None:
+    port = status_server(json.dumps(VALID).encode())
+    r = subprocess.run(
+        [sys.executable, "-m", "etcdgw", "status", f"--metrics-addr=127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=engine_env("python"),
+        check=False,
+    )
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("etcdgw 0.1.0 (relay engine: cython), up 1m1s, ready;")
+    assert lines[1].startswith("member list of cluster cdf818194e3a8c32: synced 1s ago")
+    assert lines[2].split()[:2] == ["ENDPOINT", "SOURCE"]
+    assert lines[3].split()[:4] == ["127.0.0.1:2379", "member-list", "up", "healthy"]
+
+
+def test_status_text_cannot_drive_the_terminal() -> None:
+    """Text from the document is shown, never obeyed: escape sequences and line breaks in an
+    endpoint's error come out escaped, on the endpoint's one row."""
+    doc = json.loads(json.dumps(VALID))
+    doc["endpoints"][0]["last_error"] = "\x1b]0;owned\x07\x1b[2Jgone\nfake row"
+    doc["endpoints"][0]["healthy"] = False
+    out = io.StringIO()
+    render(doc, out)
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert text.count("\n") == 4  # header, member list, column names, one endpoint
+    assert text.splitlines()[3].endswith(r"\x1b]0;owned\x07\x1b[2Jgone\nfake row")
+
+
+# Hostile JSON: every type in every place, numbers at and past every bound.
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from([2**64 - 1, 2**64, -1, 10**30])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_KEYS = sorted(
+    {k for k in VALID}
+    | {f"connections.{k}" for k in VALID["connections"]}  # type: ignore[attr-defined]
+    | {f"bytes.{k}" for k in VALID["bytes"]}  # type: ignore[attr-defined]
+    | {f"member_sync.{k}" for k in VALID["member_sync"]}  # type: ignore[attr-defined]
+    | {f"endpoints.0.{k}" for k in VALID["endpoints"][0]}  # type: ignore[index]
+    | {"endpoints.0", "endpoints.1"}
+)
+
+
+def _mutated(changes: list[tuple[str, Any]]) -> Any:
+    """VALID with each (dotted key, value) put in place, where the path still leads."""
+    doc: Any = json.loads(json.dumps(VALID))
+    for key, value in changes:
+        *parents, last = key.split(".")
+        node = doc
+        for p in parents:
+            if isinstance(node, list) and p.isdigit():
+                node = node[int(p)] if int(p) < len(node) else None
+            else:
+                node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[last] = value
+        elif isinstance(node, list) and last.isdigit():
+            node[int(last) : int(last) + 1] = [value]  # replace, or append past the end
+    return doc
+
+
+def _check_render(doc: Any) -> None:
+    """render() either writes the whole table of printable lines or raises BadDocument and
+    writes nothing; nothing else may come out of it."""
+    out = io.StringIO()
+    try:
+        render(doc, out)
+    except BadDocument as e:
+        assert out.getvalue() == ""
+        assert str(e) and "\n" not in str(e) and str(e).isprintable(), repr(str(e))
+        return
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and all(line.isprintable() for line in lines), lines
+    sync = doc.get("member_sync") is not None
+    assert len(lines) - 1 == 2 + sync + len(doc.get("endpoints") or []), lines
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), _JSON), min_size=1, max_size=4))
+def test_status_render_fuzz_hostile_values(changes: list[tuple[str, Any]]) -> None:
+    """Item 14: a valid document with hostile values put anywhere (the shape the renderer
+    trusts most), through the JSON text the command reads."""
+    doc = _mutated(changes)
+    try:
+        text = json.dumps(doc)
+    except ValueError:
+        return
+    _check_render(parse_document(text.encode()))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_JSON)
+def test_status_render_fuzz_any_json(doc: Any) -> None:
+    """Any JSON value at all as the document."""
+    try:
+        parsed = parse_document(json.dumps(doc).encode())
+    except BadDocument:
+        return
+    _check_render(parsed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.builds(lambda n: b"[" * n + b"]" * n, st.integers(0, 50_000)))
+def test_status_parse_fuzz_bytes(body: bytes) -> None:
+    """Any bytes as the body: a value or BadDocument, nothing else."""
+    try:
+        doc = parse_document(body)
+    except BadDocument as e:
+        assert str(e).isprintable()
+        return
+    _check_render(doc)
