@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _dns import Dnsmasq
 from _gateway import GatewayProc, TagServer, engine_env, free_tcp_port, wait_for
 from etcdgw import listeners
 from etcdgw.config import Config, ConfigError, parse_listen
@@ -565,3 +566,98 @@ def test_status_parse_fuzz_bytes(body: bytes) -> None:
         assert str(e).isprintable()
         return
     _check_render(doc)
+
+
+# --- signals: SIGUSR1, SIGUSR2 and SIGALRM are ignored with one line, in every phase ---------
+
+
+IGNORED_SIGNALS = {
+    signal.SIGUSR1: "SIGUSR1 (reopen logs) is not needed: etcdgw logs to stderr; ignored",
+    signal.SIGUSR2: "SIGUSR2 (live upgrade) is not supported by this version; ignored",
+    signal.SIGALRM: "SIGALRM is not used by etcdgw; ignored",
+}
+
+
+def _ignored_lines(g: GatewayProc, sig: signal.Signals) -> list[dict[str, Any]]:
+    return [r for r in g.records() if r.get("signal") == sig.name and r["level"] == "warn"]
+
+
+def test_stray_signals_are_ignored_in_every_phase(
+    relay_impl: str, dnsmasq: Dnsmasq, tmp_path: Path
+) -> None:
+    """SIGUSR1, SIGUSR2 and SIGALRM ended the process (their default action) before and
+    after ready. Now each is ignored with one warning line: during start-up (a host-name
+    lookup held up by a frozen DNS server), once ready, in a storm (at most a line a second,
+    with a count), and during the drain; the gateway keeps relaying and exits 0."""
+    port = free_tcp_port()
+    with TagServer("one") as one:
+        dnsmasq.restart(hosts={"member.etcd.test": ["127.0.0.1"]})
+        assert dnsmasq.proc is not None
+        os.kill(dnsmasq.proc.pid, signal.SIGSTOP)
+        try:
+            g = GatewayProc(
+                [
+                    "start",
+                    f"--endpoints=member.etcd.test:{one.port}",
+                    f"--listen-addr=127.0.0.1:{port}",
+                    f"--discovery-dns={dnsmasq.addr}",
+                    "--drain-timeout=10s",
+                ],
+                relay_impl,
+            )
+            g.wait_log("starting etcdgw")
+            time.sleep(0.3)  # inside the start-up lookup of member.etcd.test now
+            for sig in IGNORED_SIGNALS:
+                g.proc.send_signal(sig)
+                time.sleep(0.05)
+            time.sleep(0.2)
+            assert g.proc.poll() is None, g.lines
+            assert "ready to proxy client requests" not in g.messages()
+        finally:
+            os.kill(dnsmasq.proc.pid, signal.SIGCONT)
+        try:
+            g.wait_ready()
+            for sig, msg in IGNORED_SIGNALS.items():
+                (rec,) = _ignored_lines(g, sig)
+                assert rec["msg"] == msg and "count" not in rec
+            assert relay_once(port)[0] == b"one\n"
+            # Once ready, each on its own: one more line each.
+            for sig in IGNORED_SIGNALS:
+                g.proc.send_signal(sig)
+                wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) == 2, timeout=5)
+                assert relay_once(port)[0] == b"one\n"
+            # A storm: 100 SIGUSR2 in about a second are a line or three, with their count.
+            time.sleep(1.1)
+            t0 = time.monotonic()
+            for _ in range(100):
+                g.proc.send_signal(signal.SIGUSR2)
+                time.sleep(0.01)
+            took = time.monotonic() - t0
+            assert relay_once(port)[0] == b"one\n"
+
+            def storm() -> list[dict[str, Any]]:
+                return _ignored_lines(g, signal.SIGUSR2)[2:]
+
+            wait_for(lambda: sum(r.get("count", 1) for r in storm()) == 100, timeout=5)
+            assert len(storm()) <= took + 2, (took, storm())
+            # During the drain: a client still connected, SIGTERM, then the stray signals.
+            held = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert held.recv(4) == b"one\n"
+            g.proc.send_signal(signal.SIGTERM)
+            g.wait_log("stopping; draining connections")
+            for sig in IGNORED_SIGNALS:
+                g.proc.send_signal(sig)
+                wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) >= 3, timeout=5)
+            assert g.proc.poll() is None
+            held.sendall(b"still relayed\n")
+            assert held.recv(64) == b"still relayed\n"
+            held.close()
+            assert g.proc.wait(10) == 0
+        finally:
+            code = g.stop()
+    assert code == 0, g.lines
+    assert not any("Traceback" in line for line in g.lines), g.lines
+    print(
+        f"RELIABILITY stray signals {relay_impl}: "
+        + ", ".join(f"{s.name} {len(_ignored_lines(g, s))} lines" for s in IGNORED_SIGNALS)
+    )
