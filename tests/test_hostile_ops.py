@@ -10,9 +10,12 @@ RELIABILITY.md ("Hostile operator").
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -33,8 +36,11 @@ from _dns import Dnsmasq
 from _gateway import GatewayProc, TagServer, engine_env, free_tcp_port, wait_for
 from etcdgw import listeners
 from etcdgw.config import Config, ConfigError, parse_listen
+from etcdgw.log import Logger
+from etcdgw.metrics import MetricsServer
 from etcdgw.status import BadDocument, parse_document, render
 from test_hostile import assert_one_line, relay_once, run_start
+from test_metrics import FakeGateway, _remote
 
 # hypothesis reads mypy_extensions.TypedDict while it reports a falsifying example; under
 # the suite's warnings-as-errors that deprecation would turn the report into an INTERNALERROR.
@@ -661,3 +667,185 @@ def test_stray_signals_are_ignored_in_every_phase(
         f"RELIABILITY stray signals {relay_impl}: "
         + ", ".join(f"{s.name} {len(_ignored_lines(g, s))} lines" for s in IGNORED_SIGNALS)
     )
+
+
+# --- item 11: the metrics port under a connect flood ------------------------------------------
+
+
+@pytest.fixture
+def metrics_server(no_fd_leak: None) -> Iterator[MetricsServer]:
+    """A MetricsServer on a free loopback port over a gateway stand-in (one usable endpoint)."""
+    gw = FakeGateway([_remote(1)], {})
+    gw.collect_now = lambda: None  # type: ignore[attr-defined]
+    ms = MetricsServer(gw, f"127.0.0.1:{free_tcp_port()}", Logger(level="error"))  # type: ignore[arg-type]
+    ms.bind()
+    yield ms
+    ms.close()
+
+
+@contextlib.contextmanager
+def _fds(n: int) -> Iterator[None]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = soft if hard != resource.RLIM_INFINITY and hard < n else max(soft, n)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _burst(port: int, n: int, fired: threading.Event, out: list[float]) -> None:
+    """n clients connect at once and each asks /health as soon as it is connected; out gets
+    each one's seconds from connect() to the whole 200 answer (inf: none within 5 s)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    t0: dict[socket.socket, float] = {}
+    got: dict[socket.socket, bytes] = {}
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        t0[s] = time.monotonic()
+        s.connect_ex(("127.0.0.1", port))
+        sel.register(s, selectors.EVENT_WRITE)
+    fired.set()
+    deadline = time.monotonic() + 5
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, ev in sel.select(0.1):
+            s = key.fileobj  # type: ignore[assignment]
+            if ev & selectors.EVENT_WRITE:
+                s.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                sel.modify(s, selectors.EVENT_READ)
+                got[s] = b""
+                continue
+            try:
+                chunk = s.recv(4096)
+            except OSError:
+                chunk = b""
+            got[s] += chunk
+            if not chunk:
+                sel.unregister(s)
+                ok = got[s].startswith(b"HTTP/1.1 200 ")
+                out.append(time.monotonic() - t0[s] if ok else float("inf"))
+    for s in t0:
+        if s.fileno() >= 0 and s in sel.get_map():
+            out.append(float("inf"))
+        s.close()
+    sel.close()
+
+
+def test_metrics_burst_while_the_loop_is_busy_is_queued_not_dropped(
+    metrics_server: MetricsServer,
+) -> None:
+    """Item 11: the metrics listener had a backlog of 100, so a burst of connects while the
+    loop was busy overflowed it: the kernel dropped the SYNs and each of those clients came
+    back after a 1 s retransmit (p99 1.0-1.3 s under a connect flood). Now the backlog is the
+    kernel's maximum: 1,000 clients arriving while the loop is blocked for 0.3 s are all
+    answered, none after a retransmit."""
+    n = 1000
+    out: list[float] = []
+    fired = threading.Event()
+
+    async def main() -> None:
+        await metrics_server.start()
+        burst = threading.Thread(
+            target=_burst, args=(int(metrics_server.addr.split(":")[1]), n, fired, out)
+        )
+        burst.start()
+        fired.wait(10)
+        time.sleep(0.3)  # the loop is busy: nobody accepts while the burst arrives
+        await asyncio.get_running_loop().run_in_executor(None, burst.join, 15)
+
+    with _fds(n + 200):
+        asyncio.run(main())
+    out.sort()
+    print(
+        f"RELIABILITY metrics burst of {n} while the loop is blocked 0.3 s: answered "
+        f"{sum(t < 5 for t in out)}, p50 {out[n // 2]:.3f}s, max {out[-1]:.3f}s"
+    )
+    assert len(out) == n and out[-1] < 1.0, f"slowest {out[-10:]}"
+
+
+def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsServer) -> None:
+    """Item 11: the loop also relays (pure engine). 40 /metrics requests that arrive together
+    were answered in one wake-up, each body costing what it costs (5 ms here): the loop
+    stood still for their sum. Now bodies are served a budget a wake-up: the longest turn of
+    the loop stays near one body."""
+
+    class Slow:
+        def collect(self) -> list[Any]:
+            time.sleep(0.005)  # a large scrape
+            return []
+
+    metrics_server.registry.register(Slow())  # type: ignore[arg-type]
+    port = int(metrics_server.addr.split(":")[1])
+    answers: list[bytes] = []
+
+    def scrapers() -> None:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+        for s in socks:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        for s in socks:
+            with s:
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                answers.append(data)
+
+    async def main() -> float:
+        await metrics_server.start()
+        loop = asyncio.get_running_loop()
+        t = threading.Thread(target=scrapers)
+        t.start()
+        worst, last = 0.0, loop.time()
+        while t.is_alive():
+            await asyncio.sleep(0)  # one turn of the loop
+            now = loop.time()
+            worst, last = max(worst, now - last), now
+        t.join()
+        return worst
+
+    worst = asyncio.run(main())
+    assert len(answers) == 40 and all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+    print(
+        f"RELIABILITY metrics 40 scrapes of 5 ms at once: longest loop turn {worst * 1000:.1f} ms"
+    )
+    assert worst < 0.05, f"the loop stood still for {worst:.3f}s"
+
+
+def test_metrics_connect_flood_in_a_namespace(relay_impl: str) -> None:
+    """Item 11 end to end: 9,500 connects a second for 4 s on --metrics-addr, from a
+    separate process, in a network namespace of our own; /health and a relayed connection
+    probed every 20 ms meanwhile. Before: the 100-deep backlog overflowed (thousands of
+    dropped SYNs), /health p99 1.0-4.1 s. Now: no SYN dropped, every probe answered without
+    a retransmit. The figures go to RELIABILITY.md; the assertions are on what the kernel
+    counts and on the 1 s retransmit, not on milliseconds of a shared machine."""
+    if os.geteuid() != 0:
+        pytest.fail("the flood runs in a network namespace of its own: needs root", pytrace=False)
+    cmd = [
+        "unshare",
+        "-n",
+        sys.executable,
+        str(Path(__file__).parent / "_flood.py"),
+        "measure",
+        f"--engine={relay_impl}",
+        "--seconds=4",
+        "--rate=9500",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=engine_env(relay_impl), check=False
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    h, rel = d["flooded"]["health"], d["flooded"]["relayed"]
+    print(
+        f"RELIABILITY metrics connect flood {relay_impl}: {d['flood']['connected']} connects in "
+        f"{d['flood']['seconds']}s; /health p50 {h.get('p50_ms')} p99 {h.get('p99_ms')} max "
+        f"{h.get('max_ms')} ms ({h['failed']} failed); relayed p50 {rel.get('p50_ms')} p99 "
+        f"{rel.get('p99_ms')} max {rel.get('max_ms')} ms; {d['tcpext']}; gateway cpu "
+        f"{d['gateway_cpu']:.0%}"
+    )
+    assert d["gateway_alive"] and d["exit"] == 0 and not d["errors"], d
+    assert d["tcpext"]["ListenOverflows"] == 0 and d["tcpext"]["ListenDrops"] == 0, d
+    for probe in (h, rel):
+        assert probe["failed"] == 0 and probe["over_1s"] == 0, d
