@@ -169,6 +169,15 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _waited(pid: int) -> float:
+    """Seconds the process's threads have spent runnable but not running (a busy machine)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def measure(engine: str, seconds: float, rate: float, src: str | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     import _gateway
@@ -204,6 +213,7 @@ def measure(engine: str, seconds: float, rate: float, src: str | None = None) ->
         _wait_port(port)
         quiet = asyncio.run(_probe_for(1.0, mport, port))
         before, cpu0, t0 = _tcpext(), _cpu(g.pid), time.monotonic()
+        waited0 = _waited(g.pid)
         flooder = subprocess.Popen(
             [sys.executable, __file__, "flood", str(mport), str(rate), str(seconds)],
             stdout=subprocess.PIPE,
@@ -213,6 +223,7 @@ def measure(engine: str, seconds: float, rate: float, src: str | None = None) ->
         loud = asyncio.run(_probe_for(seconds - 0.4, mport, port))
         out, _ = flooder.communicate(timeout=seconds + 30)
         cpu = (_cpu(g.pid) - cpu0) / (time.monotonic() - t0)
+        waited = _waited(g.pid) - waited0
         after = _tcpext()
         alive = g.proc.poll() is None
     finally:
@@ -229,9 +240,13 @@ def measure(engine: str, seconds: float, rate: float, src: str | None = None) ->
         "flooded": {k: _summary(v) for k, v in loud.items()},
         "tcpext": {k: after.get(k, 0) - before.get(k, 0) for k in keys},
         "gateway_cpu": round(cpu, 2),
+        # Time its threads were runnable but had no CPU: how busy the machine was.
+        "gateway_run_queue_wait_s": round(waited, 2),
+        "machine_load": os.getloadavg()[0],
         "gateway_alive": alive,
         "exit": code,
-        "errors": [line for line in g.lines if '"level":"error"' in line][:5],
+        "log_lines": len(g.lines),
+        "first_log_lines": g.lines[:3],
     }
 
 

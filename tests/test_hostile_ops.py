@@ -845,7 +845,8 @@ def test_metrics_connect_flood_in_a_namespace(relay_impl: str) -> None:
         f"{rel.get('p99_ms')} max {rel.get('max_ms')} ms; {d['tcpext']}; gateway cpu "
         f"{d['gateway_cpu']:.0%}"
     )
-    assert d["gateway_alive"] and d["exit"] == 0 and not d["errors"], d
+    # At --log-level=warn a gateway under a flood logs nothing (before: asyncio tracebacks).
+    assert d["gateway_alive"] and d["exit"] == 0 and d["log_lines"] == 0, d
     assert d["tcpext"]["ListenOverflows"] == 0 and d["tcpext"]["ListenDrops"] == 0, d
     for probe in (h, rel):
         assert probe["failed"] == 0 and probe["over_1s"] == 0, d
