@@ -263,7 +263,8 @@ class ListenerSet:
 
 
 class _Replaced(Exception):
-    """The socket file bind() created is no longer at its path (another process swapped it)."""
+    """The socket file bind() created is no longer at its path (another process swapped it),
+    or its mode cannot be set safely; the message says which."""
 
 
 def _claim(path: str, mode: int) -> tuple[int, int]:
@@ -301,8 +302,10 @@ def _claim(path: str, mode: int) -> tuple[int, int]:
             raise _Replaced(f"socket file replaced by {_kind(st)} before its mode was set")
         try:
             os.chmod(f"/proc/self/fd/{fd}", mode)
-        except OSError:
+        except OSError as e:
             _unlink_if(path, ident)
+            if isinstance(e, FileNotFoundError):  # no /proc: never fall back to the path
+                raise _Replaced("cannot set its mode: /proc/self/fd is not available") from None
             raise
         return ident
     finally:
