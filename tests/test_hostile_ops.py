@@ -195,6 +195,28 @@ def test_unix_socket_race_never_touches_a_file_outside(tmp_path: Path) -> None:
     assert sum(outcomes.values()) > 50
 
 
+def test_unix_socket_mode_without_proc_is_refused_not_set_by_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The mode is set through /proc/self/fd; where /proc is missing (a bare chroot) the start
+    fails in one line, and the socket file is removed, rather than falling back to the path."""
+    path = tmp_path / "etcd.sock"
+    real_chmod = os.chmod
+
+    def chmod(target: Any, mode: int, **kw: Any) -> None:
+        if str(target).startswith("/proc/self/fd/"):
+            raise FileNotFoundError(2, "No such file or directory")
+        real_chmod(target, mode, **kw)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    with pytest.raises(ConfigError) as e:
+        _unix_listeners(path).bind()
+    assert e.value.message == (
+        f"listen unix {path}: cannot set its mode: /proc/self/fd is not available"
+    )
+    assert not path.exists()
+
+
 def test_unix_socket_mode_is_exact_whatever_the_umask(tmp_path: Path) -> None:
     """The mode asked for, not the umask's: a chmod after bind() is still needed (and done on
     the socket file only)."""
@@ -444,6 +466,59 @@ def test_status_of_a_malformed_document_is_one_line(
         f"etcdgw status: cannot read http://127.0.0.1:{port}/status: "
         f"not a valid status document ({reason})\n"
     )
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    """A /status that announces 1,000 bytes and sends one every 0.3 s."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_status_of_a_trickling_server_times_out() -> None:
+    """--timeout bounds the whole read, not each byte: a server trickling its document kept
+    `etcdgw status` waiting 5 minutes."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    httpd.daemon_threads = True
+    t = threading.Thread(target=httpd.serve_forever, args=(0.05,))
+    t.start()
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "etcdgw",
+                "status",
+                f"--metrics-addr=127.0.0.1:{httpd.server_address[1]}",
+                "--timeout=1s",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=engine_env("python"),
+            check=False,
+        )
+        took = time.monotonic() - t0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join(5)
+    assert (r.returncode, r.stdout) == (1, "") and "Traceback" not in r.stderr
+    assert r.stderr.endswith(": timed out after 1s\n"), r.stderr
+    assert took < 5, took
 
 
 def test_status_of_a_valid_document_is_the_table(status_server: Callable[[bytes], int]) -> None:

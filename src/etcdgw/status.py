@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -57,8 +58,7 @@ def run_status(metrics_addr: str, timeout: float) -> int:
     except ValueError as e:
         return _fail(f"invalid --metrics-addr {metrics_addr}: {e}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            data = resp.read(MAX_DOCUMENT + 1)
+        data = _fetch(url, timeout)
     except urllib.error.HTTPError as e:
         return _fail(f"cannot read {url}: {e.code} {e.reason} (is an etcdgw listening there?)")
     except urllib.error.URLError as e:
@@ -82,6 +82,29 @@ def run_status(metrics_addr: str, timeout: float) -> int:
         return _fail(f"cannot read {url}: not a valid status document ({e})")
     sys.stdout.write(table.getvalue())
     return 0
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    """At most MAX_DOCUMENT + 1 bytes of url's body, within timeout in all: a server that
+    trickles a byte now and then must not keep `etcdgw status` waiting for ever.
+
+    Raises:
+        TimeoutError: timeout passed.
+        OSError, http.client.HTTPException, urllib.error.URLError: as urlopen.
+    """
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_DOCUMENT:
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            chunk = resp.read1(min(65536, MAX_DOCUMENT + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
 
 
 def _fail(message: str) -> int:
