@@ -11,8 +11,10 @@ connects at --rate a second, each closed once connected) while this process prob
 20 ms each: a `GET /health` on the metrics port and a relayed connection through the
 gateway (its backend's tag line). It prints one JSON object: latencies (p50, p99, max) and
 failures of both probes, with and without the flood, what the flooder achieved, the
-namespace's TcpExt counters (ListenOverflows, ListenDrops, SyncookiesSent) and the
-gateway's CPU. `flood` and `backend` are the helper processes.
+namespace's TcpExt counters (ListenOverflows, ListenDrops, SyncookiesSent), the gateway's
+CPU, how long its threads waited for a CPU (a busy machine shows there) and what it logged.
+`--src OTHER/src` runs another checkout's etcdgw (the "before" of a comparison). `flood` and
+`backend` are the helper processes.
 """
 
 from __future__ import annotations
