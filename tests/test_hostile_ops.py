@@ -41,6 +41,7 @@ from etcdgw.metrics import MetricsServer
 from etcdgw.status import BadDocument, parse_document, render
 from test_hostile import assert_one_line, relay_once, run_start
 from test_metrics import FakeGateway, _remote
+from test_status import run_status
 
 # hypothesis reads mypy_extensions.TypedDict while it reports a falsifying example; under
 # the suite's warnings-as-errors that deprecation would turn the report into an INTERNALERROR.
@@ -451,15 +452,7 @@ def test_status_of_a_malformed_document_is_one_line(
     naming the first bad value, exit 1, nothing on stdout."""
     body, reason = MALFORMED[shape]
     port = status_server(body)
-    r = subprocess.run(
-        [sys.executable, "-m", "etcdgw", "status", f"--metrics-addr=127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=engine_env("python"),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    r = run_status(f"--metrics-addr=127.0.0.1:{port}")
     assert "Traceback" not in r.stderr, r.stderr
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == (
@@ -496,21 +489,7 @@ def test_status_of_a_trickling_server_times_out() -> None:
     t.start()
     try:
         t0 = time.monotonic()
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "etcdgw",
-                "status",
-                f"--metrics-addr=127.0.0.1:{httpd.server_address[1]}",
-                "--timeout=1s",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            env=engine_env("python"),
-            check=False,
-        )
+        r = run_status(f"--metrics-addr=127.0.0.1:{httpd.server_address[1]}", "--timeout=1s")
         took = time.monotonic() - t0
     finally:
         httpd.shutdown()
@@ -523,14 +502,7 @@ def test_status_of_a_trickling_server_times_out() -> None:
 
 def test_status_of_a_valid_document_is_the_table(status_server: Callable[[bytes], int]) -> None:
     port = status_server(json.dumps(VALID).encode())
-    r = subprocess.run(
-        [sys.executable, "-m", "etcdgw", "status", f"--metrics-addr=127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=engine_env("python"),
-        check=False,
-    )
+    r = run_status(f"--metrics-addr=127.0.0.1:{port}")
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("etcdgw 0.1.0 (relay engine: cython), up 1m1s, ready;")
