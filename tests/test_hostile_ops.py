@@ -694,17 +694,20 @@ def test_stray_signals_are_ignored_in_every_phase(
             wait_for(lambda: sum(r.get("count", 1) for r in storm()) == 100, timeout=5)
             assert len(storm()) <= took + 2, (took, storm())
             # During the drain: a client still connected, SIGTERM, then the stray signals.
-            held = socket.create_connection(("127.0.0.1", port), timeout=10)
-            assert held.recv(4) == b"one\n"
-            g.proc.send_signal(signal.SIGTERM)
-            g.wait_log("stopping; draining connections")
-            for sig in IGNORED_SIGNALS:
-                g.proc.send_signal(sig)
-                wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) >= 3, timeout=5)
-            assert g.proc.poll() is None
-            held.sendall(b"still relayed\n")
-            assert held.recv(64) == b"still relayed\n"
-            held.close()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+                assert held.recv(4) == b"one\n"
+                # Not at once: with native accept a SIGTERM within ~50 ms of this connect,
+                # just after another connection ended, ends the drain at once and drops this
+                # client (server.py/accept.py, reported separately); not what is tested here.
+                time.sleep(0.2)
+                g.proc.send_signal(signal.SIGTERM)
+                g.wait_log("stopping; draining connections")
+                for sig in IGNORED_SIGNALS:
+                    g.proc.send_signal(sig)
+                    wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) >= 3, timeout=5)
+                assert g.proc.poll() is None
+                held.sendall(b"still relayed\n")
+                assert held.recv(64) == b"still relayed\n"
             assert g.proc.wait(10) == 0
         finally:
             code = g.stop()
@@ -815,13 +818,13 @@ def test_metrics_burst_while_the_loop_is_busy_is_queued_not_dropped(
 
 def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsServer) -> None:
     """Item 11: the loop also relays (pure engine). 40 /metrics requests that arrive together
-    were answered in one wake-up, each body costing what it costs (5 ms here): the loop
+    were answered in one wake-up, each body costing what it costs (10 ms here): the loop
     stood still for their sum. Now bodies are served a budget a wake-up: the longest turn of
     the loop stays near one body."""
 
     class Slow:
         def collect(self) -> list[Any]:
-            time.sleep(0.005)  # a large scrape
+            time.sleep(0.01)  # a large scrape
             return []
 
     metrics_server.registry.register(Slow())  # type: ignore[arg-type]
@@ -855,9 +858,9 @@ def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsS
     worst = asyncio.run(main())
     assert len(answers) == 40 and all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
     print(
-        f"RELIABILITY metrics 40 scrapes of 5 ms at once: longest loop turn {worst * 1000:.1f} ms"
+        f"RELIABILITY metrics 40 scrapes of 10 ms at once: longest loop turn {worst * 1000:.1f} ms"
     )
-    assert worst < 0.05, f"the loop stood still for {worst:.3f}s"
+    assert worst < 0.1, f"the loop stood still for {worst:.3f}s"
 
 
 def test_metrics_connect_flood_in_a_namespace(relay_impl: str) -> None:
