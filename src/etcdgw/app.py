@@ -77,7 +77,8 @@ def start(
 
     Args:
         reparse: re-reads the command line and --config-file (SIGHUP); raises ConfigError.
-        signals: the start-up signal handlers cli.main installed (SIGHUP seen is deferred).
+        signals: the signal handlers cli.main installed (a SIGHUP seen is deferred; stray
+            SIGUSR1/SIGUSR2/SIGALRM are logged here and, from serve() on, on the loop).
 
     Raises:
         systemd.Interrupted: SIGINT/SIGTERM before the gateway's loop took signals over
@@ -86,6 +87,8 @@ def start(
     log = Logger(level=cfg.log_level, fmt=cfg.log_format)
     log.info("Running: ", args=list(argv))
     log.info("starting etcdgw", version=__version__, **{"relay-engine": IMPLEMENTATION})
+    if signals is not None:
+        signals.report(log)  # SIGUSR1/SIGUSR2/SIGALRM while the command line was read
     run: Running | None = None
     try:
         run = prepare(cfg, raw_endpoints, log)
@@ -105,6 +108,8 @@ def start(
             run.gw.close_listeners()
             if run.metrics is not None:
                 run.metrics.close()
+        if signals is not None:
+            signals.report(log)  # those of start-up or shutdown, off the loop
     log.info("stopped")
     return 0
 
@@ -229,6 +234,9 @@ async def serve(
     gw = run.gw
     log = gw.log
     _bridge_signals(run)
+    if signals is not None:
+        # Ignored signals (SIGUSR1, SIGUSR2, SIGALRM) are logged on the loop from now on.
+        signals.report(log, asyncio.get_running_loop())
     if run.metrics is not None:
         # Left open while draining, so /ready answers 503 then; closed when serving ends.
         await run.metrics.start()

@@ -661,13 +661,7 @@ def read_config_file(path: str) -> dict[str, FileValue]:
     def bad(reason: str) -> ConfigError:
         return ConfigError(f"invalid config file {path}: {reason}", stream="stderr")
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read config file {path}: {e.strerror or e}", stream="stderr"
-        ) from None
+    data = _read_regular_file(path)
     if len(data) > MAX_CONFIG_BYTES:
         raise bad(f"larger than {MAX_CONFIG_BYTES} bytes")
     try:
@@ -684,6 +678,52 @@ def read_config_file(path: str) -> dict[str, FileValue]:
         raise bad(f"YAML error{at}" + (f": {problem}" if problem else "")) from None
     return _from_events(events, bad)
 
+
+def _read_regular_file(path: str) -> bytes:
+    """At most MAX_CONFIG_BYTES + 1 bytes of path, which must be a regular file.
+
+    A FIFO blocked open() for good (at start-up with no message; each SIGHUP left a thread
+    behind), /dev/zero was read up to the size cap, and opening some devices acts by itself
+    (a watchdog arms, a tape rewinds). So what stat() calls other than a regular file is
+    never opened, and the file is opened without waiting (O_NONBLOCK: a FIFO swapped in
+    meanwhile), without becoming our controlling terminal (O_NOCTTY), and checked again
+    with fstat(): the path may name something else by then.
+
+    Raises:
+        ConfigError: `--config-file <path>: not a regular file (<kind>)` or `cannot read
+            config file <path>: <reason>` (stderr).
+    """
+    import os
+    import stat
+
+    def not_regular(mode: int) -> ConfigError:
+        kind = _KINDS.get(stat.filemode(mode)[0], "not a file")
+        return ConfigError(f"--config-file {path}: not a regular file ({kind})", stream="stderr")
+
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise not_regular(mode)
+            return f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read config file {path}: {e.strerror or e}", stream="stderr"
+        ) from None
+
+
+# stat.filemode()'s first letter -> what the file is, for the message.
+_KINDS = {
+    "p": "a FIFO",
+    "c": "a character device",
+    "b": "a block device",
+    "d": "a directory",
+    "s": "a socket",
+}
 
 _NULLS = ("", "~", "null", "Null", "NULL")
 

@@ -194,12 +194,7 @@ class ListenerSet:
             s.close()
         self.socks = []
         for path, ident in self._files.items():
-            try:
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) == ident:
-                    os.unlink(path)
-            except OSError:
-                pass
+            _unlink_if(path, ident)
         self._files = {}
 
     def names(self) -> list[str]:
@@ -253,24 +248,90 @@ class ListenerSet:
                 probe.close()
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        bound = False
         try:
             sock.bind(path)
-            bound = True
-            st = os.lstat(path)
-            os.chmod(path, self.cfg.listen_unix_mode)
+            self._files[path] = _claim(path, self.cfg.listen_unix_mode)
+            # Only now: until listen() a connect() is refused, so nobody got in while the
+            # file still had the umask's mode.
             sock.listen(socket.SOMAXCONN)
-        except OSError as e:
-            sock.close()
-            if bound:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            raise ConfigError(f"listen unix {path}: bind: {_reason(e)}", stream="stderr") from None
-        self._files[path] = (st.st_dev, st.st_ino)
+        except (OSError, _Replaced) as e:
+            sock.close()  # the file, once claimed, goes with the others in bind()'s close()
+            reason = str(e) if isinstance(e, _Replaced) else f"bind: {_reason(e)}"
+            raise ConfigError(f"listen unix {path}: {reason}", stream="stderr") from None
         sock.setblocking(False)
         return sock
+
+
+class _Replaced(Exception):
+    """The socket file bind() created is no longer at its path (another process swapped it),
+    or its mode cannot be set safely; the message says which."""
+
+
+def _claim(path: str, mode: int) -> tuple[int, int]:
+    """Give the socket file bind() just created at path its mode; return (st_dev, st_ino).
+
+    chmod(path) after bind() followed a symbolic link swapped in between, and so changed the
+    mode of any file (/etc/shadow) for a root-run gateway, given write access to the socket's
+    directory (issue 18). The alternatives, checked on Linux 6.18 / glibc 2.36:
+    - fchmod() of the socket before bind() does set the mode bind() gives the file, but the
+      umask still strips bits from it (0660 under umask 022 gives 0640);
+    - setting the umask around bind() creates the file with the exact mode, but the umask is
+      the whole process's: files other threads create meanwhile would get it too;
+    - os.chmod(path, follow_symlinks=False) raises NotImplementedError before glibc 2.32 and
+      does not check whose file it changes; and a default ACL on the directory can narrow
+      the mode bind() gives, so a chmod after bind() is needed in any case.
+    So the path is opened with O_PATH | O_NOFOLLOW (a symbolic link is opened as itself,
+    never followed), the descriptor must be what bind() creates: a socket file of our user
+    with one link (not a hard link to some other file, not another user's socket), and the
+    mode is set through /proc/self/fd, on the inode already opened, not on a path looked up
+    again (glibc's fchmodat(AT_SYMLINK_NOFOLLOW) does the same). The device and inode read
+    here are what close() later unlinks only while they are still at the path.
+
+    Raises:
+        _Replaced: the path no longer names a socket file bind() could have created.
+        OSError: the chmod failed.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _Replaced("socket file removed before its mode was set") from None
+    try:
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise _Replaced(f"socket file replaced by {_kind(st)} before its mode was set")
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        except OSError as e:
+            _unlink_if(path, ident)
+            if isinstance(e, FileNotFoundError):  # no /proc: never fall back to the path
+                raise _Replaced("cannot set its mode: /proc/self/fd is not available") from None
+            raise
+        return ident
+    finally:
+        os.close(fd)
+
+
+def _unlink_if(path: str, ident: tuple[int, int]) -> None:
+    """Remove path only while it is the file identified by (st_dev, st_ino)."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _kind(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if st.st_nlink > 1:
+        return "a hard link to another file"
+    if stat.S_ISSOCK(st.st_mode):
+        return "another user's socket file"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory"
+    return "another file"
 
 
 def sock_name(s: socket.socket) -> str:
