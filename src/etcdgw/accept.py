@@ -281,16 +281,19 @@ class NativeAccept(Acceptor):
             self.accepted(report.accepted)
         gw.counters.accept_errors += report.accept_errors
         by_tag = gw.balancer.by_tag
+        # What started first: a drain counts live connections when a short pair's end
+        # makes room (room() below), and a pair that started in this same report must be
+        # among them, or the drain ends under it.
+        for st in report.started:
+            remote = by_tag(st.tag)
+            assert remote is not None
+            gw.started_native(st.pair_id, remote)
         if report.short:
             for s in report.short:
                 remote = by_tag(s.tag)
                 assert remote is not None
                 gw.finished_short(remote, s.pairs, s.c2u, s.u2c, s.resets, s.silent)
             gw.room()
-        for st in report.started:
-            remote = by_tag(st.tag)
-            assert remote is not None
-            gw.started_native(st.pair_id, remote)
         for f in report.failed:
             client = socket.socket(fileno=f.client_fd)
             try:
