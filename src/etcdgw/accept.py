@@ -20,18 +20,21 @@ import asyncio
 import errno
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+from .balancer import Balancer, Remote
 from .config import format_duration
-from .dial import Dial, dial_error
+from .dial import Dialer, OwnAddresses, dial_error
 from .engine import Report, Target
-from .listeners import LATE_OPTIONS_AFTER
+from .listeners import LATE_OPTIONS_AFTER, TcpOptions
+from .log import Logger
+from .relay import Relay
+from .resolver import AddressBook
+from .settings import Settings
+from .table import ConnTable
 
-if TYPE_CHECKING:
-    from .balancer import Remote
-    from .server import Gateway
-
-__all__ = ["ACCEPT_BATCH", "Acceptor", "LoopAccept", "NativeAccept"]
+__all__ = ["ACCEPT_BATCH", "Acceptor", "Listeners", "LoopAccept", "NativeAccept"]
 
 ACCEPT_BATCH = 128  # clients accepted per listener per wake-up (the engine's is the same)
 # Accept errors that mean "out of a resource for now" (the Go gateway exits 0 on them).
@@ -44,11 +47,42 @@ ACCEPT_PAUSE_MAX = 1.0
 NATIVE_UPKEEP = 1.0
 
 
-class Acceptor:
-    """When to accept: start/stop, --max-connections, pauses on resource shortages."""
+class Listeners(Protocol):
+    """The listening sockets (listeners.ListenerSet): the list in force, read at each use
+    (closing them replaces it)."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    @property
+    def socks(self) -> Sequence[socket.socket]: ...
+
+
+class Acceptor:
+    """When to accept: start/stop, --max-connections, pauses on resource shortages.
+
+    Args:
+        loop: the running loop (pause timers; LoopAccept's readers).
+        listeners: where clients come from.
+        table: the connection table: how many clients there are (against the limit),
+            whether the gateway drains, and the accept counters.
+        settings: the configuration in force (--max-connections, --tcp-keepalive).
+        tcp: the socket-option rule (listeners are tuned before the first client).
+        log: the pause lines.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: Listeners,
+        table: ConnTable,
+        settings: Settings,
+        tcp: TcpOptions,
+        log: Logger,
+    ) -> None:
+        self.loop = loop
+        self.listeners = listeners
+        self.table = table
+        self.settings = settings
+        self.tcp = tcp
+        self.log = log
         self.accepting = False
         self._pause = ACCEPT_PAUSE
         self._pause_handle: asyncio.TimerHandle | None = None
@@ -62,22 +96,18 @@ class Acceptor:
     def _unlisten(self, lsock: socket.socket) -> None:
         raise NotImplementedError
 
-    def pending(self) -> int:
-        """Clients accepted that the gateway has not heard of yet."""
-        return 0
-
     # the rules
     def start(self) -> None:
-        if self.accepting or self.gw.draining:
+        if self.accepting or self.table.draining:
             return
-        for s in self.gw.listeners:
+        for s in self.listeners.socks:
             self._listen(s)
         self.accepting = True
 
     def stop(self) -> None:
         if not self.accepting:
             return
-        for s in self.gw.listeners:
+        for s in self.listeners.socks:
             try:
                 self._unlisten(s)
             except (ValueError, OSError):
@@ -85,8 +115,8 @@ class Acceptor:
         self.accepting = False
 
     def full(self) -> bool:
-        limit = self.gw.cfg.max_connections
-        return bool(limit) and self.gw.active_connections() >= limit
+        limit = self.settings.cfg.max_connections
+        return bool(limit) and self.table.active_connections() >= limit
 
     def resume_if_room(self) -> None:
         """A connection ended (or a pause passed): accept again unless still at the limit."""
@@ -94,14 +124,14 @@ class Acceptor:
             self.start()
 
     def accepted(self, n: int = 1) -> None:
-        self.gw.counters.accepted += n
+        self.table.counters.accepted += n
         self._pause = ACCEPT_PAUSE
 
     def pause(self, lsock: socket.socket, err: int) -> None:
         """Out of fds or buffers: stop accepting briefly instead of exiting or spinning."""
         shed = self._shed(lsock) if err in ACCEPT_SHED_ERRNOS else 0
         self.stop()
-        self.gw.log.warn(
+        self.log.warn(
             "accept failed; pausing accept",
             error=str(OSError(err, os.strerror(err))),
             pause=format_duration(self._pause),
@@ -109,7 +139,7 @@ class Acceptor:
         )
         delay = self._pause
         self._pause = min(self._pause * 2, ACCEPT_PAUSE_MAX)
-        self._pause_handle = self.gw.loop.call_later(delay, self._resume)
+        self._pause_handle = self.loop.call_later(delay, self._resume)
 
     def _resume(self) -> None:
         self._pause_handle = None
@@ -153,29 +183,47 @@ class Acceptor:
                 n += 1
         finally:
             self._reserve_spare_fd()
-        self.gw.counters.refused += n
+        self.table.counters.refused += n
         return n
 
 
 class LoopAccept(Acceptor):
-    """Accept in the asyncio loop: each listener is a reader; a Dial per client."""
+    """Accept in the asyncio loop: each listener is a reader; a Dial per client.
+
+    dialer: connects each accepted client (dial.Dialer); the rest as for Acceptor.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: Listeners,
+        table: ConnTable,
+        settings: Settings,
+        tcp: TcpOptions,
+        log: Logger,
+        *,
+        dialer: Dialer,
+    ) -> None:
+        super().__init__(loop, listeners, table, settings, tcp, log)
+        self.dialer = dialer
 
     def _listen(self, lsock: socket.socket) -> None:
         if lsock.family != socket.AF_UNIX:
             # Before the first client: the clients accepted from now on inherit the options
             # (tuned lazily at the first wake-up, that first client would not have, and every
             # client would be tuned by hand: six calls each).
-            self.gw.tcp.tune_listener(lsock, self.gw.cfg.tcp_keepalive)
-        self.gw.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+            self.tcp.tune_listener(lsock, self.settings.cfg.tcp_keepalive)
+        self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
 
     def _unlisten(self, lsock: socket.socket) -> None:
-        self.gw.loop.remove_reader(lsock.fileno())
+        self.loop.remove_reader(lsock.fileno())
 
     def _on_accept(self, lsock: socket.socket) -> None:
-        gw = self.gw
-        ka = gw.cfg.tcp_keepalive
+        tcp = self.tcp
+        ka = self.settings.cfg.tcp_keepalive
         # A TCP client needs tuning unless it inherited the listener's options.
-        tune = lsock.family != socket.AF_UNIX and not gw.tcp.tune_listener(lsock, ka)
+        tune = lsock.family != socket.AF_UNIX and not tcp.tune_listener(lsock, ka)
+        dial = self.dialer.dial
         for _ in range(ACCEPT_BATCH):
             if self.full():
                 self.stop()  # further clients wait in the kernel's backlog
@@ -185,7 +233,7 @@ class LoopAccept(Acceptor):
             except BlockingIOError:
                 return
             except OSError as e:
-                gw.counters.accept_errors += 1
+                self.table.counters.accept_errors += 1
                 if e.errno in ACCEPT_PAUSE_ERRNOS:
                     self.pause(lsock, e.errno)
                     return
@@ -194,28 +242,51 @@ class LoopAccept(Acceptor):
             self.accepted()
             client.setblocking(False)
             if tune:
-                tune = gw.tcp.tune_accepted(lsock, client, ka)
-            Dial(gw, client).start()
+                tune = tcp.tune_accepted(lsock, client, ka)
+            dial(client)
 
 
 class NativeAccept(Acceptor):
-    """Accept, pick and connect in the relay thread; keep it told where clients go."""
+    """Accept, pick and connect in the relay thread; keep it told where clients go.
 
-    def __init__(self, gw: Gateway) -> None:
-        super().__init__(gw)
+    Args (besides Acceptor's):
+        relay: the engine, in native-accept mode (listen, set_targets, reports).
+        dialer: takes over the clients whose dial the relay thread could not finish.
+        balancer, addresses, own: what the relay thread is told (targets, their first
+            address, never the gateway's own) and how a report's tags are read.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: Listeners,
+        table: ConnTable,
+        settings: Settings,
+        tcp: TcpOptions,
+        log: Logger,
+        *,
+        relay: Relay,
+        dialer: Dialer,
+        balancer: Balancer,
+        addresses: AddressBook,
+        own: OwnAddresses,
+    ) -> None:
+        super().__init__(loop, listeners, table, settings, tcp, log)
+        self.relay = relay
+        self.dialer = dialer
+        self.balancer = balancer
+        self.addresses = addresses
+        self.own = own
         self._told: tuple[Any, ...] | None = None  # what the engine was last told
 
     def _listen(self, lsock: socket.socket) -> None:
         tcp = lsock.family != socket.AF_UNIX
         if tcp:
-            self.gw.tcp.tune_listener(lsock, self.gw.cfg.tcp_keepalive)
-        self.gw.relay.listen(lsock.fileno(), tcp)
+            self.tcp.tune_listener(lsock, self.settings.cfg.tcp_keepalive)
+        self.relay.listen(lsock.fileno(), tcp)
 
     def _unlisten(self, lsock: socket.socket) -> None:
-        self.gw.relay.unlisten(lsock.fileno())
-
-    def pending(self) -> int:
-        return self.gw.relay.native_pending()
+        self.relay.unlisten(lsock.fileno())
 
     # --- the one sync point -------------------------------------------------------------
 
@@ -225,36 +296,35 @@ class NativeAccept(Acceptor):
         Runs on every change signal (balancer.on_change, AddressBook.on_change); unchanged
         state is not sent again.
         """
-        gw = self.gw
         targets = []
-        for r in gw.balancer.remotes:
+        for r in self.balancer.remotes:
             ep = r.endpoint
-            addrs = gw.addresses.known(ep.host)
+            addrs = self.addresses.known(ep.host)
             fam: int = socket.AF_INET
             ip: str | None = None
             # Scoped IPv6 and the gateway's own addresses: dial.py dials (or refuses) those.
             if (
                 addrs
                 and "%" not in addrs[0][1][0]
-                and not gw.own.dials_self(addrs[0][1][0], ep.port)
+                and not self.own.dials_self(addrs[0][1][0], ep.port)
             ):
                 fam, ip = addrs[0][0], addrs[0][1][0]
             targets.append(Target(r.tag, int(fam), ip, ep.port, ep.priority, ep.weight, r.usable))
-        cfg = gw.cfg
-        now, late = gw.tcp.split(cfg.tcp_keepalive)
-        opts = gw.tcp.options(cfg.tcp_keepalive)
-        least = gw.balancer.selector.least
+        cfg = self.settings.cfg
+        now, late = self.tcp.split(cfg.tcp_keepalive)
+        opts = self.tcp.options(cfg.tcp_keepalive)
+        least = self.balancer.selector.least
         told = (tuple(targets), tuple(opts), cfg.dial_timeout, cfg.max_connections, least)
         if told == self._told:
             return
-        gw.relay.set_targets(
+        self.relay.set_targets(
             targets, now, cfg.dial_timeout, cfg.max_connections, late, LATE_OPTIONS_AFTER, least
         )
         self._told = told
         if self.accepting:
-            for s in gw.listeners:
+            for s in self.listeners.socks:
                 if s.family != socket.AF_UNIX:
-                    gw.tcp.tune_listener(s, cfg.tcp_keepalive)  # a reload changed it?
+                    self.tcp.tune_listener(s, cfg.tcp_keepalive)  # a reload changed it?
 
     def resync(self) -> None:
         """sync(), even if the balancer's state looks the same as last told."""
@@ -265,7 +335,7 @@ class NativeAccept(Acceptor):
         """Keep host-name answers fresh for the relay thread (it dials by address)."""
         while True:
             await asyncio.sleep(NATIVE_UPKEEP)
-            self.gw.addresses.refresh_stale([r.endpoint.host for r in self.gw.balancer.remotes])
+            self.addresses.refresh_stale([r.endpoint.host for r in self.balancer.remotes])
 
     # --- what the relay thread reports --------------------------------------------------
 
@@ -276,61 +346,68 @@ class NativeAccept(Acceptor):
         remote: per-connection Python work for the churn case is gone. Not used at
         --log-level=debug, which logs each connection.
         """
-        gw = self.gw
+        table = self.table
         if report.accepted:
             self.accepted(report.accepted)
-        gw.counters.accept_errors += report.accept_errors
-        by_tag = gw.balancer.by_tag
+        table.counters.accept_errors += report.accept_errors
+        by_tag = self.balancer.by_tag
+        resync = False
         # What started first: a drain counts live connections when a short pair's end
         # makes room (room() below), and a pair that started in this same report must be
         # among them, or the drain ends under it.
         for st in report.started:
             remote = by_tag(st.tag)
             assert remote is not None
-            gw.started_native(st.pair_id, remote)
+            table.started_native(st.pair_id, remote)
         if report.short:
             for s in report.short:
                 remote = by_tag(s.tag)
                 assert remote is not None
-                gw.finished_short(remote, s.pairs, s.c2u, s.u2c, s.resets, s.silent)
-            gw.room()
+                table.finished_short(remote, s.pairs, s.c2u, s.u2c, s.resets, s.silent)
+                if s.silent and self.balancer.selector.least:
+                    # The relay thread set the target aside on its own (_relay.pyx
+                    # _finish): tell it the balancer's verdict even if that did not change.
+                    resync = True
+            table.room()
+            if resync:
+                self.resync()
         for f in report.failed:
             client = socket.socket(fileno=f.client_fd)
             try:
                 client.setblocking(False)
                 self._take_over(client, by_tag(f.tag) if f.tag >= 0 else None, f.err)
             except Exception as e:  # a bug must cost this client, not the rest of the report
-                gw.log.error("failed to take over a client", error=repr(e))
-                for d in [d for d in gw.dials if d.client is client]:
+                self.log.error("failed to take over a client", error=repr(e))
+                for d in [d for d in table.dials if d.client is client]:
                     d.abort()
                 client.close()
-                gw.room()
+                table.room()
         for p in report.paused:
-            lsock = next((s for s in gw.listeners if s.fileno() == p.listen_fd), None)
+            lsock = next((s for s in self.listeners.socks if s.fileno() == p.listen_fd), None)
             if lsock is None or not self.accepting:
                 continue  # closed or stopped meanwhile
             self.pause(lsock, p.err)
 
     def _take_over(self, client: socket.socket, remote: Remote | None, err: int) -> None:
         """A client the engine could not connect (engine.Failed): dial.py fails it over."""
-        gw = self.gw
+        dialer = self.dialer
         if remote is None:
             if err:
-                gw.refuse(client)  # no socket for the dial: not an endpoint's fault
+                self.table.refuse(client)  # no socket for the dial: not an endpoint's fault
             else:
-                Dial(gw, client).start()  # nothing usable: the fallback round
+                dialer.dial(client)  # nothing usable: the fallback round
             return
         if remote.removed:
-            Dial(gw, client).start()
+            dialer.dial(client)
             return
         if err == 0:
-            Dial(gw, client).start_with(remote)  # no address yet: resolve, then dial
+            dialer.dial_to(client, remote)  # no address yet: resolve, then dial
             return
         ep = remote.endpoint
         if err == errno.ETIMEDOUT:
             # The whole dial (every address of the endpoint) shares one --dial-timeout.
-            Dial(gw, client).resume(remote, [], f"dial tcp {ep.addr}: i/o timeout")
+            dialer.resume(client, remote, [], f"dial tcp {ep.addr}: i/o timeout")
             return
-        addrs = list(gw.addresses.known(ep.host) or [])
+        addrs = list(self.addresses.known(ep.host) or [])
         ip = addrs[0][1][0] if addrs else ""
-        Dial(gw, client).resume(remote, addrs[1:], dial_error(ep, ip, err))
+        dialer.resume(client, remote, addrs[1:], dial_error(ep, ip, err))

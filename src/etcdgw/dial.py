@@ -15,7 +15,12 @@ Go's words, never an exception that escapes with the client's fd. An address tha
 gateway's own (a name that now resolves to a listen or metrics address) is never dialled.
 No asyncio Task per client: callbacks only (a Task only while a never-resolved host name is
 looked up). The relay thread's native accept does the first dial itself and hands a client
-whose dial failed to a `Dial` (`resume`), so failover has this one implementation.
+whose dial failed to a `Dial` (`Dialer.resume`), so failover has this one implementation.
+
+A `Dialer` holds what every dial uses (the loop, the balancer, the address book, the own
+addresses, the settings in force, the socket options, the monitor's verdict and the
+connection table) and starts each `Dial`; the last two are the Protocols `Verdict` and
+`Table` declared here, so this module depends on neither monitor.py nor table.py.
 
 `probe_connect` is the TCP re-probe of inactive endpoints (monitor.py).
 """
@@ -28,19 +33,20 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .balancer import Remote
+from .balancer import Balancer, Remote
 from .config import Endpoint, format_addr, loops_back
-from .listeners import set_options
+from .listeners import TcpOptions, set_options
 from .resolver import Addr, AddressBook
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .settings import Settings
 
 __all__ = [
     "Dial",
+    "Dialer",
     "OwnAddresses",
+    "Table",
+    "Verdict",
     "connect_error",
     "dial_error",
     "is_local_ip",
@@ -93,11 +99,97 @@ class OwnAddresses:
         return local
 
 
+class Table(Protocol):
+    """Where a dial's client goes (table.ConnTable): the dials in flight, and what starts,
+    refuses or gives up a client."""
+
+    @property
+    def dials(self) -> set[Dial]: ...
+
+    def start_relay(
+        self, client: socket.socket, upstream: socket.socket, remote: Remote
+    ) -> None: ...
+
+    def refuse(self, client: socket.socket) -> None: ...
+
+    def abandoned(self, client: socket.socket) -> None: ...
+
+
+class Verdict(Protocol):
+    """What a dial's outcome means for its remote (monitor.Monitor)."""
+
+    def dial_failed(self, remote: Remote, error: str) -> None: ...
+
+    def dial_succeeded(self, remote: Remote) -> None: ...
+
+
+class Dialer:
+    """What every Dial uses, held once; `dial`, `dial_to` and `resume` start one.
+
+    Args:
+        loop: the running loop (writer callbacks, the --dial-timeout timer).
+        balancer: which remote next (`pick(exclude=...)`), and the all-down `fallback()`.
+        addresses: host names of the endpoints (a known answer at once, else a lookup).
+        own: the gateway's own addresses, never dialled.
+        settings: the configuration in force (--dial-timeout, --tcp-keepalive), read per dial.
+        tcp: the socket-option rule for upstream sockets.
+        verdict: told of each failed and successful connect (monitor.Monitor).
+        table: where the client goes: relayed, refused or abandoned (table.ConnTable).
+    """
+
+    __slots__ = ("loop", "balancer", "addresses", "own", "settings", "tcp", "verdict", "table")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        balancer: Balancer,
+        addresses: AddressBook,
+        own: OwnAddresses,
+        settings: Settings,
+        tcp: TcpOptions,
+        verdict: Verdict,
+        table: Table,
+    ) -> None:
+        self.loop = loop
+        self.balancer = balancer
+        self.addresses = addresses
+        self.own = own
+        self.settings = settings
+        self.tcp = tcp
+        self.verdict = verdict
+        self.table = table
+
+    def dial(self, client: socket.socket) -> Dial:
+        """Connect an accepted client to the remote the balancer picks, failing over."""
+        d = Dial(self, client)
+        self.table.dials.add(d)
+        d.next_remote()
+        return d
+
+    def dial_to(self, client: socket.socket, remote: Remote) -> Dial:
+        """Dial this remote first (the engine picked it but had no address for it)."""
+        d = Dial(self, client)
+        self.table.dials.add(d)
+        d.dial_remote(remote)
+        return d
+
+    def resume(self, client: socket.socket, remote: Remote, addrs: list[Addr], error: str) -> Dial:
+        """Go on with a dial the engine started: its first address of remote failed with
+        error; addrs are the ones left to try (they share one --dial-timeout)."""
+        d = Dial(self, client)
+        self.table.dials.add(d)
+        d.resume(remote, addrs, error)
+        return d
+
+
 class Dial:
-    """Connect one accepted client to a remote, failing over; no Task, just callbacks."""
+    """Connect one accepted client to a remote, failing over; no Task, just callbacks.
+
+    Started by a `Dialer`, which holds what it uses (`dr`).
+    """
 
     __slots__ = (
-        "gw",
+        "dr",
         "client",
         "remote",
         "sock",
@@ -110,8 +202,8 @@ class Dial:
         "tried",
     )
 
-    def __init__(self, gw: Gateway, client: socket.socket) -> None:
-        self.gw = gw
+    def __init__(self, dialer: Dialer, client: socket.socket) -> None:
+        self.dr = dialer
         self.client = client
         self.remote: Remote | None = None
         self.sock: socket.socket | None = None
@@ -124,48 +216,39 @@ class Dial:
         # Remotes this client was sent to: each at most once (a bounded dial).
         self.tried: set[Remote] = set()
 
-    def start(self) -> None:
-        self.gw.dials.add(self)
-        self._next_remote()
-
-    def start_with(self, remote: Remote) -> None:
-        """Dial this remote first (the engine picked it but had no address for it)."""
-        self.gw.dials.add(self)
-        self._dial_remote(remote)
-
     def resume(self, remote: Remote, addrs: list[Addr], error: str) -> None:
         """Go on with a dial the engine started: its first address failed with error."""
-        gw = self.gw
-        gw.dials.add(self)
+        dr = self.dr
         self._set_remote(remote)
         self.tried.add(remote)
-        self.deadline = gw.loop.time() + gw.cfg.dial_timeout
+        self.deadline = dr.loop.time() + dr.settings.cfg.dial_timeout
         self.addrs = addrs
         self.error = error
         self._connect_next()
 
-    def _next_remote(self) -> None:
-        gw = self.gw
+    def next_remote(self) -> None:
+        """Dial the next remote: the balancer's pick among the untried, then the fallback."""
+        dr = self.dr
         if self.tried and self._client_gone():
             # Nobody to connect any more: stop here rather than dial for a closed socket.
             self._set_remote(None)
-            gw.dials.discard(self)
-            gw.abandoned(self.client)
+            dr.table.dials.discard(self)
+            dr.table.abandoned(self.client)
             return
         remote: Remote | None = None
         if self.fallback is None:
-            remote = gw.balancer.pick(exclude=self.tried)
+            remote = dr.balancer.pick(exclude=self.tried)
             if remote is None:
-                self.fallback = [r for r in gw.balancer.fallback() if r not in self.tried]
+                self.fallback = [r for r in dr.balancer.fallback() if r not in self.tried]
         if remote is None:
             assert self.fallback is not None
             if not self.fallback:
                 self._set_remote(None)
-                gw.dials.discard(self)
-                gw.refuse(self.client)
+                dr.table.dials.discard(self)
+                dr.table.refuse(self.client)
                 return
             remote = self.fallback.pop(0)
-        self._dial_remote(remote)
+        self.dial_remote(remote)
 
     def _client_gone(self) -> bool:
         """The client closed or reset while we dialled (a peek: nothing is consumed)."""
@@ -185,14 +268,15 @@ class Dial:
         if remote is not None:
             remote.dialing += 1
 
-    def _dial_remote(self, remote: Remote) -> None:
-        gw = self.gw
+    def dial_remote(self, remote: Remote) -> None:
+        """Dial remote (each of its addresses in turn, within one --dial-timeout)."""
+        dr = self.dr
         self._set_remote(remote)
         self.tried.add(remote)
-        self.deadline = gw.loop.time() + gw.cfg.dial_timeout
-        addrs = gw.addresses.known(remote.endpoint.host)
+        self.deadline = dr.loop.time() + dr.settings.cfg.dial_timeout
+        addrs = dr.addresses.known(remote.endpoint.host)
         if addrs is None:
-            self.task = gw.loop.create_task(self._resolve_then_connect(remote))
+            self.task = dr.loop.create_task(self._resolve_then_connect(remote))
             return
         self.addrs = list(addrs)
         self._connect_next()
@@ -200,8 +284,8 @@ class Dial:
     async def _resolve_then_connect(self, remote: Remote) -> None:
         host = remote.endpoint.host
         try:
-            timeout = max(0.001, self.deadline - self.gw.loop.time())
-            self.addrs = list(await asyncio.wait_for(self.gw.addresses.resolve(host), timeout))
+            timeout = max(0.001, self.deadline - self.dr.loop.time())
+            self.addrs = list(await asyncio.wait_for(self.dr.addresses.resolve(host), timeout))
         except TimeoutError:
             self.task = None
             self._failed(f"dial tcp {remote.addr}: lookup {host}: i/o timeout")
@@ -216,7 +300,7 @@ class Dial:
         self._connect_next()
 
     def _connect_next(self) -> None:
-        gw = self.gw
+        dr = self.dr
         remote = self.remote
         assert remote is not None
         if not self.addrs:
@@ -224,7 +308,7 @@ class Dial:
             return
         fam, sa = self.addrs.pop(0)
         port = remote.endpoint.port
-        if gw.own.dials_self(sa[0], port):
+        if dr.own.dials_self(sa[0], port):
             self.error = f"dial tcp {format_addr(sa[0], port)}: {SELF_DIAL}"
             self._connect_next()
             return
@@ -234,10 +318,11 @@ class Dial:
             # Out of fds: this client cannot be served now; do not blame the endpoint.
             self.error = f"dial tcp {remote.addr}: {e.strerror}"
             self._set_remote(None)
-            gw.dials.discard(self)
-            gw.refuse(self.client)
+            dr.table.dials.discard(self)
+            dr.table.refuse(self.client)
             return
-        set_options(sock, gw.tcp.split(gw.cfg.tcp_keepalive)[0])  # keep-alive: start_relay
+        # keep-alive: table.start_relay, once the connection lived
+        set_options(sock, dr.tcp.split(dr.settings.cfg.tcp_keepalive)[0])
         try:
             err = sock.connect_ex((sa[0], port))
         except (OSError, UnicodeError, ValueError) as e:
@@ -266,13 +351,13 @@ class Dial:
         else:
             self._connected()
             return
-        gw.loop.add_writer(sock.fileno(), self._on_writable)
-        self.timer = gw.loop.call_at(self.deadline, self._on_timeout)
+        dr.loop.add_writer(sock.fileno(), self._on_writable)
+        self.timer = dr.loop.call_at(self.deadline, self._on_timeout)
 
     def _on_writable(self) -> None:
         sock, remote = self.sock, self.remote
         assert sock is not None and remote is not None
-        self.gw.loop.remove_writer(sock.fileno())
+        self.dr.loop.remove_writer(sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -289,7 +374,7 @@ class Dial:
         sock, remote = self.sock, self.remote
         assert sock is not None and remote is not None
         self.timer = None
-        self.gw.loop.remove_writer(sock.fileno())
+        self.dr.loop.remove_writer(sock.fileno())
         sock.close()
         self.sock = None
         # The whole dial (every address of the endpoint) shares one --dial-timeout.
@@ -299,18 +384,18 @@ class Dial:
     def _failed(self, error: str) -> None:
         remote = self.remote
         assert remote is not None
-        self.gw.monitor.dial_failed(remote, error)
+        self.dr.verdict.dial_failed(remote, error)
         self.error = ""
-        self._next_remote()
+        self.next_remote()
 
     def _connected(self) -> None:
-        gw, sock, remote = self.gw, self.sock, self.remote
+        dr, sock, remote = self.dr, self.sock, self.remote
         assert sock is not None and remote is not None
-        gw.dials.discard(self)
+        dr.table.dials.discard(self)
         self.sock = None
         self._set_remote(None)
-        gw.monitor.dial_succeeded(remote)
-        gw.start_relay(self.client, sock, remote)
+        dr.verdict.dial_succeeded(remote)
+        dr.table.start_relay(self.client, sock, remote)
 
     def abort(self) -> None:
         """Shutdown: give up this client now."""
@@ -319,11 +404,11 @@ class Dial:
         if self.task is not None:
             self.task.cancel()
         if self.sock is not None:
-            self.gw.loop.remove_writer(self.sock.fileno())
+            self.dr.loop.remove_writer(self.sock.fileno())
             self.sock.close()
         self._set_remote(None)
         self.client.close()
-        self.gw.dials.discard(self)
+        self.dr.table.dials.discard(self)
 
 
 def is_local_ip(ip: str) -> bool:

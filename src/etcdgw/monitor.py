@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from .balancer import Remote
+from .balancer import Balancer, Remote
 from .config import ZERO_RETRY_DELAY, format_duration
-from .dial import probe_connect
-
-if TYPE_CHECKING:
-    from .server import Gateway
+from .dial import OwnAddresses, probe_connect
+from .log import Logger
+from .resolver import AddressBook
+from .settings import Settings
 
 __all__ = ["Monitor"]
 # --health-check=none: at most one "dial failed" line per endpoint per this many seconds.
@@ -49,38 +49,61 @@ ASIDE_MAX = 30.0
 
 
 class Monitor:
-    """Endpoint activation: dial outcomes, the re-probe loop, and their log lines."""
+    """Endpoint activation: dial outcomes, the re-probe loop, and their log lines.
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    Args:
+        balancer: where an endpoint is marked down, up, or set aside.
+        settings: the configuration in force (--health-check, --retry-delay,
+            --dial-timeout), read at each use.
+        log: its lines (`deactivated endpoint`, `activated`, ...).
+        addresses, own: for the TCP re-probe (host names; never the gateway's own address).
+        clock: monotonic seconds (when an endpoint went down; log rate limits). The
+            set-aside timers run on the running asyncio loop.
+    """
+
+    def __init__(
+        self,
+        balancer: Balancer,
+        settings: Settings,
+        log: Logger,
+        addresses: AddressBook,
+        own: OwnAddresses,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.balancer = balancer
+        self.settings = settings
+        self.log = log
+        self.addresses = addresses
+        self.own = own
+        self.clock = clock
         self._logged: dict[Remote, float] = {}
         self._aside: dict[Remote, asyncio.TimerHandle] = {}
 
     @property
     def probing(self) -> bool:
-        return self.gw.cfg.health_check != "none"
+        return self.settings.cfg.health_check != "none"
 
     @property
     def interval(self) -> float:
-        d = self.gw.cfg.retry_delay
+        d = self.settings.cfg.retry_delay
         return d if d > 0 else ZERO_RETRY_DELAY
 
     def dial_failed(self, remote: Remote, error: str) -> None:
-        gw = self.gw
-        now = time.monotonic()
+        now = self.clock()
         if not self.probing:
             remote.dial_failures += 1
             remote.last_error = error
             self.strike(remote, error)
             if self._may_log(remote):
-                gw.log.warn(
+                self.log.warn(
                     "failed to connect to endpoint; trying the next (--health-check=none)",
                     address=remote.addr,
                     error=error,
                 )
             return
-        if gw.balancer.mark_down(remote, error, now):
-            gw.log.warn(
+        if self.balancer.mark_down(remote, error, now):
+            self.log.warn(
                 "deactivated endpoint",
                 address=remote.addr,
                 interval=format_duration(self.interval),
@@ -97,22 +120,22 @@ class Monitor:
 
     def strike(self, remote: Remote, error: str) -> None:
         """A fresh connection to remote failed: least-connections sets it aside a while."""
-        gw = self.gw
-        if not gw.balancer.selector.least or remote.removed:
+        if not self.balancer.selector.least or remote.removed:
             return
         remote.strikes += 1
         if remote.aside:
             return  # a client picked before it was set aside: the pause runs already
         pause = min(ASIDE_MIN * 2 ** min(remote.strikes - 1, 16), ASIDE_MAX)
-        gw.balancer.set_aside(remote, True)
+        self.balancer.set_aside(remote, True)
         old = self._aside.pop(remote, None)
         if old is not None:
             old.cancel()
-        self._aside[remote] = gw.loop.call_later(pause, self._back, remote)
+        loop = asyncio.get_running_loop()  # strikes come from the loop's callbacks
+        self._aside[remote] = loop.call_later(pause, self._back, remote)
         # The first strike of a streak and each doubling after it (the pause it got), so a
         # long streak shows without a line per strike.
         if remote.strikes & (remote.strikes - 1) == 0 and self._may_log(remote, force=True):
-            gw.log.warn(
+            self.log.warn(
                 "endpoint set aside (least-connections)",
                 address=remote.addr,
                 pause=format_duration(pause),
@@ -123,7 +146,7 @@ class Monitor:
     def _may_log(self, remote: Remote, *, force: bool = False) -> bool:
         """At most one line per endpoint per NONE_LOG_EVERY unless forced (the record of
         when each was logged stays bounded)."""
-        now = time.monotonic()
+        now = self.clock()
         if not force and now - self._logged.get(remote, -NONE_LOG_EVERY) < NONE_LOG_EVERY:
             return False
         if len(self._logged) >= 256:
@@ -133,7 +156,7 @@ class Monitor:
 
     def _back(self, remote: Remote) -> None:
         self._aside.pop(remote, None)
-        self.gw.balancer.set_aside(remote, False)
+        self.balancer.set_aside(remote, False)
 
     def close(self) -> None:
         for h in self._aside.values():
@@ -145,14 +168,14 @@ class Monitor:
             self.activate(remote)
 
     def activate(self, remote: Remote, **fields: str) -> None:
-        if self.gw.balancer.mark_up(remote):
-            self.gw.log.info("activated", address=remote.addr, **fields)
+        if self.balancer.mark_up(remote):
+            self.log.info("activated", address=remote.addr, **fields)
 
     async def run(self) -> None:
         """Re-probe the inactive endpoints every --retry-delay (read at each round)."""
         while True:
             await asyncio.sleep(self.interval)
-            remotes = self.gw.balancer.inactive()
+            remotes = self.balancer.inactive()
             if not remotes:
                 continue
             if not self.probing:
@@ -164,11 +187,12 @@ class Monitor:
 
     async def _probe(self, remote: Remote) -> None:
         try:
-            gw = self.gw
-            await probe_connect(remote.endpoint, gw.addresses, gw.cfg.dial_timeout, gw.own)
+            await probe_connect(
+                remote.endpoint, self.addresses, self.settings.cfg.dial_timeout, self.own
+            )
         except OSError as e:
             remote.last_error = str(e)
-            self.gw.log.warn(
+            self.log.warn(
                 "failed to activate endpoint (stay inactive for another interval)",
                 address=remote.addr,
                 interval=format_duration(self.interval),

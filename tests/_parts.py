@@ -1,0 +1,265 @@
+"""The gateway's parts built in process, without a Gateway, for the unit tests of dial.py,
+accept.py and monitor.py (tests/test_*_unit.py).
+
+Everything here is real: a Balancer, an AddressBook (its resolver a scripted async function
+when the test needs host names), a Monitor, a ConnTable, the relay engine under test driven
+by a real asyncio loop, a Dialer, real loopback sockets. Only the wiring is the test's (the
+Gateway's job): which is the point, each part receives what it uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from etcdgw.accept import LoopAccept, NativeAccept
+from etcdgw.balancer import Balancer, Remote
+from etcdgw.config import Config, Endpoint
+from etcdgw.dial import Dialer, OwnAddresses, is_local_ip
+from etcdgw.engine import Report
+from etcdgw.listeners import LateOptions, TcpOptions
+from etcdgw.log import Logger
+from etcdgw.monitor import Monitor
+from etcdgw.relay import Engine, Relay, new_event_loop
+from etcdgw.resolver import AddressBook, AsyncResolver
+from etcdgw.settings import Settings
+from etcdgw.table import ConnTable
+
+T = TypeVar("T")
+
+__all__ = ["Listening", "Parts", "Script", "client_pair", "ep"]
+
+
+def ep(port: int, host: str = "127.0.0.1") -> Endpoint:
+    return Endpoint(host, port)
+
+
+class Script:
+    """An async resolver whose answers the test sets (pure logic input for the AddressBook);
+    `delays` makes a host's lookups take that long."""
+
+    def __init__(
+        self, answers: dict[str, list[str]] | None = None, delays: dict[str, float] | None = None
+    ) -> None:
+        self.answers = dict(answers or {})
+        self.delays = dict(delays or {})
+        self.calls: list[str] = []
+
+    async def __call__(self, host: str) -> list[str]:
+        self.calls.append(host)
+        if host in self.delays:
+            await asyncio.sleep(self.delays[host])
+        if host not in self.answers:
+            raise OSError(f"lookup {host}: no such host")
+        return list(self.answers[host])
+
+
+class Listening:
+    """A loopback TCP listener in the shape of listeners.ListenerSet (`socks`)."""
+
+    def __init__(self, backlog: int = 128) -> None:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(backlog)
+        s.setblocking(False)
+        self.socks: list[socket.socket] = [s]
+        self.port = int(s.getsockname()[1])
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+class Parts:
+    """The parts of one gateway, wired as Gateway.run() wires them, minus the Gateway.
+
+    Args:
+        endpoints: the balancer's endpoints.
+        engine_cls: the relay engine under test (either twin).
+        resolve: the address book's resolver (default: no name resolves; IPs need none).
+        native: the Cython engine's native accept (Relay on_native; NativeAccept).
+        cfg: Config fields (dial_timeout=..., health_check=..., max_connections=...).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        engine_cls: type[Engine],
+        *,
+        resolve: AsyncResolver | None = None,
+        native: bool = False,
+        **cfg: Any,
+    ) -> None:
+        self.loop = new_event_loop()
+        self.stream = io.StringIO()
+        self.log = Logger(level="debug", stream=self.stream)
+        self.settings = Settings(Config(endpoints=tuple(endpoints), **cfg))
+        least = self.settings.cfg.balance == "least-connections"
+        self.balancer = Balancer(endpoints, least=least)
+        self.addresses = AddressBook(
+            resolve if resolve is not None else Script(), on_change=self.balancer.changed
+        )
+        self.own = OwnAddresses(is_local_ip)
+        self.tcp = TcpOptions()
+        self.monitor = Monitor(self.balancer, self.settings, self.log, self.addresses, self.own)
+        self.rooms = 0
+        self.table = ConnTable(self.balancer, self.monitor, self.settings, self.log, self._room)
+        self.relay = Relay(
+            self.loop,
+            self.table.finished,
+            engine_cls=engine_cls,
+            on_native=self._on_report if native else None,
+        )
+        assert self.relay.native == native
+        self.late = LateOptions(self.tcp, self.loop)
+        self.table.attach(self.relay, self.late)
+        self.dialer = Dialer(
+            self.loop,
+            self.balancer,
+            self.addresses,
+            self.own,
+            self.settings,
+            self.tcp,
+            self.monitor,
+            self.table,
+        )
+        self.acceptor: LoopAccept | NativeAccept | None = None
+        self.listening: Listening | None = None
+
+    @property
+    def remotes(self) -> list[Remote]:
+        return self.balancer.remotes
+
+    def _room(self) -> None:
+        # As Gateway._room, minus the drain: accept again below the limit.
+        self.rooms += 1
+        if self.acceptor is not None:
+            self.acceptor.resume_if_room()
+
+    def _on_report(self, report: Report) -> None:
+        assert isinstance(self.acceptor, NativeAccept)
+        self.acceptor.on_report(report)
+
+    def accept(self, backlog: int = 128) -> LoopAccept | NativeAccept:
+        """Start the acceptor (LoopAccept, or NativeAccept with native=True) on a listener."""
+        self.listening = Listening(backlog)
+        parts = (self.loop, self.listening, self.table, self.settings, self.tcp, self.log)
+        if self.relay.native:
+            native = NativeAccept(
+                *parts,
+                relay=self.relay,
+                dialer=self.dialer,
+                balancer=self.balancer,
+                addresses=self.addresses,
+                own=self.own,
+            )
+            self.acceptor = native
+            self.balancer.on_change = native.sync
+            self.balancer.delegate = self.relay.pick
+            native.sync()
+        else:
+            self.acceptor = LoopAccept(*parts, dialer=self.dialer)
+        self.acceptor.start()
+        return self.acceptor
+
+    # --- driving the loop -------------------------------------------------------------
+
+    def run(self, aw: Awaitable[T], timeout: float = 10.0) -> T:
+        """Run the loop until aw is done (bounded by timeout)."""
+        return self.loop.run_until_complete(asyncio.wait_for(aw, timeout))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn() inside the running loop (as the gateway's callbacks run)."""
+
+        async def inside() -> T:
+            return fn()
+
+        return self.run(inside())
+
+    def until(self, pred: Callable[[], object], timeout: float = 10.0) -> float:
+        """Run the loop until pred() is truthy; return the seconds it took."""
+        t0 = time.monotonic()
+
+        async def poll() -> None:
+            while not pred():
+                await asyncio.sleep(0.005)
+
+        self.run(poll(), timeout)
+        return time.monotonic() - t0
+
+    def idle(self, seconds: float) -> None:
+        """Let the loop run for this long."""
+        self.run(asyncio.sleep(seconds), seconds + 5)
+
+    def read_line(self, s: socket.socket, timeout: float = 5.0) -> bytes:
+        """Bytes from s up to a newline or EOF, the loop running meanwhile (it relays)."""
+        s.setblocking(False)
+
+        async def go() -> bytes:
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = await self.loop.sock_recv(s, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf
+
+        return self.run(go(), timeout)
+
+    def closed(self, s: socket.socket, timeout: float = 5.0) -> bool:
+        """Whether the other side closed s (EOF or reset) within timeout, reading what comes."""
+        s.setblocking(False)
+
+        async def go() -> None:
+            while await self.loop.sock_recv(s, 4096):
+                pass
+
+        try:
+            self.run(go(), timeout)
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+        return True
+
+    # --- what happened ------------------------------------------------------------------
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
+
+    def messages(self, msg: str) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["msg"] == msg]
+
+    def close(self) -> None:
+        """As Gateway._teardown: every part closed once, the loop last."""
+        if self.acceptor is not None:
+            self.acceptor.close()
+        if self.listening is not None:
+            self.listening.close()
+        self.late.close()
+        self.monitor.close()
+        self.addresses.close()
+        self.balancer.on_change = None
+        self.balancer.delegate = None
+        self.table.close()
+        self.relay.close()
+        # Let cancelled lookups finish before the loop closes.
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+
+def client_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """(the test's end, the accepted non-blocking end a Dialer takes) over loopback.
+
+    listener: a blocking listening socket (with a timeout).
+    """
+    peer = socket.create_connection(listener.getsockname(), timeout=5)
+    accepted, _ = listener.accept()
+    accepted.setblocking(False)
+    return peer, accepted
