@@ -157,11 +157,6 @@ def test_retry_delay_reprobes_the_inactive_ones() -> None:
         assert errors[f"127.0.0.1:{me.port}"].endswith(f"dial tcp 127.0.0.1:{me.port}: {SELF_DIAL}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="monitor._probe logs str(OSError): Python's '[Errno 111] ' comes before Go's text "
-    "(left alone: issue 19's first slice changes no behaviour but the connection limit)",
-)
 def test_a_failed_reprobe_logs_gos_error_text() -> None:
     dead = free_tcp_port()
     s, errors = reprobe([dead, free_tcp_port()])

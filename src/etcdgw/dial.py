@@ -294,7 +294,7 @@ class Dial:
             # OSError from the resolvers; UnicodeError/ValueError from a name the IDNA codec
             # or the address parser refuses: an endpoint's fault, not the gateway's.
             self.task = None
-            self._failed(f"dial tcp {remote.addr}: lookup {host}: {e}")
+            self._failed(lookup_error(remote.endpoint, e))
             return
         self.task = None
         self._connect_next()
@@ -428,6 +428,15 @@ def is_local_ip(ip: str) -> bool:
 SELF_DIAL = "refused: the address is one of the gateway's own (listen or metrics)"
 
 
+def lookup_error(ep: Endpoint, e: BaseException) -> str:
+    """Go's text for a failed lookup: `dial tcp h:2379: lookup h: no such host` (the
+    resolvers' OSError already says `lookup h...`; others do not)."""
+    text = str(e) or type(e).__name__
+    if not text.startswith("lookup "):
+        text = f"lookup {ep.host}: {text}"
+    return f"dial tcp {ep.addr}: {text}"
+
+
 def dial_error(ep: Endpoint, ip: str, err: int) -> str:
     """Go's dial error text: `dial tcp 127.0.0.1:2379: connect: connection refused`."""
     where = format_addr(ip, ep.port) if ip else ep.addr
@@ -461,8 +470,8 @@ async def probe_connect(
         raise OSError(
             errno.ETIMEDOUT, f"dial tcp {ep.addr}: lookup {ep.host}: i/o timeout"
         ) from None
-    except (UnicodeError, ValueError) as e:
-        raise OSError(errno.EINVAL, f"dial tcp {ep.addr}: lookup {ep.host}: {e}") from None
+    except (OSError, UnicodeError, ValueError) as e:
+        raise OSError(getattr(e, "errno", None) or errno.EINVAL, lookup_error(ep, e)) from None
     last: OSError | None = None
     for fam, sa in addrs:
         if own is not None and own.dials_self(sa[0], ep.port):

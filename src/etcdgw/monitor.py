@@ -191,12 +191,15 @@ class Monitor:
                 remote.endpoint, self.addresses, self.settings.cfg.dial_timeout, self.own
             )
         except OSError as e:
-            remote.last_error = str(e)
+            # probe_connect's OSError(errno, text) carries Go's text; str() would put
+            # Python's "[Errno 111] " before it.
+            error = e.strerror if e.strerror else str(e)
+            remote.last_error = error
             self.log.warn(
                 "failed to activate endpoint (stay inactive for another interval)",
                 address=remote.addr,
                 interval=format_duration(self.interval),
-                error=str(e),
+                error=error,
             )
             return
         if not remote.removed:
