@@ -356,23 +356,35 @@ CHURN_MEMBERS = 12  # plus the fake member itself, listed first (so it is asked 
 CHURN_ODD_URLS = 3  # per member: URLs of a fresh unsupported scheme at every answer
 
 
-def churn_answer(fake: FakeMember, n: int, hosts: bool = False) -> bytes:
-    """Answer n: CHURN_MEMBERS members on ports never listed before (new IPs too with
-    hosts), each with CHURN_ODD_URLS URLs of schemes never seen before."""
-    members = [member("self", fake.url)]
-    for k in range(CHURN_MEMBERS):
-        i = n * CHURN_MEMBERS + k
+def churn_answer(
+    fake: FakeMember, n: int, hosts: bool = False, count: int = CHURN_MEMBERS, last: bool = False
+) -> bytes:
+    """Answer n: count members on ports never listed before (new IPs too with hosts), each
+    with CHURN_ODD_URLS URLs of schemes never seen before; the fake member first (asked
+    first), or last (every new member, refusing, is asked before it)."""
+    members = [] if last else [member("self", fake.url)]
+    for k in range(count):
+        i = n * count + k
         host = (
             f"127.{1 + i // 65000 % 250}.{i // 250 % 250}.{i % 250 + 1}" if hosts else "127.0.0.1"
         )
         odd = [f"s{i}x{j}://h{i}:1" for j in range(CHURN_ODD_URLS)]
         members.append(member(f"m{k}", f"http://{host}:{1024 + i % 60000}", *odd))
+    if last:
+        members.append(member("self", fake.url))
     return member_list(*members)
 
 
-def churn(gateway: Start, ports: tuple[int, int], hosts: bool, n: int) -> dict[str, float]:
+def churn(
+    gateway: Start,
+    ports: tuple[int, int],
+    hosts: bool,
+    n: int,
+    count: int = CHURN_MEMBERS,
+    last: bool = False,
+) -> dict[str, float]:
     """RSS and log bytes per sync over n syncs after 100 of warm-up."""
-    with FakeMember(lambda k: churn_answer(fake, k, hosts)) as fake:
+    with FakeMember(lambda k: churn_answer(fake, k, hosts, count, last)) as fake:
         g = start_synced(gateway, [fake.addr], ports, "--auto-sync-interval=1ms")
         mport = ports[1]
         wait_for(lambda: syncs(mport, "ok") >= 100, timeout=60)
@@ -380,13 +392,24 @@ def churn(gateway: Start, ports: tuple[int, int], hosts: bool, n: int) -> dict[s
         wait_for(lambda: syncs(mport, "ok") >= s0 + n, timeout=240, step=0.2)
         s1, rss1, log1 = syncs(mport, "ok"), _rss_kib(g.pid), _log_bytes(g)
         assert syncs(mport, "failed") == 0
-        assert len(current(mport)) == CHURN_MEMBERS + 1
+        assert len(current(mport)) == count + 1
         g.stop()
     return {
         "syncs": s1 - s0,
         "rss_kib_per_sync": (rss1 - rss0) / (s1 - s0),
         "log_bytes_per_sync": (log1 - log0) / (s1 - s0),
     }
+
+
+def test_a_churning_list_of_failing_members_logs_a_bounded_amount(
+    gateway: Start, ports: tuple[int, int]
+) -> None:
+    """The review's case: 30 new members at every answer, all refusing, listed before the
+    one that answers, so each sync asks each of them. Was a "no usable member list from
+    endpoint" line per new address per sync (21 KB a sync with 50): now 3 lines and a count."""
+    got = churn(gateway, ports, False, 60, count=30, last=True)
+    print(f"RELIABILITY churn-failing: log {got['log_bytes_per_sync']:.0f} B/sync")
+    assert got["log_bytes_per_sync"] < 4000, got
 
 
 @pytest.mark.parametrize("hosts", [False, True], ids=["new-ports", "new-hosts"])

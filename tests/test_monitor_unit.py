@@ -16,8 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import pytest
-
 from _gateway import TagServer, free_tcp_port
 from _parts import Script, ep
 from etcdgw.balancer import Balancer, Remote

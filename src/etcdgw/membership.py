@@ -69,6 +69,8 @@ __all__ = [
 # etcd's grpc-gateway route for Cluster.MemberList (3.4 also serves /v3beta and /v3alpha).
 MEMBER_LIST_PATH = "/v3/cluster/member/list"
 SOURCE = "member-list"
+# New failing members logged one by one per sync; more are summed in one line.
+FAIL_LINES_PER_SYNC = 3
 # Seeds asked at once by the first sync.
 FIRST_SYNC_CONCURRENCY = 8
 # The member list's own bounds (not /health's 4 KiB): a member takes ~150-250 bytes of JSON,
@@ -281,6 +283,8 @@ class Membership:
         # failed in a row (address -> error); left-out and dropped URLs of the last applied
         # list; foreign cluster IDs by address (the last one).
         self._failing: dict[str, str] = {}
+        # New failure streaks logged in this sync; the rest are counted in one line.
+        self._fail_lines = self._fail_quiet = 0
         self._left_out: set[tuple[str, str]] = set()
         self._dropped: set[tuple[str, str]] = set()
         self._foreign: dict[str, str] = {}
@@ -314,6 +318,7 @@ class Membership:
 
     async def sync(self) -> str:
         """One sync, within SYNC_DEADLINE. Returns its result: ok, failed or refused."""
+        self._fail_lines = self._fail_quiet = 0
         try:
             async with asyncio.timeout(SYNC_DEADLINE):
                 if self.cluster_id is None:
@@ -324,6 +329,10 @@ class Membership:
             # Its lookups go on in their daemon threads, which end on their own timeouts.
             result = "failed"
             error = f"sync abandoned: not done within {format_duration(SYNC_DEADLINE)}"
+        if self._fail_quiet:
+            # A list of new, failing addresses at every answer: a few lines and a count,
+            # not a line per address per sync.
+            self.log.warn("no usable member list from more endpoints", count=self._fail_quiet)
         self._record(result, error)
         return result
 
@@ -463,7 +472,11 @@ class Membership:
         """One member gave no usable list: logged once per failure streak of that member."""
         error = e if isinstance(e, str) else str(e) if isinstance(e, HttpError) else repr(e)
         if ep.addr not in self._failing:
-            self.log.warn("no usable member list from endpoint", address=ep.addr, error=error)
+            if self._fail_lines < FAIL_LINES_PER_SYNC:
+                self._fail_lines += 1
+                self.log.warn("no usable member list from endpoint", address=ep.addr, error=error)
+            else:
+                self._fail_quiet += 1
         self._failing[ep.addr] = error
         return error
 

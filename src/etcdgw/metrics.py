@@ -67,6 +67,13 @@ ACCEPT_BATCH = 32  # clients accepted per wake-up, 5-10 us each when answered at
 # Seconds of /metrics and /status bodies one wake-up may spend (at least one body): a flood
 # of scrapes waits its turn instead of holding up relaying in the same loop.
 EXPENSIVE_BUDGET = 0.002
+# A /metrics or /status body that took at least REUSE_OVER seconds to build (/status walks
+# every live pair: ~1 us each) is served again for REUSE_FACTOR times what it cost, at most
+# REUSE_MAX seconds: back-to-back scrapes then cost the loop (which the pure engine relays
+# on) at most 1/REUSE_FACTOR of its time. Cheap bodies are always fresh.
+REUSE_OVER = 0.002
+REUSE_FACTOR = 50
+REUSE_MAX = 1.0
 ACCEPT_PAUSE = 0.5  # seconds without accepting after EMFILE, ENFILE, ENOBUFS, ENOMEM
 READING, QUEUED, WRITING = 1, 2, 3  # a client's state
 # What generate_latest() writes: the classic text format every Prometheus version reads.
@@ -373,6 +380,8 @@ class MetricsServer:
         self._clients: dict[int, _Client] = {}
         # Requests for an expensive body, served EXPENSIVE_BUDGET a wake-up.
         self._queue: collections.deque[tuple[_Client, str, str]] = collections.deque()
+        # path -> (reuse until, answer): see REUSE_OVER.
+        self._reuse: dict[str, tuple[float, tuple[int, str, bytes]]] = {}
         self._queue_handle: asyncio.Handle | None = None
         self._pause_handle: asyncio.TimerHandle | None = None
         self.shed = 0  # clients dropped to make room (for tests and the log)
@@ -564,7 +573,7 @@ class MetricsServer:
             c, method, path = self._queue.popleft()
             if self._clients.get(c.fd) is not c:
                 continue  # shed meanwhile (its fd may be another client's by now)
-            self._send(c, *self._respond(method, path), method != "HEAD")
+            self._send(c, *self._expensive(method, path), method != "HEAD")
             if time.monotonic() > end:
                 break
         if self._queue and not self._closed:
@@ -652,6 +661,20 @@ class MetricsServer:
             c.timer.cancel()
             c.timer = None
         c.sock.close()
+
+    def _expensive(self, method: str, path: str) -> tuple[int, str, bytes]:
+        """/metrics or /status: built, or reused while a costly build is recent."""
+        now = time.monotonic()
+        hit = self._reuse.get(path)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        answer = self._respond(method, path)
+        cost = time.monotonic() - now
+        if cost >= REUSE_OVER and answer[0] == 200:
+            self._reuse[path] = (now + min(cost * REUSE_FACTOR, REUSE_MAX), answer)
+        else:
+            self._reuse.pop(path, None)
+        return answer
 
     def _respond(self, method: str, path: str) -> tuple[int, str, bytes]:
         try:

@@ -108,7 +108,9 @@ def _fetch(url: str, timeout: float) -> bytes:
 
 
 def _fail(message: str) -> int:
-    print(f"etcdgw status: {message}", file=sys.stderr)
+    # Escaped: the message may quote what the server sent (an HTTP reason phrase, a
+    # redirect's URL), and a terminal must not run its escape sequences.
+    print(f"etcdgw status: {_printable(message)}", file=sys.stderr)
     return 1
 
 

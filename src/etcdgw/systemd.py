@@ -192,6 +192,12 @@ class StartupSignals:
     def restore(self) -> None:
         for sig, handler in self._saved.items():
             # Only ours are replaced: the gateway's loop may have put its own in since.
-            if signal.getsignal(sig) in (self._handle, self._ignore):
+            current = signal.getsignal(sig)
+            if current == self._ignore and handler in (signal.SIG_DFL, None):
+                # main() is returning and the interpreter tears down next: a stray signal
+                # there would kill it with its default action (exit 138 after a clean stop,
+                # which systemd records as a failure). Ignored for good instead.
+                signal.signal(sig, signal.SIG_IGN)
+            elif current in (self._handle, self._ignore):
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._saved.clear()
