@@ -900,3 +900,62 @@ def test_metrics_connect_flood_in_a_namespace(relay_impl: str) -> None:
     assert d["tcpext"]["ListenOverflows"] == 0 and d["tcpext"]["ListenDrops"] == 0, d
     for probe in (h, rel):
         assert probe["failed"] == 0 and probe["over_1s"] == 0, d
+
+
+def test_a_signal_storm_through_the_stop_still_exits_zero(
+    gateway: Callable[..., GatewayProc],
+) -> None:
+    """The second review: SIGUSR1 100 times a second, SIGTERM in the middle. Was: a clean
+    stop, then the default action of a SIGUSR1 during interpreter teardown (exit 138)."""
+    port = free_tcp_port()
+    with TagServer("t") as t:
+        g = gateway(f"--endpoints={t.addr}", f"--listen-addr=127.0.0.1:{port}")
+        stop = threading.Event()
+
+        def storm() -> None:
+            while not stop.is_set() and g.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(g.pid, signal.SIGUSR1)
+                time.sleep(0.01)
+
+        th = threading.Thread(target=storm, daemon=True)
+        th.start()
+        try:
+            time.sleep(0.3)
+            g.proc.send_signal(signal.SIGTERM)
+            rc = g.proc.wait(15)
+        finally:
+            stop.set()
+            th.join(5)
+        assert rc == 0, (rc, g.lines[-5:])
+
+
+def test_status_escapes_what_the_server_says(tmp_path: Path) -> None:
+    """The second review: an HTTP reason phrase with terminal escapes was printed raw."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.recv(65536)
+            c.sendall(b"HTTP/1.0 500 \x1b[31mBAD\x1b]0;pwned\x07\r\nContent-Length: 0\r\n\r\n")
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "etcdgw", "status", f"--metrics-addr=127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=engine_env("python"),
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    finally:
+        th.join(5)
+        srv.close()
+    assert r.returncode == 1, r
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr, repr(r.stderr)
+    assert "\\x1b[31mBAD" in r.stderr, repr(r.stderr)
