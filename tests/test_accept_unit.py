@@ -162,14 +162,6 @@ def test_loop_accept_limit_counts_a_dial_that_fails_over(make: Make, clients: Cl
 
 
 @pytest.mark.c_extension
-@pytest.mark.xfail(
-    strict=True,
-    reason="the relay thread counts nlive + nconnecting against --max-connections; a client "
-    "whose native dial failed has left its table when it is handed back (engine.Failed), so "
-    "it accepts the next client from the backlog at once, before Python hears of the first. "
-    "The fix needs the engine (_relay.pyx/_accept.pxi): count handed-back clients until "
-    "Python relays (add) or closes them",
-)
 def test_native_accept_limit_counts_a_dial_that_fails_over(
     make_native: Make, clients: Clients
 ) -> None:

@@ -22,7 +22,7 @@ cdef void _accept_all(Core *c) noexcept nogil:
         lst = &c.lst[i]
         k = 0
         while lst.fd >= 0 and lst.ready and not lst.paused and k < ACCEPT_BATCH:
-            if c.limit and c.nlive + c.nconnecting >= c.limit:
+            if c.limit and c.nlive + c.nconnecting + c.nheld >= c.limit:
                 return  # --max-connections: clients wait in the backlog (ready stays set)
             cfd = accept4(lst.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if cfd < 0:
@@ -189,6 +189,7 @@ cdef void _dial_fail(Core *c, Pair *p, int64_t tag, int err) noexcept nogil:
     p.tag = tag
     p.err = err
     p.state = DIALFAIL
+    c.nheld += 1  # the loop holds the client now; it counts until release()
     p.next = c.finished_head
     c.finished_head = slot
     c.nunreported += 1

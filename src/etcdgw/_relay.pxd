@@ -253,6 +253,7 @@ cdef struct Core:
     uint64_t dial_timeout_ns
     int32_t limit       # --max-connections (0: none): live + connecting pairs
     int32_t nconnecting
+    int32_t nheld       # handed-back clients the loop holds: count toward the limit
     int32_t conn_head
     int32_t conn_tail
     int32_t started_head

@@ -548,6 +548,17 @@ cdef class Engine:
         free(old)
         write(self.c.wake_fd, &one, sizeof(one))  # a higher limit may let clients in
 
+    def release(self) -> None:
+        """The loop relayed (add(), called first) or closed a client the engine handed back
+        (collect()'s failed list): it no longer counts against --max-connections here."""
+        cdef uint64_t one = 1
+        self._check_native()
+        self._lock()
+        if self.c.nheld > 0:
+            self.c.nheld -= 1
+        self._unlock()
+        write(self.c.wake_fd, &one, sizeof(one))  # a client may wait at the limit
+
     def native_pending(self) -> int:
         """Clients the engine accepted that collect() has not reported, connecting or not."""
         cdef int32_t n
@@ -719,6 +730,7 @@ cdef class Engine:
         self.c.finished_head = self.c.started_head = -1
         self.c.conn_head = self.c.conn_tail = -1
         self.c.nready = self.c.nconnecting = self.c.nunreported = self.c.nlst = 0
+        self.c.nheld = 0
         self.c.late_n = self.c.late_head = 0
 
 
@@ -1127,7 +1139,7 @@ cdef int _timeout(Core *c) noexcept nogil:
     cdef int i
     if c.nready > 0:
         return 0
-    if not c.limit or c.nlive + c.nconnecting < c.limit:
+    if not c.limit or c.nlive + c.nconnecting + c.nheld < c.limit:
         for i in range(c.nlst):
             if c.lst[i].fd >= 0 and c.lst[i].ready and not c.lst[i].paused:
                 return 0  # an accept batch ran out before EAGAIN: go on after the events

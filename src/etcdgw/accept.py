@@ -380,8 +380,7 @@ class NativeAccept(Acceptor):
                 self.log.error("failed to take over a client", error=repr(e))
                 for d in [d for d in table.dials if d.client is client]:
                     d.abort()
-                client.close()
-                table.room()
+                table.refuse(client, held=True)
         for p in report.paused:
             lsock = next((s for s in self.listeners.socks if s.fileno() == p.listen_fd), None)
             if lsock is None or not self.accepting:
@@ -393,12 +392,13 @@ class NativeAccept(Acceptor):
         dialer = self.dialer
         if remote is None:
             if err:
-                self.table.refuse(client)  # no socket for the dial: not an endpoint's fault
+                # no socket for the dial: not an endpoint's fault
+                self.table.refuse(client, held=True)
             else:
-                dialer.dial(client)  # nothing usable: the fallback round
+                dialer.dial(client, held=True)  # nothing usable: the fallback round
             return
         if remote.removed:
-            dialer.dial(client)
+            dialer.dial(client, held=True)
             return
         if err == 0:
             dialer.dial_to(client, remote)  # no address yet: resolve, then dial

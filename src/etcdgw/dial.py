@@ -107,12 +107,12 @@ class Table(Protocol):
     def dials(self) -> set[Dial]: ...
 
     def start_relay(
-        self, client: socket.socket, upstream: socket.socket, remote: Remote
+        self, client: socket.socket, upstream: socket.socket, remote: Remote, held: bool = False
     ) -> None: ...
 
-    def refuse(self, client: socket.socket) -> None: ...
+    def refuse(self, client: socket.socket, held: bool = False) -> None: ...
 
-    def abandoned(self, client: socket.socket) -> None: ...
+    def abandoned(self, client: socket.socket, held: bool = False) -> None: ...
 
 
 class Verdict(Protocol):
@@ -159,16 +159,20 @@ class Dialer:
         self.verdict = verdict
         self.table = table
 
-    def dial(self, client: socket.socket) -> Dial:
-        """Connect an accepted client to the remote the balancer picks, failing over."""
-        d = Dial(self, client)
+    def dial(self, client: socket.socket, held: bool = False) -> Dial:
+        """Connect an accepted client to the remote the balancer picks, failing over.
+
+        held: the relay thread handed it back (engine.Failed), where it still counts
+        against --max-connections until the table relays or closes it.
+        """
+        d = Dial(self, client, held)
         self.table.dials.add(d)
         d.next_remote()
         return d
 
     def dial_to(self, client: socket.socket, remote: Remote) -> Dial:
         """Dial this remote first (the engine picked it but had no address for it)."""
-        d = Dial(self, client)
+        d = Dial(self, client, True)
         self.table.dials.add(d)
         d.dial_remote(remote)
         return d
@@ -176,7 +180,7 @@ class Dialer:
     def resume(self, client: socket.socket, remote: Remote, addrs: list[Addr], error: str) -> Dial:
         """Go on with a dial the engine started: its first address of remote failed with
         error; addrs are the ones left to try (they share one --dial-timeout)."""
-        d = Dial(self, client)
+        d = Dial(self, client, True)
         self.table.dials.add(d)
         d.resume(remote, addrs, error)
         return d
@@ -200,11 +204,13 @@ class Dial:
         "error",
         "task",
         "tried",
+        "held",
     )
 
-    def __init__(self, dialer: Dialer, client: socket.socket) -> None:
+    def __init__(self, dialer: Dialer, client: socket.socket, held: bool = False) -> None:
         self.dr = dialer
         self.client = client
+        self.held = held  # handed back by the relay thread: counts there until it ends
         self.remote: Remote | None = None
         self.sock: socket.socket | None = None
         self.addrs: list[Addr] = []
@@ -233,7 +239,7 @@ class Dial:
             # Nobody to connect any more: stop here rather than dial for a closed socket.
             self._set_remote(None)
             dr.table.dials.discard(self)
-            dr.table.abandoned(self.client)
+            dr.table.abandoned(self.client, self.held)
             return
         remote: Remote | None = None
         if self.fallback is None:
@@ -245,7 +251,7 @@ class Dial:
             if not self.fallback:
                 self._set_remote(None)
                 dr.table.dials.discard(self)
-                dr.table.refuse(self.client)
+                dr.table.refuse(self.client, self.held)
                 return
             remote = self.fallback.pop(0)
         self.dial_remote(remote)
@@ -319,7 +325,7 @@ class Dial:
             self.error = f"dial tcp {remote.addr}: {e.strerror}"
             self._set_remote(None)
             dr.table.dials.discard(self)
-            dr.table.refuse(self.client)
+            dr.table.refuse(self.client, self.held)
             return
         # keep-alive: table.start_relay, once the connection lived
         set_options(sock, dr.tcp.split(dr.settings.cfg.tcp_keepalive)[0])
@@ -395,7 +401,7 @@ class Dial:
         self.sock = None
         self._set_remote(None)
         dr.verdict.dial_succeeded(remote)
-        dr.table.start_relay(self.client, sock, remote)
+        dr.table.start_relay(self.client, sock, remote, self.held)
 
     def abort(self) -> None:
         """Shutdown: give up this client now."""

@@ -196,6 +196,11 @@ class NativeAccept(Protocol):
 
     def collect(self, aggregate: bool = False) -> Report: ...
 
+    def release(self) -> None:
+        """A client handed back in collect()'s failed list was relayed (after add()) or
+        closed: it stops counting against --max-connections."""
+        ...
+
     def native_pending(self) -> int:
         """Clients accepted that collect() has not reported, connecting or not."""
         ...

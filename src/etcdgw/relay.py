@@ -207,6 +207,11 @@ class Relay:
         leaving out the tags in exclude."""
         return self._native_accept().pick(exclude)
 
+    def release(self) -> None:
+        """Native accept: a handed-back client was relayed or closed (Engine.release)."""
+        if self._native_engine is not None:
+            self._native_engine.release()
+
     def native_pending(self) -> int:
         """Native accept: clients accepted that the callbacks have not reported yet."""
         return self._native_engine.native_pending() if self._native_engine is not None else 0

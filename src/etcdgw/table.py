@@ -116,8 +116,14 @@ class ConnTable:
 
     # --- a connection starts -------------------------------------------------------------
 
-    def start_relay(self, client: socket.socket, upstream: socket.socket, remote: Remote) -> None:
-        """A Dial connected client to remote: relay them (the table owns both sockets)."""
+    def start_relay(
+        self, client: socket.socket, upstream: socket.socket, remote: Remote, held: bool = False
+    ) -> None:
+        """A Dial connected client to remote: relay them (the table owns both sockets).
+
+        held: a client the relay thread handed back; it counted against --max-connections
+        there until now (released after add(), so the count never dips in between).
+        """
         relay = self._relay
         assert relay is not None, "the gateway is not running"
         try:
@@ -127,6 +133,9 @@ class ConnTable:
             client.close()
             upstream.close()
             return
+        finally:
+            if held:
+                relay.release()
         self.conns[pid] = Conn(client, upstream, remote)
         self.balancer.opened(remote)
         if self._late is not None:
@@ -139,16 +148,23 @@ class ConnTable:
 
     # --- a client is not served ----------------------------------------------------------
 
-    def abandoned(self, client: socket.socket) -> None:
+    def abandoned(self, client: socket.socket, held: bool = False) -> None:
         """The client left while it was being dialled: close it, nothing to tell anyone."""
         self.counters.abandoned += 1
         client.close()
+        self._let_go(held)
         self.room()
 
-    def refuse(self, client: socket.socket) -> None:
+    def _let_go(self, held: bool) -> None:
+        """A client the relay thread handed back (held) is closed: it counts there no more."""
+        if held and self._relay is not None:
+            self._relay.release()
+
+    def refuse(self, client: socket.socket, held: bool = False) -> None:
         """No endpoint could be reached: close the client (the Go gateway does too, silently)."""
         self.counters.refused += 1
         client.close()
+        self._let_go(held)
         now = time.monotonic()
         if now - self._refuse_log_at >= 1.0:
             self.log.warn(
