@@ -14,8 +14,11 @@ import io
 import json
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import ModuleType
 from typing import Any, TypeVar
+
+import pytest
 
 from etcdgw.accept import LoopAccept, NativeAccept
 from etcdgw.balancer import Balancer, Remote
@@ -263,3 +266,21 @@ def client_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
     accepted, _ = listener.accept()
     accepted.setblocking(False)
     return peer, accepted
+
+
+Make = Callable[..., "Parts"]
+
+
+@pytest.fixture
+def make(engine_module: ModuleType, no_fd_leak: None) -> Iterator[Make]:
+    """Factory: make(endpoints, **config fields) -> Parts (LoopAccept) on the engine under test."""
+    made: list[Parts] = []
+
+    def build(endpoints: list[Endpoint], **kw: Any) -> Parts:
+        p = Parts(endpoints, engine_module.Engine, **kw)
+        made.append(p)
+        return p
+
+    yield build
+    for p in made:
+        p.close()

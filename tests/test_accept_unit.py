@@ -19,31 +19,13 @@ import os
 import resource
 import socket
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from _gateway import TagServer, free_tcp_port, silent_listener
-from _parts import Parts, ep
+from _parts import Make, Parts, ep
 from etcdgw.config import Endpoint
-
-Make = Callable[..., Parts]
-
-
-@pytest.fixture
-def make(engine_module: ModuleType, no_fd_leak: None) -> Iterator[Make]:
-    """Factory: make(endpoints, **config fields) -> Parts with LoopAccept, on either engine."""
-    made: list[Parts] = []
-
-    def build(endpoints: list[Endpoint], **kw: Any) -> Parts:
-        p = Parts(endpoints, engine_module.Engine, **kw)
-        made.append(p)
-        return p
-
-    yield build
-    for p in made:
-        p.close()
 
 
 @pytest.fixture

@@ -88,19 +88,20 @@ def _close_held() -> object:
         HELD.pop().close()
 
 
-class Closer:
-    """A member that accepts and closes at once (a stuck process behind a port forwarder)."""
+class Member:
+    """A member on loopback that accepts in a thread of its own; `handle` each connection."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
         self.port = int(self.sock.getsockname()[1])
         self.accepted = 0
+        self.conns: list[socket.socket] = []
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
     def _run(self) -> None:
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.1)
         while not self._stop:
             try:
                 c, _ = self.sock.accept()
@@ -109,12 +110,24 @@ class Closer:
             except OSError:
                 return
             self.accepted += 1
-            c.close()
+            self.handle(c)
+
+    def handle(self, c: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop = True
         self._t.join(2)
+        for c in self.conns:
+            c.close()
         self.sock.close()
+
+
+class Closer(Member):
+    """A member that accepts and closes at once (a stuck process behind a port forwarder)."""
+
+    def handle(self, c: socket.socket) -> None:
+        c.close()
 
 
 # --- 1. a dial is bounded ------------------------------------------------------------------
@@ -252,29 +265,16 @@ def test_least_connections_sets_aside_at_once_in_a_burst(gateway: Start) -> None
         closer.close()
 
 
-class Replier:
+class Replier(Member):
     """A member that answers a request line with its tag and keeps the connection (etcd
     speaks only after its client)."""
 
     def __init__(self, tag: str) -> None:
         self.tag = tag.encode()
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port = int(self.sock.getsockname()[1])
-        self.conns: list[socket.socket] = []
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop:
-            try:
-                c, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+    def handle(self, c: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c: socket.socket) -> None:
         self.conns.append(c)
@@ -293,13 +293,6 @@ class Replier:
         except OSError:
             pass
         c.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self._t.join(2)
-        for c in self.conns:
-            c.close()
-        self.sock.close()
 
 
 def test_clients_that_reset_cannot_set_members_aside(gateway: Start) -> None:

@@ -13,33 +13,13 @@ import dataclasses
 import socket
 import time
 from collections.abc import Callable, Iterator
-from types import ModuleType
-from typing import Any
 
 import pytest
 
 from _gateway import TagServer, free_tcp_port, silent_listener
-from _parts import Parts, Script, client_pair, ep
-from etcdgw.config import Endpoint
+from _parts import Make, Parts, Script, client_pair, ep
 from etcdgw.dial import SELF_DIAL
 from etcdgw.resolver import Addr
-
-Make = Callable[..., Parts]
-
-
-@pytest.fixture
-def make(engine_module: ModuleType, no_fd_leak: None) -> Iterator[Make]:
-    """Factory: make(endpoints, **config fields) -> Parts on the engine under test."""
-    made: list[Parts] = []
-
-    def build(endpoints: list[Endpoint], **kw: Any) -> Parts:
-        p = Parts(endpoints, engine_module.Engine, **kw)
-        made.append(p)
-        return p
-
-    yield build
-    for p in made:
-        p.close()
 
 
 @pytest.fixture
