@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .membership import Membership
     from .metrics import MetricsServer
     from .server import Gateway
+    from .view import View
 
 
 # A reload (file, validation, DNS) runs in a thread; past this it fails and the running
@@ -190,7 +191,7 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
         if cfg.metrics_addr:
             from .metrics import MetricsServer
 
-            run.metrics = MetricsServer(gw, cfg.metrics_addr, log)
+            run.metrics = MetricsServer(metrics_view(gw), cfg.metrics_addr, log)
             run.metrics.bind()
             if run.metrics.sock is not None:
                 gw.own.add(run.metrics.sock.getsockname())
@@ -198,13 +199,17 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
 
         # Built now so a bad --trusted-ca-file or health key is a start-up error. It reads
         # gw.cfg every round, so a reload can switch etcd checks on and off.
-        run.health = HealthChecker(gw, log)
+        run.health = HealthChecker(gw.settings, gw.balancer, gw.addresses, gw.own, gw.monitor, log)
         if cfg.auto_sync_interval > 0:
             from .membership import Membership
 
             # The configured endpoints (or the SRV answer) are the seeds.
             run.membership = gw.membership = Membership(
-                gw,
+                gw.settings,
+                gw.balancer,
+                gw.addresses,
+                gw.set_endpoints,
+                gw.collect_now,
                 log,
                 endpoints,
                 self_check=discovery.self_check_for(cfg, resolve_host, is_local=is_local_ip),
@@ -225,6 +230,24 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
             self_check=discovery.self_check_for(cfg, resolve_host, is_local=is_local_ip),
         )
     return run
+
+
+def metrics_view(gw: Gateway) -> View:
+    """What the metrics port reads of gw, each part from its owner."""
+    from .view import View
+
+    return View(
+        balancer=gw.balancer,
+        table=gw.table,
+        settings=gw.settings,
+        engine=gw.implementation,
+        listeners=lambda: gw.listeners,
+        totals=gw.totals,
+        live_bytes=gw.live_bytes,
+        collect_now=gw.collect_now,
+        ready=lambda: gw.ready,
+        membership=lambda: gw.membership,
+    )
 
 
 async def serve(

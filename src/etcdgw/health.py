@@ -26,8 +26,12 @@ from .config import Config, ConfigError, Endpoint, format_addr, format_duration
 from .dial import SELF_DIAL
 
 if TYPE_CHECKING:
+    from .balancer import Balancer
+    from .dial import OwnAddresses
     from .log import Logger
-    from .server import Gateway
+    from .monitor import Monitor
+    from .resolver import AddressBook
+    from .settings import Settings
 
 __all__ = [
     "HealthChecker",
@@ -48,7 +52,10 @@ MAX_BODY = 4096  # body bytes read and judged; the rest of a longer (or endless)
 
 
 def record_check(remote: Remote, error: str, *, rise: int, fall: int) -> bool | None:
-    """Record one check result on remote and apply rise/fall damping.
+    """Record one check result on remote (its check counters) and apply rise/fall damping.
+
+    The verdict itself (`remote.healthy`) is the Balancer's: the caller sets a new one
+    with `Balancer.set_healthy`.
 
     Args:
         error: "" when the check passed, else why it failed.
@@ -56,14 +63,13 @@ def record_check(remote: Remote, error: str, *, rise: int, fall: int) -> bool | 
         fall: consecutive failures that make a healthy remote unhealthy.
 
     Returns:
-        The new `remote.healthy` when this result changed it, else None.
+        The new verdict when this result changes `remote.healthy`, else None.
     """
     if not error:
         remote.health_ok_total += 1
         remote.checks_ok += 1
         remote.checks_failed = 0
         if not remote.healthy and remote.checks_ok >= rise:
-            remote.healthy = True
             return True
         return None
     remote.health_failed_total += 1
@@ -71,7 +77,6 @@ def record_check(remote: Remote, error: str, *, rise: int, fall: int) -> bool | 
     remote.checks_failed += 1
     remote.checks_ok = 0
     if remote.healthy and remote.checks_failed >= fall:
-        remote.healthy = False
         return False
     return None
 
@@ -137,7 +142,7 @@ async def check_endpoint(
     """GET /health on ep, trying its addresses in order, all within timeout.
 
     Args:
-        addrs: (family, sockaddr) pairs as from Gateway.resolve_addrs (port ignored).
+        addrs: (family, sockaddr) pairs as from AddressBook.resolve (port ignored).
         ssl_context: used when ep.secure; None checks https endpoints without TLS.
 
     Returns:
@@ -338,26 +343,44 @@ def _reason(e: BaseException) -> str:
 class HealthChecker:
     """Checks every endpoint (not removed) every --health-interval while the gateway runs.
 
-    Settings are read from `gw.cfg` at each round, so a SIGHUP reload that replaces the
-    config takes effect at the next round; with --health-check other than etcd the
-    checker idles (and gives back clients to endpoints it had taken out).
+    Args:
+        settings: the configuration in force, read at each round, so a SIGHUP reload
+            takes effect at the next round; with --health-check other than etcd the
+            checker idles (and gives back clients to endpoints it had taken out).
+        balancer: the endpoints checked, and the one owner of their verdict.
+        addresses: the endpoints' host names, resolved as on the connect path.
+        own: where the gateway listens: never checked through itself.
+        monitor: reactivates a dial-failed endpoint that answers /health.
+        log: verdict changes.
 
     Raises (from __init__):
         ConfigError: --health-check=etcd and the TLS files cannot be loaded (tls_context).
     """
 
-    def __init__(self, gw: Gateway, log: Logger) -> None:
-        self.gw = gw
+    def __init__(
+        self,
+        settings: Settings,
+        balancer: Balancer,
+        addresses: AddressBook,
+        own: OwnAddresses,
+        monitor: Monitor,
+        log: Logger,
+    ) -> None:
+        self.settings = settings
+        self.balancer = balancer
+        self.addresses = addresses
+        self.own = own
+        self.monitor = monitor
         self.log = log
         self._inflight: dict[Remote, asyncio.Task[None]] = {}
         self._tls_files: tuple[str, str, str] | None = None
         self._ssl: ssl.SSLContext | None = None
-        if gw.cfg.health_check == "etcd":
+        if settings.cfg.health_check == "etcd":
             self._ssl_context()
 
     @property
     def enabled(self) -> bool:
-        return self.gw.cfg.health_check == "etcd"
+        return self.settings.cfg.health_check == "etcd"
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for the current config; rebuilt when its files change.
@@ -366,7 +389,7 @@ class HealthChecker:
             ConfigError: on the first build only; later a reload's bad files are logged and
                 the previous context is kept.
         """
-        cfg = self.gw.cfg
+        cfg = self.settings.cfg
         files = (cfg.trusted_ca_file, cfg.health_cert_file, cfg.health_key_file)
         if files != self._tls_files:
             try:
@@ -383,7 +406,7 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                due = loop.time() + self.gw.cfg.health_interval
+                due = loop.time() + self.settings.cfg.health_interval
                 self.tick()
                 await asyncio.sleep(max(0.0, due - loop.time()))
         finally:
@@ -401,7 +424,7 @@ class HealthChecker:
             # Only when the checker was built idle and a reload turned it on.
             self.log.error("health checks of TLS endpoints cannot run", error=e.message)
             ctx = None
-        for remote in self.gw.balancer.remotes:
+        for remote in self.balancer.remotes:
             if remote.removed or remote in self._inflight:
                 continue
             task = asyncio.ensure_future(self._check(remote, ctx))
@@ -410,9 +433,9 @@ class HealthChecker:
 
     def _release(self) -> None:
         """Checks turned off by a reload: nothing may stay out on an old verdict."""
-        for remote in self.gw.balancer.remotes:
+        for remote in self.balancer.remotes:
             remote.checks_ok = remote.checks_failed = 0
-            if self.gw.balancer.set_healthy(remote, True):
+            if self.balancer.set_healthy(remote, True):
                 self.log.info("endpoint healthy", address=remote.addr, reason="checks off")
 
     def _done(self, remote: Remote, task: asyncio.Task[None]) -> None:
@@ -427,19 +450,18 @@ class HealthChecker:
 
     async def _check(self, remote: Remote, ctx: ssl.SSLContext | None) -> None:
         ep = remote.endpoint
-        gw = self.gw
-        timeout = gw.cfg.dial_timeout
+        timeout = self.settings.cfg.dial_timeout
         if ep.secure and ctx is None:
             error = f"GET https://{ep.addr}/health: no TLS settings"
         else:
             try:
-                addrs = await asyncio.wait_for(gw.addresses.resolve(ep.host), timeout)
+                addrs = await asyncio.wait_for(self.addresses.resolve(ep.host), timeout)
             except (TimeoutError, OSError) as e:
                 why = "i/o timeout" if isinstance(e, TimeoutError) else _reason(e)
                 error = f"lookup {ep.host}: {why}"
             else:
                 # Never through the gateway itself (a name that now resolves to it).
-                addrs = [a for a in addrs if not gw.own.dials_self(a[1][0], ep.port)]
+                addrs = [a for a in addrs if not self.own.dials_self(a[1][0], ep.port)]
                 if addrs:
                     error = await check_endpoint(ep, addrs, timeout=timeout, ssl_context=ctx)
                 else:
@@ -451,14 +473,16 @@ class HealthChecker:
         """Record one result, log a change of verdict, reactivate a dial-failed endpoint."""
         if remote.removed:
             return
-        cfg = self.gw.cfg
+        cfg = self.settings.cfg
         changed = record_check(remote, error, rise=cfg.health_rise, fall=cfg.health_fall)
+        if changed is not None:
+            self.balancer.set_healthy(remote, changed)  # raises the change signal
         if error:
             self.log.debug("health check failed", address=remote.addr, error=error)
         elif not remote.active:
             # It answered etcd's /health: it accepts connections again, sooner than the
             # next --retry-delay re-probe would find out.
-            self.gw.monitor.activate(remote)
+            self.monitor.activate(remote)
         if changed is False:
             self.log.warn(
                 "endpoint unhealthy",
@@ -468,5 +492,3 @@ class HealthChecker:
             )
         elif changed is True:
             self.log.info("endpoint healthy", address=remote.addr, passes=remote.checks_ok)
-        if changed is not None:
-            self.gw.balancer.changed()  # record_check() set the verdict on the remote

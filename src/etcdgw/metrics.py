@@ -24,11 +24,10 @@ import collections
 import errno
 import json
 import os
-import platform
 import socket
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -41,17 +40,15 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ._version import __version__
-from .balancer import Remote
 from .config import ConfigError, format_addr, format_duration, parse_port, split_host_port
+from .view import PYTHON_VERSION, View, endpoint_rows, is_ready, status_document
 
 if TYPE_CHECKING:
     from .log import Logger
     from .membership import Membership
-    from .server import Gateway
 
-__all__ = ["GatewayCollector", "MetricsServer", "endpoint_rows", "status_document"]
+__all__ = ["GatewayCollector", "MetricsServer"]
 
-PYTHON_VERSION = platform.python_version()
 READ_TIMEOUT = 5.0  # seconds for the whole request head (not per byte: trickling is bounded)
 WRITE_TIMEOUT = 5.0  # seconds for the response to reach the kernel
 MAX_LINE = 8192  # bytes per request or header line
@@ -80,101 +77,6 @@ READING, QUEUED, WRITING = 1, 2, 3  # a client's state
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-# --- what the gateway knows, per endpoint -----------------------------------------------------
-
-
-def _remotes(gw: Gateway) -> list[Remote]:
-    """Every remote in the list, plus removed ones that still carry live connections."""
-    seen: dict[int, Remote] = {id(r): r for r in gw.balancer.remotes}
-    for conn in gw.conns.values():
-        seen.setdefault(id(conn.remote), conn.remote)
-    return list(seen.values())
-
-
-def endpoint_rows(gw: Gateway) -> list[dict[str, Any]]:
-    """One row per remote (list order, then removed ones), bytes of live connections added."""
-    live: dict[int, list[int]] = {}
-    for pid, (c2u, u2c) in gw.live_bytes().items():
-        conn = gw.conns.get(pid)
-        if conn is None:
-            continue
-        acc = live.setdefault(id(conn.remote), [0, 0])
-        acc[0] += c2u
-        acc[1] += u2c
-    now = time.monotonic()
-    rows = []
-    for r in _remotes(gw):
-        extra = live.get(id(r), (0, 0))
-        rows.append(
-            {
-                "address": r.addr,
-                "state": "up" if r.active else "down",
-                "healthy": r.healthy,
-                "removed": r.removed,
-                "active_connections": r.connections_active,
-                "total_connections": r.connections_total,
-                "bytes_to_endpoint": r.bytes_to_endpoint + extra[0],
-                "bytes_from_endpoint": r.bytes_from_endpoint + extra[1],
-                "dial_failures": r.dial_failures,
-                "down_seconds": (
-                    round(now - r.down_since, 3) if r.down_since is not None else None
-                ),
-                "last_error": r.last_error,
-                "health_checks_ok": r.health_ok_total,
-                "health_checks_failed": r.health_failed_total,
-                "last_health_error": r.last_health_error,
-                "priority": r.endpoint.priority,
-                "weight": r.endpoint.weight,
-                "secure": r.endpoint.secure,
-                # where it came from: flag (--endpoints, config file), srv, member-list
-                "source": r.endpoint.source,
-            }
-        )
-    return rows
-
-
-def is_ready(gw: Gateway) -> bool:
-    """Listening and not draining: what a load balancer in front of us should know."""
-    return bool(gw.ready) and not gw.draining
-
-
-def status_document(gw: Gateway, started: float) -> dict[str, Any]:
-    """The /status JSON: gateway totals and the endpoint table (see `etcdgw status`)."""
-    c = gw.counters
-    sent, received = gw.totals()
-    listen = []
-    for s in gw.listeners:
-        try:
-            name = s.getsockname()
-        except OSError:
-            continue
-        listen.append(
-            f"unix://{name}" if s.family == socket.AF_UNIX else format_addr(name[0], name[1])
-        )
-    return {
-        "version": __version__,
-        "engine": gw.implementation,
-        "python": PYTHON_VERSION,
-        "pid": os.getpid(),
-        "uptime_seconds": round(time.monotonic() - started, 3),
-        "ready": is_ready(gw),
-        "listen": listen,
-        "health_check": gw.cfg.health_check,
-        "connections": {
-            "active": gw.active_connections(),
-            "accepted": c.accepted,
-            "refused": c.refused,
-            "accept_errors": c.accept_errors,
-            "finished": c.finished,
-            "reset": c.reset,
-        },
-        "bytes": {"to_endpoints": sent, "from_endpoints": received},
-        "endpoints": endpoint_rows(gw),
-        # --auto-sync-interval: the member-list syncs (None when off)
-        "member_sync": gw.membership.status() if gw.membership is not None else None,
-    }
-
-
 _SUMMED = (
     "active_connections",
     "total_connections",
@@ -189,38 +91,38 @@ _SUMMED = (
 class GatewayCollector(Collector):
     """Reads the gateway's plain integers at scrape time; names are prefixed `etcdgw_`."""
 
-    def __init__(self, gw: Gateway, started_wall: float) -> None:
-        self.gw = gw
+    def __init__(self, view: View, started_wall: float) -> None:
+        self.view = view
         self.started_wall = started_wall
 
     def collect(self) -> Iterator[Metric]:
-        gw = self.gw
-        c = gw.counters
+        view = self.view
+        c = view.table.counters
         yield InfoMetricFamily(
             "etcdgw_build",
             "etcdgw version and Python",
             {"version": __version__, "python": PYTHON_VERSION},
         )
         yield InfoMetricFamily(
-            "etcdgw_relay_engine", "relay engine in use", {"engine": gw.implementation}
+            "etcdgw_relay_engine", "relay engine in use", {"engine": view.engine}
         )
         yield GaugeMetricFamily(
             "etcdgw_start_time_seconds", "start time since the Unix epoch", self.started_wall
         )
         yield GaugeMetricFamily(
-            "etcdgw_ready", "1 when listening and not draining", 1 if is_ready(gw) else 0
+            "etcdgw_ready", "1 when listening and not draining", 1 if is_ready(view) else 0
         )
         # For alerting (contrib/prometheus): a drain in progress, and the limit that
         # etcdgw_connections_active approaches.
         yield GaugeMetricFamily(
             "etcdgw_draining",
             "1 after SIGTERM/SIGINT while live connections finish",
-            1 if gw.draining else 0,
+            1 if view.table.draining else 0,
         )
         yield GaugeMetricFamily(
             "etcdgw_max_connections",
             "--max-connections: beyond it clients wait in the backlog (0: unlimited)",
-            gw.cfg.max_connections,
+            view.settings.cfg.max_connections,
         )
         yield CounterMetricFamily(
             "etcdgw_connections_accepted", "client connections accepted", c.accepted
@@ -228,7 +130,7 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "etcdgw_connections_active",
             "client connections open (relayed or dialling)",
-            gw.active_connections(),
+            view.table.active_connections(),
         )
         yield CounterMetricFamily(
             "etcdgw_connections_refused",
@@ -248,15 +150,16 @@ class GatewayCollector(Collector):
             "relayed connections that ended with an error (reset)",
             c.reset,
         )
-        sent, received = gw.totals()
+        sent, received = view.totals()
         total_bytes = CounterMetricFamily(
             "etcdgw_bytes", "bytes relayed, live connections included", labels=["direction"]
         )
         total_bytes.add_metric(["to_endpoint"], sent)
         total_bytes.add_metric(["from_endpoint"], received)
         yield total_bytes
-        if gw.membership is not None:
-            yield from _member_sync_families(gw.membership)
+        membership = view.membership()
+        if membership is not None:
+            yield from _member_sync_families(membership)
         yield from self._endpoint_families()
 
     def _endpoint_families(self) -> Iterable[Metric]:
@@ -287,7 +190,7 @@ class GatewayCollector(Collector):
         # connections keep their counters but report no state.
         sums: dict[str, dict[str, int]] = {}
         state: dict[str, list[bool]] = {}
-        for row in endpoint_rows(self.gw):
+        for row in endpoint_rows(self.view):
             addr = row["address"]
             acc = sums.setdefault(addr, dict.fromkeys(_SUMMED, 0))
             for key in _SUMMED:
@@ -365,13 +268,13 @@ class MetricsServer:
     listener does; start() then serves on the running loop; close() is idempotent.
     """
 
-    def __init__(self, gw: Gateway, addr: str, log: Logger) -> None:
-        self.gw = gw
+    def __init__(self, view: View, addr: str, log: Logger) -> None:
+        self.view = view
         self.addr = addr
         self.log = log
         self.started = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gw, time.time()))
+        self.registry.register(GatewayCollector(view, time.time()))
         # process_* (CPU, memory, open fds): a relay's fd count is worth watching.
         ProcessCollector(registry=self.registry)
         self.sock: socket.socket | None = None
@@ -689,21 +592,21 @@ class MetricsServer:
             return 404, "text/plain; charset=utf-8", b"404 page not found\n"
         if method not in ("GET", "HEAD"):
             return 405, "text/plain; charset=utf-8", b"method not allowed\n"
-        gw = self.gw
+        view = self.view
         if path in ("/metrics", "/status"):
-            gw.collect_now()  # what the relay thread has not reported yet (native accept)
+            view.collect_now()  # what the relay thread has not reported yet (native accept)
         if path == "/metrics":
             return 200, CONTENT_TYPE, generate_latest(self.registry)
         if path == "/health":
             # etcd's own /health shape, so the same probes work against the gateway.
-            if gw.balancer.any_usable():
+            if view.balancer.any_usable():
                 return 200, "application/json", b'{"health":"true"}\n'
             return 503, "application/json", b'{"health":"false","reason":"no usable endpoint"}\n'
         if path == "/ready":
-            if is_ready(gw):
+            if is_ready(view):
                 return 200, "application/json", b'{"ready":"true"}\n'
             return 503, "application/json", b'{"ready":"false"}\n'
-        doc = status_document(gw, self.started)
+        doc = status_document(view, self.started)
         return 200, "application/json", (json.dumps(doc, indent=1) + "\n").encode()
 
 
