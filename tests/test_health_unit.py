@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ def parts_for(no_fd_leak: None) -> Iterator[list[Parts]]:
         p.close()
 
 
-def build(made: list[Parts], endpoints: list[Endpoint], **cfg: object) -> Parts:
+def build(made: list[Parts], endpoints: list[Endpoint], **cfg: Any) -> Parts:
     p = Parts(endpoints, ENGINE, health_check="etcd", health_rise=1, health_fall=1, **cfg)
     made.append(p)
     return p
