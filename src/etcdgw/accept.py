@@ -27,6 +27,7 @@ from .balancer import Balancer, Remote
 from .config import format_duration
 from .dial import Dialer, OwnAddresses, dial_error
 from .engine import Report, Target
+from .goerrors import IO_TIMEOUT, dial_failed
 from .listeners import LATE_OPTIONS_AFTER, TcpOptions
 from .log import Logger
 from .relay import Relay
@@ -406,7 +407,7 @@ class NativeAccept(Acceptor):
         ep = remote.endpoint
         if err == errno.ETIMEDOUT:
             # The whole dial (every address of the endpoint) shares one --dial-timeout.
-            dialer.resume(client, remote, [], f"dial tcp {ep.addr}: i/o timeout")
+            dialer.resume(client, remote, [], dial_failed(ep.addr, IO_TIMEOUT))
             return
         addrs = list(self.addresses.known(ep.host) or [])
         ip = addrs[0][1][0] if addrs else ""

@@ -12,18 +12,17 @@ function over a `Remote`, so it is tested without sockets or clocks.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import json
-import os
-import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
 from .balancer import Remote
-from .config import Config, ConfigError, Endpoint, format_addr, format_duration
+from .config import Config, ConfigError, Endpoint
 from .dial import SELF_DIAL
+from .goerrors import IO_TIMEOUT, dial_failed
+from .httpclient import HttpError, request
+from .tls import client_context, error_text
 
 if TYPE_CHECKING:
     from .balancer import Balancer
@@ -35,17 +34,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HealthChecker",
-    "HttpError",
     "check_endpoint",
     "judge_response",
     "record_check",
-    "request",
     "tls_context",
 ]
-
-# A health answer is a few dozen bytes; anything bigger is not etcd's /health.
-MAX_RESPONSE = 64 * 1024  # longest status or header line
-MAX_BODY = 4096  # body bytes read and judged; the rest of a longer (or endless) body is not read
 
 
 # --- decision (pure) --------------------------------------------------------------------------
@@ -105,7 +98,7 @@ def judge_response(status: int, reason: str, body: bytes) -> str:
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext:
-    """The client context for checks of https endpoints.
+    """The client context for checks (and member-list syncs) of https endpoints.
 
     Trusts --trusted-ca-file (the system store if empty) and presents --health-cert-file /
     --health-key-file when given: members run with --client-cert-auth refuse anonymous
@@ -114,22 +107,7 @@ def tls_context(cfg: Config) -> ssl.SSLContext:
     Raises:
         ConfigError: an unreadable CA file, certificate or key (stderr).
     """
-    try:
-        ctx = ssl.create_default_context(cafile=cfg.trusted_ca_file or None)
-    except (ssl.SSLError, OSError) as e:
-        raise ConfigError(
-            f"failed to load trusted CA file {cfg.trusted_ca_file}: {_reason(e)}",
-            stream="stderr",
-        ) from None
-    if cfg.health_cert_file:
-        try:
-            ctx.load_cert_chain(cfg.health_cert_file, cfg.health_key_file or None)
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigError(
-                f"failed to load --health-cert-file {cfg.health_cert_file}: {_reason(e)}",
-                stream="stderr",
-            ) from None
-    return ctx
+    return client_context(cfg.trusted_ca_file, cfg.health_cert_file, cfg.health_key_file)
 
 
 async def check_endpoint(
@@ -155,186 +133,6 @@ async def check_endpoint(
         return str(e)
     error = judge_response(status, reason, body)
     return f"GET {url}: {error}" if error else ""
-
-
-class HttpError(Exception):
-    """A request that got no HTTP answer, worded like Go's client: `GET url: reason`."""
-
-
-async def request(
-    ep: Endpoint,
-    addrs: list[tuple[int, Any]],
-    *,
-    timeout: float,
-    ssl_context: ssl.SSLContext | None,
-    method: str = "GET",
-    path: str = "/health",
-    body: bytes = b"",
-    max_body: int = MAX_BODY,
-) -> tuple[int, str, bytes]:
-    """One HTTP/1.1 request to ep (https when ep.secure and ssl_context), all within timeout.
-
-    Shared by the health checks (GET /health) and membership.py (POST member list).
-
-    Returns:
-        (status, reason, body), body cut at max_body bytes (the rest is not read).
-
-    Raises:
-        HttpError: no answer (dial, TLS, timeout, malformed response), with the reason.
-    """
-    url = f"{'https' if ep.secure and ssl_context else 'http'}://{ep.addr}{path}"
-    where = f"{method} {url}"
-    try:
-        async with asyncio.timeout(timeout):
-            return await _fetch(
-                ep,
-                addrs,
-                ssl_context if ep.secure else None,
-                method=method,
-                path=path,
-                body=body,
-                max_body=max_body,
-            )
-    except TimeoutError:
-        raise HttpError(f"{where}: i/o timeout ({format_duration(timeout)})") from None
-    except ssl.SSLError as e:
-        raise HttpError(f"{where}: tls: {_reason(e)}") from None
-    except _BadResponse as e:
-        raise HttpError(f"{where}: malformed response: {e}") from None
-    except _DialError as e:
-        raise HttpError(f"{where}: {e.strerror}") from None
-    except OSError as e:
-        raise HttpError(f"{where}: {_reason(e)}") from None
-
-
-class _BadResponse(Exception):
-    """Not an HTTP/1.x response we can read."""
-
-
-class _DialError(OSError):
-    """A failed connect, already worded like Go's dial errors."""
-
-
-async def _fetch(
-    ep: Endpoint,
-    addrs: list[tuple[int, Any]],
-    ctx: ssl.SSLContext | None,
-    *,
-    method: str,
-    path: str,
-    body: bytes,
-    max_body: int,
-) -> tuple[int, str, bytes]:
-    loop = asyncio.get_running_loop()
-    sock: socket.socket | None = None
-    writer: asyncio.StreamWriter | None = None
-    last: OSError | None = None
-    try:
-        for fam, sa in addrs:
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                await loop.sock_connect(s, (sa[0], ep.port, *sa[2:]))
-            except OSError as e:
-                s.close()
-                reason = os.strerror(e.errno).lower() if e.errno else str(e)
-                where = format_addr(sa[0], ep.port)
-                last = _DialError(e.errno or errno.EIO, f"dial tcp {where}: connect: {reason}")
-                continue
-            except BaseException:
-                s.close()
-                raise
-            sock = s
-            break
-        if sock is None:
-            raise last or _DialError(errno.EHOSTUNREACH, f"dial tcp {ep.addr}: no address")
-        reader, writer = await asyncio.open_connection(
-            sock=sock,
-            ssl=ctx,
-            # SNI and certificate check against the endpoint's own name, not the IP dialled.
-            server_hostname=ep.host if ctx is not None else None,
-            limit=MAX_RESPONSE,
-        )
-        extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body else ""
-        writer.write(
-            f"{method} {path} HTTP/1.1\r\nHost: {ep.addr}\r\nUser-Agent: etcdgw/{__version__}\r\n"
-            f"Accept: application/json\r\n{extra}Connection: close\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-        return await _read_response(reader, max_body)
-    finally:
-        if writer is not None:
-            # abort, not close: no TLS close_notify round trip to wait for.
-            writer.transport.abort()
-        if sock is not None:
-            sock.close()
-
-
-async def _read_response(
-    reader: asyncio.StreamReader, max_body: int = MAX_BODY
-) -> tuple[int, str, bytes]:
-    try:
-        line = await reader.readline()
-        parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise _BadResponse(repr(line[:80]) if line else "empty")
-        status, reason = int(parts[1]), (parts[2] if len(parts) > 2 else "")
-        length: int | None = None
-        chunked = False
-        for _ in range(100):
-            h = await reader.readline()
-            if h in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = h.decode("latin-1").partition(":")
-            name, value = name.strip().lower(), value.strip()
-            if name == "content-length" and value.isdigit():
-                length = int(value)
-            elif name == "transfer-encoding" and "chunked" in value.lower():
-                chunked = True
-        else:
-            raise _BadResponse("too many header lines")
-        # At most max_body bytes, appended to one buffer (a hostile member sending endless
-        # 1-byte chunks costs a bounded, linear read, not a quadratic one per check).
-        body = bytearray()
-        if chunked:
-            while len(body) < max_body:
-                size_line = (await reader.readline()).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_line, 16)
-                except ValueError:
-                    raise _BadResponse("bad chunk size") from None
-                if size <= 0:
-                    break
-                want = min(size, max_body - len(body))
-                body += await reader.readexactly(want)
-                if want < size:
-                    break  # enough to judge; the rest is not read
-                await reader.readline()
-        elif length is not None:
-            body += await reader.readexactly(min(length, max_body))
-        else:
-            while len(body) < max_body:  # up to the end of the stream (read() stops sooner)
-                chunk = await reader.read(max_body - len(body))
-                if not chunk:
-                    break
-                body += chunk
-    except (asyncio.LimitOverrunError, ValueError):
-        raise _BadResponse("response too large") from None
-    except asyncio.IncompleteReadError:
-        raise _BadResponse("connection closed mid-response") from None
-    return status, reason, bytes(body)
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, ssl.SSLError):
-        text = str(e.args[1]) if len(e.args) > 1 else str(e)
-        # "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1006)"
-        text = text.split("] ", 1)[-1]
-        return text.rsplit(" (_ssl.c:", 1)[0]
-    if isinstance(e, OSError) and e.errno:
-        return os.strerror(e.errno).lower()
-    return str(e) or type(e).__name__
 
 
 # --- the checker ------------------------------------------------------------------------------
@@ -457,7 +255,7 @@ class HealthChecker:
             try:
                 addrs = await asyncio.wait_for(self.addresses.resolve(ep.host), timeout)
             except (TimeoutError, OSError) as e:
-                why = "i/o timeout" if isinstance(e, TimeoutError) else _reason(e)
+                why = IO_TIMEOUT if isinstance(e, TimeoutError) else error_text(e)
                 error = f"lookup {ep.host}: {why}"
             else:
                 # Never through the gateway itself (a name that now resolves to it).
@@ -465,7 +263,7 @@ class HealthChecker:
                 if addrs:
                     error = await check_endpoint(ep, addrs, timeout=timeout, ssl_context=ctx)
                 else:
-                    error = f"dial tcp {ep.addr}: {SELF_DIAL}"
+                    error = dial_failed(ep.addr, SELF_DIAL)
         if self.enabled:
             self.apply(remote, error)
 

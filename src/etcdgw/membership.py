@@ -4,7 +4,7 @@ for every client behind the gateway).
 # Strategy:
 Every interval (and on SIGHUP) ask one endpoint for etcd's `MemberList` over the HTTP/JSON
 gateway (`POST /v3/cluster/member/list`, etcd 3.4+), with the health checks' TLS settings
-(`health.tls_context`, `health.request`) for https endpoints, and make the members' client
+(`health.tls_context`, `httpclient.request`) for https endpoints, and make the members' client
 URLs the endpoints through the gateway's `set_endpoints` (source `member-list`): new members get
 clients, removed ones get no new clients while their live connections continue.
 
@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Endpoint, format_duration, host_error, parse_port, split_host_port
-from .health import HttpError, request, tls_context
+from .health import tls_context
+from .httpclient import HttpError, request
 from .resolver import LOOKUP_TIMEOUT
 
 if TYPE_CHECKING:
