@@ -23,7 +23,6 @@ import asyncio
 import collections
 import errno
 import json
-import os
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -40,7 +39,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ._version import __version__
-from .config import ConfigError, format_addr, format_duration, parse_port, split_host_port
+from .config import KEY_BY_NAME, ConfigError, convert, format_duration, split_host_port
+from .listeners import bind_tcp, sock_name
 from .view import PYTHON_VERSION, View, endpoint_rows, is_ready, status_document
 
 if TYPE_CHECKING:
@@ -297,36 +297,13 @@ class MetricsServer:
             ConfigError: `listen tcp <addr>: bind: <reason>` (stderr), as for --listen-addr;
                 `failed to validate metrics address: <addr>` for a malformed address.
         """
+        # The schema's check of --metrics-addr (config.py owns it); the value is then trusted.
+        convert(KEY_BY_NAME["metrics-addr"], self.addr)
+        host, port_text = split_host_port(self.addr)
         try:
-            host, port_text = split_host_port(self.addr)
-            port = parse_port(port_text)
-        except ValueError:
-            raise ConfigError(
-                f"failed to validate metrics address: {self.addr}", stream="stderr"
-            ) from None
-        try:
-            # The kernel's maximum backlog (net.core.somaxconn, 4096 on Linux >= 5.4), as the
-            # relay listeners: a connect flood fills it instead of overflowing a short one.
-            if host in ("", "::"):
-                sock = socket.create_server(
-                    ("", port),
-                    family=socket.AF_INET6,
-                    dualstack_ipv6=True,
-                    backlog=socket.SOMAXCONN,
-                )
-            else:
-                infos = socket.getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-                )
-                family, _, _, _, sockaddr = infos[0]
-                sock = socket.create_server(sockaddr, family=family, backlog=socket.SOMAXCONN)
+            self.sock = bind_tcp(host, int(port_text), self.addr)
         except socket.gaierror:
             raise ConfigError(f"failed to resolve metrics host: {host}", stream="stderr") from None
-        except OSError as e:
-            reason = os.strerror(e.errno).lower() if e.errno else str(e)
-            raise ConfigError(f"listen tcp {self.addr}: bind: {reason}", stream="stderr") from None
-        sock.setblocking(False)
-        self.sock = sock
 
     async def start(self) -> None:
         """Serve on the running loop (bind() first)."""
@@ -335,10 +312,9 @@ class MetricsServer:
         assert self.sock is not None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._on_accept)
-        name = self.sock.getsockname()
         self.log.info(
             "serving metrics",
-            address=format_addr(name[0], name[1]),
+            address=sock_name(self.sock),
             paths=["/metrics", "/health", "/ready", "/status"],
         )
 

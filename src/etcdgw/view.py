@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .config import format_addr
+from .listeners import sock_name
 
 if TYPE_CHECKING:
     from .balancer import Balancer, Remote
@@ -123,12 +123,9 @@ def status_document(view: View, started: float) -> dict[str, Any]:
     listen = []
     for s in view.listeners():
         try:
-            name = s.getsockname()
+            listen.append(sock_name(s))
         except OSError:
-            continue
-        listen.append(
-            f"unix://{name}" if s.family == socket.AF_UNIX else format_addr(name[0], name[1])
-        )
+            continue  # closed meanwhile (a drain)
     return {
         "version": __version__,
         "engine": view.engine,
