@@ -1,7 +1,7 @@
 """Active etcd health checks (--health-check=etcd): GET /health on every endpoint, damped.
 
 # Strategy:
-The Go gateway only re-probes *inactive* endpoints with a TCP connect (server.py's monitor
+The Go gateway only re-probes *inactive* endpoints with a TCP connect (monitor.py's Monitor
 keeps doing that); a member that accepts TCP but has no leader keeps getting clients there.
 With --health-check=etcd every endpoint is also asked etcd's own `GET /health` every
 --health-interval, one request in flight per endpoint, all endpoints concurrently. The
