@@ -198,7 +198,7 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
         from .health import HealthChecker
 
         # Built now so a bad --trusted-ca-file or health key is a start-up error. It reads
-        # gw.cfg every round, so a reload can switch etcd checks on and off.
+        # the settings in force every round, so a reload can switch etcd checks on and off.
         run.health = HealthChecker(gw.settings, gw.balancer, gw.addresses, gw.own, gw.monitor, log)
         if cfg.auto_sync_interval > 0:
             from .membership import Membership
