@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import ssl
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .balancer import Remote
@@ -112,7 +113,7 @@ def tls_context(cfg: Config) -> ssl.SSLContext:
 
 async def check_endpoint(
     ep: Endpoint,
-    addrs: list[tuple[int, Any]],
+    addrs: Sequence[tuple[int, Any]],
     *,
     timeout: float,
     ssl_context: ssl.SSLContext | None,
