@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .balancer import Balancer, Remote
-from .config import format_duration
 from .dial import Dialer, OwnAddresses, dial_error
 from .engine import Report, Target
 from .goerrors import IO_TIMEOUT, dial_failed
+from .golang import format_duration
 from .listeners import LATE_OPTIONS_AFTER, TcpOptions
 from .log import Logger
 from .relay import Relay

@@ -20,17 +20,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import systemd
 from ._version import __version__
-from .config import (
-    Config,
-    ConfigError,
-    Endpoint,
-    check_self_loop,
-    format_duration,
-    is_loopback_host,
-    parse_endpoints,
-)
+from .config import Config, ConfigError, Endpoint, parse_endpoints
+from .golang import format_duration
 from .log import Logger
 from .relay import IMPLEMENTATION, new_event_loop
+from .selfloop import check_self_loop, is_loopback_host
 
 _T = TypeVar("_T")
 

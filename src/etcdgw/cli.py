@@ -25,14 +25,12 @@ from .config import (
     KEYS,
     Config,
     ConfigError,
-    FileValue,
     Key,
     convert,
-    go_quote,
-    parse_duration,
     parse_listen,
-    read_config_file,
 )
+from .configfile import FileValue, read_config_file
+from .golang import go_quote, parse_duration
 from .systemd import Interrupted, StartupSignals
 
 PROG = "etcdgw"

@@ -35,10 +35,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .balancer import Balancer, Remote
-from .config import Endpoint, format_addr, loops_back
+from .config import Endpoint, format_addr
 from .goerrors import IO_TIMEOUT, NO_ADDRESS, connect_failed, dial_failed, strerror
 from .listeners import TcpOptions, set_options
 from .resolver import Addr, AddressBook
+from .selfloop import loops_back
 from .settings import Settings
 
 __all__ = [
@@ -60,7 +61,7 @@ LOCAL_IP_TTL = 5.0
 class OwnAddresses:
     """The gateway's own TCP addresses (listen and metrics), checked before every connect.
 
-    The self-loop guard (config.check_self_loop, the Go gateway's CVE-2020-15114 check) runs
+    The self-loop guard (selfloop.check_self_loop, the Go gateway's CVE-2020-15114 check) runs
     when endpoints are set; a name that resolves to the gateway later (DNS rebinding, a
     mistake in /etc/hosts) would still make the gateway dial itself, each self-connection
     accepted and dialled again until fds run out. So the connect path asks `dials_self`

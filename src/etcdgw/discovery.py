@@ -28,14 +28,8 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from .config import (
-    Config,
-    ConfigError,
-    Endpoint,
-    check_self_loop,
-    format_duration,
-    parse_listen,
-)
+from .config import Config, ConfigError, Endpoint, parse_listen
+from .golang import format_duration
 from .log import Logger
 from .resolver import (
     LOOKUP_TIMEOUT,
@@ -44,6 +38,7 @@ from .resolver import (
     host_resolver,
     server_text,
 )
+from .selfloop import check_self_loop
 from .tls import HANDSHAKE_TIMEOUT, client_context, endpoint_url, validate
 
 __all__ = [
@@ -353,7 +348,7 @@ def self_check_for(
 
     Returns the guard's message when ep points back at a --listen-addr or the
     --metrics-addr (clients sent there would get our metrics server's 404s), or does not
-    resolve; else None. `is_local` is passed on to config.check_self_loop.
+    resolve; else None. `is_local` is passed on to selfloop.check_self_loop.
     """
     res = resolve if resolve is not None else host_resolver(cfg)
     extra: dict[str, Callable[[str], bool]] = {} if is_local is None else {"is_local": is_local}

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
-from .config import Endpoint, format_addr, format_duration
+from .config import Endpoint, format_addr
 from .goerrors import IO_TIMEOUT, NO_ADDRESS, connect_failed, dial_failed
+from .golang import format_duration
 from .tls import error_text
 
 __all__ = ["MAX_BODY", "MAX_RESPONSE", "HttpError", "request"]

@@ -44,7 +44,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Endpoint, format_duration, host_error, parse_port, split_host_port
+from .config import Endpoint, host_error, parse_port, split_host_port
+from .golang import format_duration
 from .health import tls_context
 from .httpclient import HttpError, request
 from .resolver import LOOKUP_TIMEOUT

@@ -31,7 +31,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 from .collector import GatewayCollector
-from .config import KEY_BY_NAME, ConfigError, convert, format_duration, split_host_port
+from .config import KEY_BY_NAME, ConfigError, convert, split_host_port
+from .golang import format_duration
 from .listeners import bind_tcp, sock_name
 from .view import View, is_ready, status_document
 

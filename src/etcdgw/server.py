@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 from . import systemd
 from .accept import Acceptor, LoopAccept, NativeAccept
 from .balancer import Balancer
-from .config import Config, Endpoint, format_duration
+from .config import Config, Endpoint
 from .dial import Dial, Dialer, OwnAddresses, is_local_ip
 from .engine import Report
+from .golang import format_duration
 from .listeners import LateOptions, ListenerSet, TcpOptions
 from .log import Logger
 from .monitor import Monitor

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .balancer import Balancer, Remote
-from .config import format_duration
 from .dial import Dial
+from .golang import format_duration
 from .listeners import LateOptions
 from .log import Logger
 from .monitor import IMMEDIATE, Monitor

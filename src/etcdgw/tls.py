@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from .config import ConfigError, Endpoint, format_addr, go_quote
+from .config import ConfigError, Endpoint, format_addr
 from .goerrors import IO_TIMEOUT, NO_ADDRESS, connect_failed, dial_failed, strerror
+from .golang import go_quote
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
