@@ -365,7 +365,7 @@ def _main(args: list[str], signals: StartupSignals) -> int:
         print(f"Run '{PROG} start --help' for usage.", file=sys.stderr)
         return 1
     except ConfigError as e:
-        print_config_error(e)
+        e.show()
         return 1
 
     from .app import start
@@ -377,10 +377,3 @@ def _main(args: list[str], signals: StartupSignals) -> int:
         reparse=lambda: reparse(args),
         signals=signals,
     )
-
-
-def print_config_error(e: ConfigError) -> None:
-    """A start-up failure: one line on the stream the Go gateway uses for it."""
-    stream = sys.stdout if e.stream == "stdout" else sys.stderr
-    print(e.message, file=stream)
-    stream.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,12 @@ class ConfigError(Exception):
         super().__init__(message)
         self.message = message
         self.stream = stream
+
+    def show(self) -> None:
+        """Print the message as the Go gateway does: one line on its stream, flushed."""
+        out = sys.stdout if self.stream == "stdout" else sys.stderr
+        print(self.message, file=out)
+        out.flush()
 
 
 @dataclass(frozen=True, order=True)
