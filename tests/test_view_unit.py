@@ -18,14 +18,14 @@ from etcdgw.view import View, status_document
 def view_of(p: Parts) -> View:
     """The View as app.metrics_view fills it from a Gateway, here from the parts."""
     relay, table = p.relay, p.table
-    assert p.listening is not None
-    listening = p.listening
+    assert p.listener_set is not None
+    listener_set = p.listener_set
     return View(
         balancer=p.balancer,
         table=table,
         settings=p.settings,
         engine="under test",
-        listeners=lambda: listening.socks,
+        listeners=lambda: listener_set.socks,
         totals=relay.totals,
         live_bytes=lambda: {pid: relay.stats(pid) for pid in table.conns},
         collect_now=relay.poll,
@@ -37,16 +37,16 @@ def view_of(p: Parts) -> View:
 def test_status_counts_a_live_then_a_finished_connection(make: Make) -> None:
     with TagServer("a") as a:
         p = make([ep(a.port)])
-        p.accept()
+        p.start_accepting()
         view = view_of(p)
         started = time.monotonic()
-        assert p.listening is not None
-        with socket.create_connection(p.listening.socks[0].getsockname(), timeout=5) as c:
+        assert p.listener_set is not None
+        with socket.create_connection(p.listener_set.socks[0].getsockname(), timeout=5) as c:
             assert p.read_line(c) == b"a\n"
             c.sendall(b"hello\n")
             assert p.read_line(c) == b"hello\n"
             doc = p.call(lambda: status_document(view, started))
-            assert doc["listen"] == [f"127.0.0.1:{p.listening.port}"]
+            assert doc["listen"] == [f"127.0.0.1:{p.listener_set.port}"]
             assert doc["connections"]["active"] == 1
             assert doc["connections"]["accepted"] == 1
             [row] = doc["endpoints"]
@@ -65,7 +65,7 @@ def test_status_counts_a_live_then_a_finished_connection(make: Make) -> None:
 def test_health_and_ready_follow_the_parts(make: Make) -> None:
     with TagServer("a") as a:
         p = make([ep(a.port)])
-        p.accept()
+        p.start_accepting()
         ms = MetricsServer(view_of(p), "127.0.0.1:0", Logger(level="error"))
         try:
             assert ms.respond("GET", "/health")[0] == 200

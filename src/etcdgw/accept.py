@@ -119,7 +119,7 @@ class Acceptor:
         limit = self.settings.cfg.max_connections
         return bool(limit) and self.table.active_connections() >= limit
 
-    def resume_if_room(self) -> None:
+    def resume_below_limit(self) -> None:
         """A connection ended (or a pause passed): accept again unless still at the limit."""
         if not self.accepting and self._pause_handle is None and not self.full():
             self.start()
@@ -354,7 +354,7 @@ class NativeAccept(Acceptor):
         by_tag = self.balancer.by_tag
         resync = False
         # What started first: a drain counts live connections when a short pair's end
-        # makes room (room() below), and a pair that started in this same report must be
+        # makes room (on_gone() below), and a pair that started in this same report must be
         # among them, or the drain ends under it.
         for st in report.started:
             remote = by_tag(st.tag)
@@ -369,7 +369,7 @@ class NativeAccept(Acceptor):
                     # The relay thread set the target aside on its own (_relay.pyx
                     # _finish): tell it the balancer's verdict even if that did not change.
                     resync = True
-            table.room()
+            table.on_gone()
             if resync:
                 self.resync()
         for f in report.failed:

@@ -159,7 +159,7 @@ def metrics_view(gw: Gateway) -> View:
         table=gw.table,
         settings=gw.settings,
         engine=gw.implementation,
-        listeners=lambda: gw.listeners,
+        listeners=lambda: gw.listen_socks,
         totals=gw.totals,
         live_bytes=gw.live_bytes,
         collect_now=gw.collect_now,
