@@ -2,10 +2,11 @@
 
 Three stages, because a test drives the parts before a listener exists:
 
-    Parts(cfg, log, resolve, on_gone) the parts that live from construction (no loop needed)
-    parts.attach(loop, engine_cls)   the relay engine on the loop, the late socket options,
-                                     the Dialer
-    parts.accept(listeners)          who accepts: the relay thread (native accept) or the loop
+    Parts(cfg, log, resolve, on_gone)  the parts that live from construction (no loop)
+    parts.attach(loop, engine_cls)     the relay engine on the loop, the late socket
+                                       options, the Dialer
+    parts.accept(loop, listeners)      who accepts: the relay thread (native accept) or
+                                       the loop
 
 and one teardown (close), in the order the fds are owned. `Gateway` (server.py) adds the
 lifecycle (serve, drain, stop, signals) on top; tests/_parts.py adds a test listener and
