@@ -22,6 +22,7 @@
 #   `with nogil:` block on the caller's thread; fileno() is the epoll fd itself;
 # - either way finished pairs wait in a C list and Python tuples are built with the GIL.
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport (
     EAGAIN, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ENOTCONN,
@@ -35,7 +36,7 @@ from posix.signal cimport SIG_BLOCK, SIG_SETMASK, sigaction, sigaction_t, sigfil
 from posix.types cimport sigset_t
 from posix.unistd cimport close, read, write
 
-from .engine import Failed, Finished, Paused, Report, ShortSum, Started
+from .engine import Failed, Finished, Handed, Paused, Report, ShortSum, Started
 
 cdef uint64_t WAKE_KEY = 0xFFFFFFFFFFFFFFFF  # epoll key of the thread's wake-up eventfd
 cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native listeners
@@ -624,6 +625,123 @@ cdef class Engine:
             self._unlock()
         return result
 
+    def detach(self, limit: int) -> list[Handed]:
+        """Take up to `limit` live pairs out, open, with their state (engine.Engine.detach).
+
+        Loop-added pairs and, with native accept, the thread's own (the fds are the
+        caller's now: the engine closes them no more). A pair still connecting is handed
+        with upstream_fd -1 (its half-made upstream socket is closed): dial it again.
+        Threaded: the thread is between batches while this holds the lock, as for remove().
+        """
+        cdef int32_t i, n = 0, nfresh = 0
+        cdef Py_ssize_t want = limit
+        cdef Pair *p
+        cdef int ufd
+        cdef uint64_t one = 1
+        if want < 0:
+            raise ValueError(f"limit out of range: {limit}")
+        self._check_open()
+        handed = []
+        self._lock()
+        try:
+            for i in range(self.c.cap):
+                if n >= want:
+                    break
+                p = &self.c.pairs[i]
+                if p.state != LIVE and p.state != CONNECTING:
+                    continue
+                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
+                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
+                ufd = p.dir[1].src
+                if p.state == CONNECTING:
+                    close(ufd)
+                    ufd = -1
+                # The bytes first: _detach_bufs() frees them (and counts the pair out).
+                handed.append(Handed(
+                    p.id, p.dir[0].src, ufd, p.tag, p.dir[0].moved, p.dir[1].moved,
+                    bool(p.dir[0].eof), bool(p.dir[1].eof),
+                    _carried(&p.dir[0]), _carried(&p.dir[1]),
+                ))
+                _detach_bufs(&self.c, p)
+                _untrack(&self.c, p)
+                if p.fresh:  # its Started record is dropped below: not reported
+                    nfresh += 1
+                _release(&self.c, i)
+                n += 1
+            if nfresh:
+                _drop_released_started(&self.c)
+        finally:
+            self._unlock()
+        if self.c.threaded:
+            write(self.c.wake_fd, &one, sizeof(one))  # fewer pairs: a client may wait at the limit
+        return handed
+
+    def adopt(self, h) -> int:
+        """Relay a handed pair from where it stopped (engine.Engine.adopt); its new id.
+
+        The carried bytes wait in the pair's buffers as bytes its destination refused, and
+        the EOFs as read ones: the next batch writes them first, then shuts down.
+        """
+        cdef int cfd = h.client_fd, ufd = h.upstream_fd, err, i
+        cdef int32_t slot
+        cdef Pair *p
+        cdef epoll_event ev
+        cdef bytes data
+        cdef uint64_t one = 1
+        if cfd < 0 or ufd < 0:
+            raise ValueError("adopt() needs both fds (dial the client first)")
+        carried = (bytes(h.to_upstream), bytes(h.to_client))
+        self._check_open()
+        self._lock()
+        try:
+            slot = _new_slot(&self.c)
+            if slot < 0:
+                raise MemoryError("too many pairs")
+            p = &self.c.pairs[slot]
+            p.dir[0].src = p.dir[1].dst = cfd
+            p.dir[0].dst = p.dir[1].src = ufd
+            p.dir[0].moved, p.dir[1].moved = h.c2u, h.u2c
+            p.dir[0].eof, p.dir[1].eof = bool(h.client_eof), bool(h.upstream_eof)
+            for i in range(2):
+                data = carried[i]
+                if len(data):
+                    p.dir[i].buf = <char *>_alloc(&self.c, len(data))
+                    if p.dir[i].buf == NULL:
+                        _free(&self.c, p.dir[0].buf)
+                        p.dir[0].buf = NULL
+                        _release(&self.c, slot)
+                        raise MemoryError()
+                    memcpy(p.dir[i].buf, PyBytes_AS_STRING(data), len(data))
+                    p.dir[i].end = <uint32_t>len(data)
+                # No event may come for these (an idle destination, an EOF read already).
+                p.dir[i].ready = p.dir[i].buf != NULL or p.dir[i].eof
+            ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
+            ev.data.u64 = p.id << 1
+            if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, cfd, &ev) == 0:
+                ev.data.u64 = (p.id << 1) | 1
+                if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, ufd, &ev) == 0:
+                    p.state = LIVE
+                    self.c.nlive += 1
+                    if h.tag >= 0:
+                        p.tag = h.tag
+                        _track(&self.c, p)
+                    if p.dir[0].ready or p.dir[1].ready:
+                        _enqueue(&self.c, p)
+                    if self.c.threaded:
+                        write(self.c.wake_fd, &one, sizeof(one))
+                    return p.id
+                err = errno
+                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, cfd, NULL)
+            else:
+                err = errno
+            for i in range(2):
+                _free(&self.c, p.dir[i].buf)
+                p.dir[i].buf = NULL
+            _release(&self.c, slot)
+        finally:
+            self._unlock()
+        raise OSError(err, strerror(err).decode())
+
     def stats(self, pair_id: int) -> tuple[int, int]:
         """(bytes client->upstream, bytes upstream->client) relayed so far for one pair.
 
@@ -1042,6 +1160,42 @@ cdef void _detach_bufs(Core *c, Pair *p) noexcept nogil:
         c.nlive -= 1
     elif p.state == CONNECTING:
         _unconnect(c, p)
+
+cdef bytes _carried(Dir *d):
+    """The bytes one direction read and its destination has not taken: its buffer, then
+    its pipe (drained: the pipe stays the engine's)."""
+    cdef bytes piped
+    cdef ssize_t r, got = 0
+    head = d.buf[d.start:d.end] if d.buf != NULL else b""
+    if not d.piped:
+        return head
+    piped = PyBytes_FromStringAndSize(NULL, d.piped)
+    while got < d.piped:
+        r = read(d.pipe[0], PyBytes_AS_STRING(piped) + got, d.piped - got)
+        if r <= 0:
+            if r < 0 and errno == EINTR:
+                continue
+            raise OSError(errno, "draining a relay pipe: " + strerror(errno).decode())
+        got += r
+    return head + piped
+
+cdef void _drop_released_started(Core *c) noexcept nogil:
+    """Unlink the pairs released since (detach) from the started list."""
+    cdef int32_t slot = c.started_head, prev = -1, nxt
+    while slot >= 0:
+        nxt = c.pairs[slot].snext
+        if c.pairs[slot].state == FREE:
+            c.pairs[slot].snext = -1
+            c.pairs[slot].fresh = 0
+            c.nunreported -= 1
+            c.nrecords -= 1
+            if prev >= 0:
+                c.pairs[prev].snext = nxt
+            else:
+                c.started_head = nxt
+        else:
+            prev = slot
+        slot = nxt
 
 cdef void _enqueue(Core *c, Pair *p) noexcept nogil:
     cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)

@@ -24,6 +24,7 @@ __all__ = [
     "Engine",
     "Failed",
     "Finished",
+    "Handed",
     "LoopEpoll",
     "NativeAccept",
     "Paused",
@@ -42,6 +43,29 @@ class Finished(NamedTuple):
     u2c: int  # bytes upstream -> client
     err: int  # errno that ended it, 0 for a clean end (both EOFs passed on)
     ended: int = 0  # the side that ended first: 1 client, 2 upstream, 0 unknown (removed)
+
+
+class Handed(NamedTuple):
+    """A live pair taken out of an engine (detach); its fds are the caller's now, open.
+
+    What another engine (of either twin, in this process or the next) needs to continue the
+    pair exactly where this one stopped (adopt): no byte lost or sent twice, and the
+    half-closes kept.
+    """
+
+    pair_id: int  # its id in the engine it left
+    client_fd: int
+    upstream_fd: int  # -1: native accept had not finished the dial (the half-made upstream
+    # socket is closed); the client is to be dialled again (it sent nothing we consumed)
+    tag: int  # the target the upstream is connected to (Target.tag), or -1
+    c2u: int  # bytes relayed so far client -> upstream
+    u2c: int  # bytes relayed so far upstream -> client
+    client_eof: bool  # the client's EOF was read: SHUT_WR passes on to the upstream once
+    # to_upstream is written (it may already have been; shutting again is harmless)
+    upstream_eof: bool  # the same, upstream -> client
+    to_upstream: bytes  # read from the client, not written to the upstream yet
+    to_client: bytes  # read from the upstream, not written to the client yet (with splice,
+    # what sat in the pipe: drained into this)
 
 
 class Target(NamedTuple):
@@ -146,6 +170,26 @@ class Engine(Protocol):
         ...
 
     def __len__(self) -> int: ...
+
+    def detach(self, limit: int) -> list[Handed]:
+        """Take up to `limit` live pairs out of the engine, open, with their state.
+
+        Their fds leave the engine's epoll set and are neither closed nor shut down: they
+        are the caller's from now on (also those of pairs native accept made). No later
+        run()/collect() mentions a handed pair. Pairs that finished already are not handed,
+        they are reported as usual.
+        """
+        ...
+
+    def adopt(self, h: Handed) -> int:
+        """Relay a pair another engine handed out, as add() would (the caller owns the fds);
+        return its new pair id.
+
+        The carried bytes are written first, then the EOFs h says were read are passed on
+        (SHUT_WR), then the pair is relayed as usual; its byte counts continue from h's.
+        ValueError for an upstream_fd of -1 (dial first, then adopt with the new fd).
+        """
+        ...
 
     def close(self) -> None:
         """Stop and close the engine's own fds (idempotent); relayed fds stay open."""

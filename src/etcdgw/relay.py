@@ -12,13 +12,14 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from . import engine as contract
-from .engine import Finished, Report, Target
+from .engine import Finished, Handed, Report, Target
 
 __all__ = [
     "IMPLEMENTATION",
     "NO_EXTENSIONS",
     "Engine",
     "Finished",
+    "Handed",
     "Relay",
     "RelayEventLoop",
     "RelaySelector",
@@ -236,6 +237,19 @@ class Relay:
     def stats(self, pair_id: int) -> tuple[int, int]:
         """(bytes client->upstream, bytes upstream->client) so far for one pair."""
         return self._engine.stats(pair_id)
+
+    def detach(self, limit: int) -> list[Handed]:
+        """Take up to `limit` live pairs out of the engine, open (a live upgrade hands them to
+        the next process); no on_finished/on_native record mentions them afterwards."""
+        return self._engine.detach(limit)
+
+    def adopt(self, handed: Handed) -> int:
+        """Relay a pair another engine handed out, from where it stopped; its new pair id.
+        The engine writes the carried bytes at its next wake-up, scheduled here."""
+        pair_id = self._engine.adopt(handed)
+        if self._again is None and self._fd >= 0:
+            self._again = self._loop.call_soon(self._on_again)
+        return pair_id
 
     def totals(self) -> tuple[int, int]:
         """The same counts summed over every pair ever relayed (for metrics)."""
