@@ -271,6 +271,10 @@ cdef struct Core:
     int32_t late_head
     int32_t late_n
     uint64_t report_at  # CLOCK_MONOTONIC ns by which the waiting records are announced
+    # the relay thread's waits for the lock while the loop held it (bench/collect_lock.py)
+    uint64_t lock_waits
+    uint64_t lock_wait_ns
+    uint64_t lock_wait_max_ns
 
 
 cdef class Engine:

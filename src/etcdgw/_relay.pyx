@@ -778,6 +778,16 @@ cdef class Engine:
         """
         self._close()
 
+    def _lock_waits(self, reset: bool = False) -> tuple[int, int, int]:
+        """(waits, total ns, longest ns) the relay thread spent waiting for the lock the loop
+        held, since the start or the last reset; for bench/collect_lock.py, not an API."""
+        self._lock()
+        result = (self.c.lock_waits, self.c.lock_wait_ns, self.c.lock_wait_max_ns)
+        if reset:
+            self.c.lock_waits = self.c.lock_wait_ns = self.c.lock_wait_max_ns = 0
+        self._unlock()
+        return result
+
     def _epoll_fileno(self) -> int:
         """The epoll fd itself (tests read its registrations); not an API."""
         self._check_open()
@@ -902,6 +912,21 @@ cdef void _handle(Core *c, int n) noexcept nogil:
             _enqueue(c, p)
 
 
+cdef void _thread_lock(Core *c) noexcept nogil:
+    """The relay thread takes the lock; when the loop holds it, the wait is counted (the
+    loop's share of the lock is relaying time lost: Engine._lock_waits())."""
+    cdef uint64_t t0, waited
+    if pthread_mutex_trylock(&c.lock) == 0:
+        return
+    t0 = _now_ns()
+    pthread_mutex_lock(&c.lock)
+    waited = _now_ns() - t0
+    c.lock_waits += 1
+    c.lock_wait_ns += waited
+    if waited > c.lock_wait_max_ns:
+        c.lock_wait_max_ns = waited
+
+
 cdef void *_thread_main(void *arg) noexcept nogil:
     """The relay thread (threaded mode): epoll_wait, then one batch under the lock; no GIL.
 
@@ -920,7 +945,7 @@ cdef void *_thread_main(void *arg) noexcept nogil:
         # loop changes since then that needs the thread (listen, set_targets, remove,
         # close) writes wake_fd.
         n = _harvest(c, timeout)
-        pthread_mutex_lock(&c.lock)
+        _thread_lock(c)
         if c.stopping:
             pthread_mutex_unlock(&c.lock)
             return NULL
