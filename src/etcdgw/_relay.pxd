@@ -277,10 +277,33 @@ cdef struct Core:
     uint64_t lock_wait_max_ns
 
 
+cdef enum:
+    REC_STARTED = 0   # Rec.kind
+    REC_SHORT = 1     # started and finished since the last collect (aggregate): summed
+    REC_FINISHED = 2
+    REC_FAILED = 3    # id is the client fd
+
+
+cdef struct Rec:
+    # One record of collect(), copied out of the pair table under the lock; the Python
+    # objects are built from these once the lock is released.
+    uint64_t id
+    int64_t tag
+    uint64_t c2u
+    uint64_t u2c
+    int err
+    uint8_t kind
+    uint8_t ended
+    uint8_t silent
+
+
 cdef class Engine:
     cdef Core c
+    cdef Rec *recs      # collect()'s copies (GIL held: only the loop's thread touches it)
+    cdef Py_ssize_t recs_cap
 
     cdef object _collect(self, bint aggregate)
+    cdef bint _reserve(self, Py_ssize_t n) noexcept
     cdef _check_native(self)
     cdef _check_open(self)
     cdef void _lock(self) noexcept
