@@ -22,7 +22,7 @@ import pytest
 
 from _gateway import silent_listener
 from etcdgw import _relay_py
-from etcdgw.engine import Finished, Handed, Target
+from etcdgw.engine import Finished, Handed, RelaySettings, Target
 from etcdgw.relay import Relay, new_event_loop
 
 C = pytest.mark.c_extension
@@ -445,7 +445,9 @@ def test_native_pairs_are_handed_with_their_tag_and_never_reported(no_fd_leak: N
     ups: list[socket.socket] = []
     handed: list[Handed] = []
     try:
-        e.set_targets([Target(5, socket.AF_INET, "127.0.0.1", back.port, 0, 0, True)])
+        e.set_targets(
+            [Target(5, socket.AF_INET, "127.0.0.1", back.port, 0, 0, True)], RelaySettings()
+        )
         e.listen(lsock.fileno(), True)
         deadline = time.monotonic() + 5
         clients.append(socket.create_connection(lsock.getsockname(), timeout=5))
@@ -519,7 +521,7 @@ def test_a_pair_still_dialling_hands_its_client_alone(no_fd_leak: None) -> None:
     try:
         e.set_targets(
             [Target(2, socket.AF_INET, "127.0.0.1", lst.getsockname()[1], 0, 0, True)],
-            dial_timeout=60,
+            RelaySettings(dial_timeout=60),
         )
         e.listen(lsock.fileno(), True)
         client = socket.create_connection(lsock.getsockname(), timeout=5)
@@ -560,7 +562,7 @@ def test_an_adopted_pair_counts_for_least_connections(sockets: Any) -> None:
                 Target(1, socket.AF_INET, "127.0.0.1", 1, 0, 0, True),
                 Target(2, socket.AF_INET, "127.0.0.1", 2, 0, 0, True),
             ],
-            least=True,
+            RelaySettings(least=True),
         )
         client, down, up, upstream = sockets("unix")
         pid = e.adopt(Handed(1, down.fileno(), up.fileno(), 1, 0, 0, False, False, b"", b""))

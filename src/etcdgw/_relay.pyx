@@ -452,10 +452,8 @@ cdef class Engine:
         finally:
             self._unlock()
 
-    def set_targets(self, targets, sockopts=(), dial_timeout: float = 5.0,
-                    limit: int = 0, late_sockopts=(), late_after: float = 1.0,
-                    least: bool = False) -> None:
-        """What native accept connects clients to, and how.
+    def set_targets(self, targets, settings) -> None:
+        """What native accept connects clients to, and how (an engine.RelaySettings).
 
         targets: [engine.Target] in the balancer's order. The choice is the rule of
             etcdgw.balancer.Selector (_pick.pxi): round-robin over one counter, skipping
@@ -463,20 +461,21 @@ cdef class Engine:
             priority class, RFC 2782 weighted. A target without an ip is handed back to the
             caller (collect()'s failed list, errno 0). Link-local (scoped) IPv6 addresses
             are not given here: the caller dials those.
-        sockopts: [(level, option, value)] set on every upstream socket (and on clients that
-            do not inherit them from their listener).
-        dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
-        limit: live plus connecting pairs beyond which clients wait in the backlog (0: none).
-        least: choose by least connections (Selector's rule) instead of round-robin; each
+        settings.sockopts: [(level, option, value)] set on every upstream socket (and on
+            clients that do not inherit them from their listener).
+        settings.dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
+        settings.limit: live plus connecting pairs beyond which clients wait in the backlog
+            (0: none).
+        settings.least: choose by least connections (Selector's rule) instead of round-robin; each
             target's live count carries over from the previous call by tag. A target that
             leaves keeps its count while it has live pairs (parked: never picked), so a tag
             listed again later still has it; the clients being connected to it are handed
             back at once (collect()'s failed, errno 0: dial them yourself), so once the next
             collect() has returned, the engine says nothing more of a tag that left.
-        late_sockopts: set on the upstream socket of a pair that is still live late_after
-            seconds after its connect (keep-alive settings, which cannot matter sooner: a
-            connection that lives less saves the syscalls); clients that do not inherit
-            options from their listener get them at once with the others.
+        settings.late_sockopts: set on the upstream socket of a pair that is still live
+            settings.late_after seconds after its connect (keep-alive settings, which cannot
+            matter sooner: a connection that lives less saves the syscalls); clients that do
+            not inherit options from their listener get them at once with the others.
         """
         cdef Py_ssize_t n = len(targets), i
         cdef Py_ssize_t nold = self.c.ntargets + self.c.nparked  # only changed here
@@ -495,6 +494,11 @@ cdef class Engine:
         cdef bint plain = True, changed
         cdef uint64_t one = 1
         self._check_native()
+        sockopts, late_sockopts = settings.sockopts, settings.late_sockopts
+        cdef bint least = settings.least
+        cdef uint64_t late_ns = <uint64_t>(max(0.0, settings.late_after) * 1e9)
+        cdef uint64_t dial_timeout_ns = <uint64_t>(max(0.0, settings.dial_timeout) * 1e9)
+        cdef int32_t limit = max(0, settings.limit)
         if len(sockopts) > MAX_SOCKOPTS or len(late_sockopts) > MAX_SOCKOPTS:
             raise ValueError("too many socket options")
         for level, opt, value in sockopts:
@@ -589,13 +593,13 @@ cdef class Engine:
             self.c.late_opts[j][0], self.c.late_opts[j][1] = late[j][0], late[j][1]
             self.c.late_opts[j][2] = late[j][2]
         self.c.nlate_opts = nlate
-        self.c.late_ns = <uint64_t>(max(0.0, late_after) * 1e9)
+        self.c.late_ns = late_ns
         if changed:
             for j in range(self.c.nlst):
                 if self.c.lst[j].tune == 2:
                     self.c.lst[j].tune = 0  # check the next client against the new options
-        self.c.dial_timeout_ns = <uint64_t>(max(0.0, dial_timeout) * 1e9)
-        self.c.limit = max(0, limit)
+        self.c.dial_timeout_ns = dial_timeout_ns
+        self.c.limit = limit
         self._unlock()
         free(old)
         write(self.c.wake_fd, &one, sizeof(one))  # a higher limit may let clients in

@@ -28,6 +28,7 @@ __all__ = [
     "LoopEpoll",
     "NativeAccept",
     "Paused",
+    "RelaySettings",
     "Report",
     "ShortSum",
     "Started",
@@ -78,6 +79,26 @@ class Target(NamedTuple):
     priority: int  # SRV priority (0 for --endpoints)
     weight: int  # SRV weight (0 for --endpoints)
     usable: bool  # active, healthy and not removed (balancer.Remote.usable)
+
+
+SockOpt = tuple[int, int, int]  # (level, option, value) for setsockopt
+
+
+class RelaySettings(NamedTuple):
+    """How native accept connects clients (set_targets), in one record.
+
+    Built in one place, accept.NativeAccept.sync(), from the configuration; a new setting is
+    a field here, a line there and its use in _relay.pyx.
+    """
+
+    sockopts: tuple[SockOpt, ...] = ()  # on every upstream socket (and on clients that do
+    # not inherit them from their listener)
+    dial_timeout: float = 5.0  # seconds a connect may take before it fails with ETIMEDOUT
+    limit: int = 0  # --max-connections: live plus connecting pairs (0: none)
+    late_sockopts: tuple[SockOpt, ...] = ()  # on the upstream socket of a pair still live
+    # late_after seconds after its connect (keep-alive: cannot matter sooner)
+    late_after: float = 1.0
+    least: bool = False  # --balance=least-connections
 
 
 class Started(NamedTuple):
@@ -222,16 +243,9 @@ class NativeAccept(Protocol):
 
     def unlisten(self, listen_fd: int) -> None: ...
 
-    def set_targets(
-        self,
-        targets: Sequence[Target],
-        sockopts: Sequence[tuple[int, int, int]] = (),
-        dial_timeout: float = 5.0,
-        limit: int = 0,
-        late_sockopts: Sequence[tuple[int, int, int]] = (),
-        late_after: float = 1.0,
-        least: bool = False,
-    ) -> None: ...
+    def set_targets(self, targets: Sequence[Target], settings: RelaySettings) -> None:
+        """Where clients go (targets, in the balancer's order) and how (settings)."""
+        ...
 
     def pick(self, exclude: Collection[int] = ()) -> int:
         """The tag of the target for the next client by the engine's own counter, or -1;

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from . import engine as contract
-from .engine import Finished, Handed, Report, Target
+from .engine import Finished, Handed, RelaySettings, Report, Target
 
 __all__ = [
     "IMPLEMENTATION",
@@ -188,20 +188,9 @@ class Relay:
         """Native accept: stop accepting on it; the engine no longer uses the fd."""
         self._native_accept().unlisten(listen_fd)
 
-    def set_targets(
-        self,
-        targets: Sequence[Target],
-        sockopts: Sequence[tuple[int, int, int]],
-        dial_timeout: float,
-        limit: int,
-        late_sockopts: Sequence[tuple[int, int, int]] = (),
-        late_after: float = 1.0,
-        least: bool = False,
-    ) -> None:
+    def set_targets(self, targets: Sequence[Target], settings: RelaySettings) -> None:
         """Native accept: where clients go and how (Engine.set_targets)."""
-        self._native_accept().set_targets(
-            targets, sockopts, dial_timeout, limit, late_sockopts, late_after, least
-        )
+        self._native_accept().set_targets(targets, settings)
 
     def pick(self, exclude: Collection[int] = ()) -> int:
         """Native accept: the relay thread's choice for the next client (a tag, or -1),
