@@ -36,7 +36,7 @@ from posix.signal cimport SIG_BLOCK, SIG_SETMASK, sigaction, sigaction_t, sigfil
 from posix.types cimport sigset_t
 from posix.unistd cimport close, read, write
 
-from .engine import Failed, Finished, Handed, Paused, Report, ShortSum, Started
+from .engine import BUFSIZE, Failed, Finished, Handed, Paused, Report, ShortSum, Started
 
 cdef uint64_t WAKE_KEY = 0xFFFFFFFFFFFFFFFF  # epoll key of the thread's wake-up eventfd
 cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native listeners
@@ -134,7 +134,7 @@ cdef class Engine:
         self.c.rng = <uint64_t><size_t>&self.c ^ 0x9E3779B97F4A7C15
         pthread_mutex_init(&self.c.lock, NULL)
 
-    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None:
+    def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None:
         cdef epoll_event ev
         cdef sigset_t mask, old
         cdef int err

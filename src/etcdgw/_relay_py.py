@@ -17,7 +17,7 @@ import select
 import socket
 from collections.abc import Callable, Sequence
 
-from .engine import Finished, Handed
+from .engine import BUFSIZE, Finished, Handed
 
 MAX_EVENTS = 256
 VISIT_BUFS = 16  # per direction per visit: fairness between busy pairs
@@ -67,7 +67,7 @@ class _Pair:
 class Engine:
     """Relay bytes between borrowed pairs of non-blocking sockets, both ways, on one epoll fd."""
 
-    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None:
+    def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None:
         # `threaded` is accepted for parity with the Cython twin and ignored: a Python relay
         # thread would need the GIL for every event, so this engine is always loop-driven.
         if not 1 <= bufsize <= 1 << 30:

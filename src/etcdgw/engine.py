@@ -21,6 +21,7 @@ from collections.abc import Collection, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
+    "BUFSIZE",
     "Engine",
     "Failed",
     "Finished",
@@ -34,6 +35,14 @@ __all__ = [
     "Started",
     "Target",
 ]
+
+
+BUFSIZE = 32768
+"""The engines' read (and splice) size, the gateway's default (Config.buffer_size) and every
+engine signature's. 32 KiB, not 64: over loopback (the client side of a local gateway) TCP
+builds segments of up to 65,482 bytes (2 x its 32,741-byte MSS), so each 64 KiB write also
+sent a 54-byte one: 1.2x the segments per GB (nstat) and 1.25-1.6x the CPU per GB relayed,
+both engines (bench/RESULTS.md, "buffer size")."""
 
 
 class Finished(NamedTuple):
@@ -155,7 +164,7 @@ class Report(NamedTuple):
 class Engine(Protocol):
     """Relay bytes between borrowed pairs of sockets; the caller owns (and closes) the fds."""
 
-    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None: ...
+    def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None: ...
 
     def fileno(self) -> int:
         """For loop.add_reader: readable when run() has something to do or report."""

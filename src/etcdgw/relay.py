@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from . import engine as contract
-from .engine import Finished, Handed, RelaySettings, Report, Target
+from .engine import BUFSIZE, Finished, Handed, RelaySettings, Report, Target
 
 __all__ = [
     "IMPLEMENTATION",
@@ -147,7 +147,7 @@ class Relay:
         on_finished: Callable[[int, int, int, int, int], None],
         *,
         engine_cls: type[Engine] = Engine,
-        bufsize: int = 65536,
+        bufsize: int = BUFSIZE,
         on_native: NativeCallback | None = None,
     ) -> None:
         self._loop = loop
