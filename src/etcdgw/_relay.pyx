@@ -36,8 +36,12 @@ from posix.signal cimport SIG_BLOCK, SIG_SETMASK, sigaction, sigaction_t, sigfil
 from posix.types cimport sigset_t
 from posix.unistd cimport close, read, write
 
+from .balancer import DEFAULT_SEED
 from .engine import BUFSIZE, Failed, Finished, Handed, Paused, Report, ShortSum, Started
 
+# The xorshift64* state of SRV weighted draws starts from balancer.DEFAULT_SEED, its one
+# owner (mixed with the engine's address, so two engines draw differently).
+cdef uint64_t XS_SEED = DEFAULT_SEED
 cdef uint64_t WAKE_KEY = 0xFFFFFFFFFFFFFFFF  # epoll key of the thread's wake-up eventfd
 cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native listeners
 # Started and finished pairs are bookkeeping for the loop (the bytes and the sockets are
@@ -131,7 +135,7 @@ cdef class Engine:
         self.c.free_head = self.c.ready_head = self.c.ready_tail = self.c.finished_head = -1
         self.c.conn_head = self.c.conn_tail = self.c.started_head = -1
         self.c.gen = 1
-        self.c.rng = <uint64_t><size_t>&self.c ^ 0x9E3779B97F4A7C15
+        self.c.rng = <uint64_t><size_t>&self.c ^ XS_SEED
         pthread_mutex_init(&self.c.lock, NULL)
 
     def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None:
@@ -1455,7 +1459,7 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n, bint least=False) -> l
         c.plain = plain
         c.least = least
         c.rr = rr
-        c.rng = rng if rng else 0x9E3779B97F4A7C15
+        c.rng = rng if rng else XS_SEED
         for _i in range(n):
             out.append(_pick(c))
     finally:
