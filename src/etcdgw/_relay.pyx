@@ -495,7 +495,7 @@ cdef class Engine:
         cdef int opts[MAX_SOCKOPTS][3]
         cdef int late[MAX_SOCKOPTS][3]
         cdef int nopts = 0, nlate = 0, j
-        cdef bint plain = True, changed
+        cdef bint changed
         cdef uint64_t one = 1
         self._check_native()
         sockopts, late_sockopts = settings.sockopts, settings.late_sockopts
@@ -521,8 +521,6 @@ cdef class Engine:
                 t = &arr[i]
                 t.tag, t.family, t.priority, t.weight = tag, family, prio, weight
                 t.usable = bool(usable)
-                if prio or weight:
-                    plain = False
                 if ip is None:
                     continue
                 bip = ip.encode("ascii")
@@ -579,7 +577,7 @@ cdef class Engine:
         self.c.targets = arr
         self.c.ntargets = <int>n
         self.c.nparked = nparked
-        self.c.plain = plain
+        self.c.plain = _plain(arr, n)
         self.c.least = least
         changed = nopts != self.c.nsockopts
         for j in range(nopts):
@@ -626,6 +624,14 @@ cdef class Engine:
         n = self.c.nconnecting + self.c.nunreported
         self._unlock()
         return n
+
+    def _selection_state(self) -> tuple[int, int]:
+        """(round-robin counter, xorshift64* state) of the thread's choices, so a test can
+        start a balancer.Selector from the same state; not an API."""
+        self._lock()
+        result = (self.c.rr, self.c.rng)
+        self._unlock()
+        return result
 
     def pick(self, exclude=()) -> int:
         """The tag of the target for the next client, or -1: the relay thread's own choice.
@@ -1439,7 +1445,6 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n, bint least=False) -> l
     """
     cdef Core *c = <Core *>calloc(1, sizeof(Core))
     cdef int i, _i
-    cdef bint plain = True
     if c == NULL:
         raise MemoryError()
     out = []
@@ -1454,9 +1459,7 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n, bint least=False) -> l
             c.targets[i].weight = weight
             c.targets[i].usable = bool(usable)
             c.targets[i].live = live
-            if prio or weight:
-                plain = False
-        c.plain = plain
+        c.plain = _plain(c.targets, c.ntargets)
         c.least = least
         c.rr = rr
         c.rng = rng if rng else XS_SEED
