@@ -19,7 +19,7 @@ import pytest
 
 from _gateway import silent_listener, wait_for
 from etcdgw import _relay_py
-from etcdgw.engine import NativeAccept, RelaySettings, Target
+from etcdgw.engine import NativeAcceptEngine, RelaySettings, Target
 
 pytestmark = pytest.mark.c_extension
 
@@ -340,12 +340,12 @@ def test_loop_mode_and_the_python_twin_refuse_native_accept() -> None:
     from etcdgw import _relay
 
     engine = _relay.Engine(threaded=False)
-    assert isinstance(engine, NativeAccept) and engine.native is False
+    assert isinstance(engine, NativeAcceptEngine) and engine.native is False
     with pytest.raises(RuntimeError, match="native accept"):
         engine.listen(0)
     engine.close()
     pure = _relay_py.Engine()
-    assert not isinstance(pure, NativeAccept)  # declared, not stubbed (engine.py)
+    assert not isinstance(pure, NativeAcceptEngine)  # declared, not stubbed (engine.py)
     pure.close()
 
 

@@ -623,8 +623,8 @@ def test_both_engines_have_the_same_interface() -> None:
         return [(p.name, p.kind, p.default) for p in params]
 
     for cls, protos in (
-        (_relay.Engine, [engine_contract.Engine, engine_contract.NativeAccept]),
-        (_relay_py.Engine, [engine_contract.Engine, engine_contract.LoopEpoll]),
+        (_relay.Engine, [engine_contract.RelayEngine, engine_contract.NativeAcceptEngine]),
+        (_relay_py.Engine, [engine_contract.RelayEngine, engine_contract.LoopEpoll]),
     ):
         for proto in protos:
             for name in members(proto):
@@ -633,11 +633,11 @@ def test_both_engines_have_the_same_interface() -> None:
                 if name == "__init__":
                     want = f"Engine(bufsize: int = {BUFSIZE}, threaded: bool | None = None)"
                 assert shape(cls, name) == want, (cls.__module__, name)
-    core = members(engine_contract.Engine)
+    core = members(engine_contract.RelayEngine)
     assert {n: shape(_relay.Engine, n) for n in core} == {
         n: shape(_relay_py.Engine, n) for n in core
     }
-    assert not isinstance(_relay_py.Engine(), engine_contract.NativeAccept)
+    assert not isinstance(_relay_py.Engine(), engine_contract.NativeAcceptEngine)
     assert {"add", "run", "remove", "stats", "totals", "close", "fileno", "pending"} <= core
 
 

@@ -691,7 +691,7 @@ cdef class Engine:
         return result
 
     def detach(self, limit: int) -> list[Handed]:
-        """Take up to `limit` live pairs out, open, with their state (engine.Engine.detach).
+        """Take up to `limit` live pairs out, open, with their state (engine.RelayEngine.detach).
 
         Loop-added pairs and, with native accept, the thread's own (the fds are the
         caller's now: the engine closes them no more). A pair still connecting is handed
@@ -742,7 +742,7 @@ cdef class Engine:
         return handed
 
     def adopt(self, h) -> int:
-        """Relay a handed pair from where it stopped (engine.Engine.adopt); its new id.
+        """Relay a handed pair from where it stopped (engine.RelayEngine.adopt); its new id.
 
         The carried bytes wait in the pair's buffers as bytes its destination refused, and
         the EOFs as read ones: the next batch writes them first, then shuts down.

@@ -1,6 +1,7 @@
 """Pure-Python relay engine: the same edge-triggered epoll logic as _relay.pyx, with os calls.
 
-Implements engine.Engine and engine.LoopEpoll. Native accept (engine.NativeAccept) needs a
+Implements engine.RelayEngine and engine.LoopEpoll. Native accept (engine.NativeAcceptEngine)
+needs a
 thread that relays without the GIL, so only the Cython twin has it.
 """
 
@@ -164,7 +165,7 @@ class Engine:
         return Finished(pair.id, pair.dirs[0].moved, pair.dirs[1].moved, 0)
 
     def detach(self, limit: int) -> list[Handed]:
-        """Take up to `limit` live pairs out, open, with their state (engine.Engine.detach)."""
+        """Take up to `limit` live pairs out, open, with their state (engine.RelayEngine.detach)."""
         if limit < 0:
             raise ValueError(f"limit out of range: {limit}")
         self._open()
@@ -189,7 +190,7 @@ class Engine:
         return handed
 
     def adopt(self, h: Handed) -> int:
-        """Relay a handed pair from where it stopped (engine.Engine.adopt); its new id."""
+        """Relay a handed pair from where it stopped (engine.RelayEngine.adopt); its new id."""
         if h.client_fd < 0 or h.upstream_fd < 0:
             raise ValueError("adopt() needs both fds (dial the client first)")
         pair_id = self.add(h.client_fd, h.upstream_fd, h.tag)

@@ -3,13 +3,14 @@
 Declared once here, as aio-libs' multidict declares its surface in `_abc.py`; `relay.py`
 chooses the twin and drives it. Three capabilities:
 
-* `Engine`, every twin: relay borrowed pairs of connected non-blocking sockets, both ways,
-  and report the pairs that finished.
+* `RelayEngine`, every twin: relay borrowed pairs of connected non-blocking sockets, both
+  ways, and report the pairs that finished.
 * `LoopEpoll`, the pure twin: register its fds in the asyncio loop's own epoll set and take
   their events from the loop's `epoll_wait` (`relay.RelaySelector`), instead of an epoll fd
   of its own (one system call and no loop callback per wake-up).
-* `NativeAccept`, the Cython twin in threaded mode: its relay thread accepts clients, picks
-  a target and connects them itself, without Python (docs/architecture.md).
+* `NativeAcceptEngine`, the Cython twin in threaded mode: its relay thread accepts clients,
+  picks a target and connects them itself, without Python (docs/architecture.md; the
+  acceptor that drives it is accept.NativeAccept).
 
 The records the engines exchange with Python are named tuples, so a reader sees field names
 and the compiled twin builds them as cheaply as plain tuples.
@@ -22,13 +23,13 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "BUFSIZE",
-    "Engine",
     "Failed",
     "Finished",
     "Handed",
     "LoopEpoll",
-    "NativeAccept",
+    "NativeAcceptEngine",
     "Paused",
+    "RelayEngine",
     "RelaySettings",
     "Report",
     "ShortSum",
@@ -161,7 +162,7 @@ class Report(NamedTuple):
 
 
 @runtime_checkable
-class Engine(Protocol):
+class RelayEngine(Protocol):
     """Relay bytes between borrowed pairs of sockets; the caller owns (and closes) the fds."""
 
     def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None: ...
@@ -173,7 +174,7 @@ class Engine(Protocol):
     def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
         """Start relaying two connected non-blocking sockets; return the pair id.
 
-        tag: the Target the upstream is connected to, for a NativeAccept engine's live
+        tag: the Target the upstream is connected to, for a NativeAcceptEngine's live
         counts (least-connections); others ignore it.
         """
         ...
@@ -240,7 +241,7 @@ class LoopEpoll(Protocol):
 
 
 @runtime_checkable
-class NativeAccept(Protocol):
+class NativeAcceptEngine(Protocol):
     """An engine whose relay thread accepts and connects clients itself (Cython, threaded)."""
 
     @property

@@ -136,7 +136,7 @@ class Relay:
         engine_cls: the engine to drive (either twin); the facade's choice by default.
         bufsize: the engine's read size and the unit of its fairness budgets.
         on_native: to use native accept (listen(), set_targets()) when the engine can
-            (engine.NativeAccept, threaded): called with each engine.Report, before the
+            (engine.NativeAcceptEngine, threaded): called with each engine.Report, before the
             finished pairs of the same wake-up are reported; `aggregate` (default True)
             asks collect() to sum short-lived pairs.
     """
@@ -155,9 +155,9 @@ class Relay:
         eng = engine_cls(bufsize)
         self._engine = eng
         # The capabilities are declared (engine.py), and decided here once.
-        self._native_engine: contract.NativeAccept | None = (
+        self._native_engine: contract.NativeAcceptEngine | None = (
             eng
-            if on_native is not None and isinstance(eng, contract.NativeAccept) and eng.native
+            if on_native is not None and isinstance(eng, contract.NativeAcceptEngine) and eng.native
             else None
         )
         self._on_native = on_native if self._native_engine is not None else None
@@ -206,7 +206,7 @@ class Relay:
         """Native accept: clients accepted that the callbacks have not reported yet."""
         return self._native_engine.native_pending() if self._native_engine is not None else 0
 
-    def _native_accept(self) -> contract.NativeAccept:
+    def _native_accept(self) -> contract.NativeAcceptEngine:
         if self._native_engine is None:
             raise RuntimeError("native accept is off (it needs the threaded Cython engine)")
         return self._native_engine
