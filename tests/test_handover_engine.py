@@ -26,11 +26,7 @@ from etcdgw.engine import Finished, Handed, RelaySettings, Target
 from etcdgw.relay import Relay, new_event_loop
 
 C = pytest.mark.c_extension
-KINDS = ["cython", "cython-thread", "python"]
-
-
-def kind_param(kind: str) -> Any:
-    return pytest.param(kind, marks=C) if kind.startswith("cython") else kind
+KINDS = ["cython", "cython-thread", "python"]  # conftest's engine_kind, paired here
 
 
 def make_engine(kind: str, bufsize: int = 32768) -> Any:
@@ -307,12 +303,11 @@ def test_a_half_close_is_kept(engines: Any, sockets: Any, src_kind: str, dst_kin
     assert done.get(id(src), []) == []
 
 
-@pytest.mark.parametrize("kind", [kind_param(k) for k in KINDS])
-def test_carried_bytes_go_first_then_the_eof(engines: Any, sockets: Any, kind: str) -> None:
+def test_carried_bytes_go_first_then_the_eof(engines: Any, sockets: Any, engine_kind: str) -> None:
     """A pair handed with bytes in both directions and a client EOF not passed on yet."""
     client, down, up, upstream = sockets("unix")
     cp, up_ = Peer(client, shut=False), Peer(upstream, shut=False)
-    dst = engines(kind)
+    dst = engines(engine_kind)
     h = Handed(99, down.fileno(), up.fileno(), -1, 5, 3, True, False, b"tail", b"head")
     new_id = dst.adopt(h)
     drive([dst], [cp, up_], lambda: up_.eof and cp.received == 4)
@@ -324,9 +319,10 @@ def test_carried_bytes_go_first_then_the_eof(engines: Any, sockets: Any, kind: s
     assert [tuple(f)[:4] for f in done[id(dst)]] == [(new_id, 5 + 4, 3 + 8, 0)]
 
 
-@pytest.mark.parametrize("kind", [kind_param(k) for k in KINDS])
-def test_detach_and_adopt_refuse_what_they_cannot_do(engines: Any, sockets: Any, kind: str) -> None:
-    e = engines(kind)
+def test_detach_and_adopt_refuse_what_they_cannot_do(
+    engines: Any, sockets: Any, engine_kind: str
+) -> None:
+    e = engines(engine_kind)
     client, down, up, upstream = sockets("unix")
     with pytest.raises(ValueError):
         e.detach(-1)

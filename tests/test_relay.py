@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import gc
 import hashlib
 import importlib
@@ -142,39 +141,6 @@ def registered(engine: Any) -> set[int]:
 
 def payload(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-# The Cython engine runs in two modes: loop-driven (run() relays) and threaded (a relay
-# thread of its own relays; run() collects what finished). Every engine test runs on both.
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("cython", marks=pytest.mark.c_extension),
-        pytest.param("cython-thread", marks=pytest.mark.c_extension),
-        "python",
-    ],
-)
-def relay_impl(request: pytest.FixtureRequest) -> str:
-    """The engine under test: cython (loop mode), cython-thread, or python."""
-    return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def engine_module(relay_impl: str) -> ModuleType:
-    return importlib.import_module(
-        "etcdgw._relay" if relay_impl.startswith("cython") else "etcdgw._relay_py"
-    )
-
-
-@pytest.fixture(scope="module")
-def threaded(relay_impl: str) -> bool:
-    return relay_impl == "cython-thread"
-
-
-@pytest.fixture(scope="module")
-def engine_cls(engine_module: ModuleType, threaded: bool) -> Callable[..., Any]:
-    """Engine(bufsize) in the mode under test, as Relay(engine_cls=...) calls it."""
-    return functools.partial(engine_module.Engine, threaded=threaded)
 
 
 @pytest.fixture
@@ -431,7 +397,7 @@ def pipes() -> int:
 
 
 def test_splice_pipes_are_capped_and_not_held_by_idle_pairs(
-    new_engine: Any, sockets: Any, relay_impl: str
+    new_engine: Any, sockets: Any, engine_kind: str
 ) -> None:
     # Small reads fill the buffer (bulk: the Cython twin splices), small destinations fill
     # first: each stalled direction then holds its pending bytes in a pipe, up to the cap.
@@ -447,7 +413,7 @@ def test_splice_pipes_are_capped_and_not_held_by_idle_pairs(
     drive_for(engine, readers, 0.3)
     held = pipes() - base
     assert held <= 2 * 64  # MAX_PIPES in _relay.pyx: far from the fd limit
-    if relay_impl.startswith("cython"):
+    if engine_kind.startswith("cython"):
         assert held == 2 * 64, "the scenario should reach the cap"
     for reader in readers:
         reader.reading = True
