@@ -1,9 +1,11 @@
 # cython: language_level=3
 """C declarations of the relay engine (_relay.pyx): the system calls it makes, its tables.
 
-The engine's logic is in _relay.pyx (the relay loop and the Python surface) and the files it
-includes: _accept.pxi (native accept: accept, dial, the dial timeout, late socket options)
-and _pick.pxi (the C copy of balancer.Selector, the selection rule).
+The engine's logic is in _relay.pyx (the Python surface, the Engine class) and the files it
+includes: _pump.pxi (the hot path: recv/send/splice, the relay loop and thread, a pair's
+bytes and its end), _table.pxi (the pair table: slots, the ready list, detach's copies),
+_accept.pxi (native accept: accept, dial, the dial timeout, late socket options) and
+_pick.pxi (the C copy of balancer.Selector, the selection rule).
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
