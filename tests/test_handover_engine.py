@@ -329,7 +329,9 @@ def test_detach_and_adopt_refuse_what_they_cannot_do(
     assert e.detach(0) == []
     with pytest.raises(ValueError):  # a client still to be dialled: the caller dials first
         e.adopt(Handed(1, down.fileno(), -1, -1, 0, 0, False, False, b"", b""))
-    assert len(e) == 0
+    with pytest.raises(ValueError):
+        e.adopt(Handed(1, down.fileno(), up.fileno(), -1, -5, 0, False, False, b"", b""))
+    assert len(e) == 0 and registered(e) == set()
     e.add(down.fileno(), up.fileno())
     assert e.detach(0) == [] and len(e) == 1
 

@@ -718,9 +718,18 @@ cdef class Engine:
         cdef epoll_event ev
         cdef bytes data
         cdef uint64_t one = 1
+        # Every field converted (or refused) before the lock: nothing below can raise but
+        # out of memory.
+        if h.c2u < 0 or h.u2c < 0:
+            raise ValueError("adopt(): negative byte counts")
+        cdef uint64_t c2u = h.c2u, u2c = h.u2c
+        cdef int64_t tag = h.tag
+        cdef bint client_eof = h.client_eof, upstream_eof = h.upstream_eof
         if cfd < 0 or ufd < 0:
             raise ValueError("adopt() needs both fds (dial the client first)")
         carried = (bytes(h.to_upstream), bytes(h.to_client))
+        if len(carried[0]) >= 1 << 32 or len(carried[1]) >= 1 << 32:
+            raise ValueError("adopt(): more carried bytes than a pair's buffer holds")
         self._check_open()
         self._lock()
         try:
@@ -730,8 +739,8 @@ cdef class Engine:
             p = &self.c.pairs[slot]
             p.dir[0].src = p.dir[1].dst = cfd
             p.dir[0].dst = p.dir[1].src = ufd
-            p.dir[0].moved, p.dir[1].moved = h.c2u, h.u2c
-            p.dir[0].eof, p.dir[1].eof = bool(h.client_eof), bool(h.upstream_eof)
+            p.dir[0].moved, p.dir[1].moved = c2u, u2c
+            p.dir[0].eof, p.dir[1].eof = client_eof, upstream_eof
             for i in range(2):
                 data = carried[i]
                 if len(data):
@@ -752,8 +761,8 @@ cdef class Engine:
                 if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, ufd, &ev) == 0:
                     p.state = LIVE
                     self.c.nlive += 1
-                    if h.tag >= 0:
-                        p.tag = h.tag
+                    if tag >= 0:
+                        p.tag = tag
                         _track(&self.c, p)
                     if p.dir[0].ready or p.dir[1].ready:
                         _enqueue(&self.c, p)

@@ -193,6 +193,8 @@ class Engine:
         """Relay a handed pair from where it stopped (engine.RelayEngine.adopt); its new id."""
         if h.client_fd < 0 or h.upstream_fd < 0:
             raise ValueError("adopt() needs both fds (dial the client first)")
+        if h.c2u < 0 or h.u2c < 0:
+            raise ValueError("adopt(): negative byte counts")
         pair_id = self.add(h.client_fd, h.upstream_fd, h.tag)
         pair = self._pairs[pair_id]
         up, down = pair.dirs
