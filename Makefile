@@ -28,7 +28,7 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
-	$(call tool,cython-lint) src/etcdgw/_relay.pyx src/etcdgw/_relay.pxd src/etcdgw/_accept.pxi src/etcdgw/_pick.pxi
+	$(call tool,cython-lint) src/etcdgw/_relay.pyx src/etcdgw/_relay.pxd src/etcdgw/_accept.pxi src/etcdgw/_pick.pxi src/etcdgw/_pump.pxi src/etcdgw/_table.pxi
 
 # The relay and server tests run once per engine through the relay_impl fixture.
 pytest:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -55,6 +57,36 @@ def engine_module(relay_impl: str) -> ModuleType:
     """The engine module itself (etcdgw._relay or etcdgw._relay_py)."""
     name = "etcdgw._relay" if relay_impl == "cython" else "etcdgw._relay_py"
     return importlib.import_module(name)
+
+
+# The engine-level matrix: the Cython engine runs in two modes, loop-driven (run() relays)
+# and threaded (a relay thread of its own relays; run() collects what finished), so every
+# engine test (tests/test_relay.py, tests/test_handover_engine.py) runs on three.
+@pytest.fixture(
+    scope="session",
+    params=[
+        pytest.param("cython", marks=pytest.mark.c_extension),
+        pytest.param("cython-thread", marks=pytest.mark.c_extension),
+        "python",
+    ],
+)
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    """The engine under test: cython (loop mode), cython-thread, or python."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def threaded(engine_kind: str) -> bool:
+    return engine_kind == "cython-thread"
+
+
+@pytest.fixture(scope="session")
+def engine_cls(engine_kind: str, threaded: bool) -> Callable[..., Any]:
+    """Engine(bufsize) in the mode under test, as Relay(engine_cls=...) calls it."""
+    module = importlib.import_module(
+        "etcdgw._relay" if engine_kind.startswith("cython") else "etcdgw._relay_py"
+    )
+    return functools.partial(module.Engine, threaded=threaded)
 
 
 def open_fds() -> set[int]:

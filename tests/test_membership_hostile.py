@@ -590,16 +590,11 @@ class EngineUnderTest:
 
     def targets(self, *rows: tuple[int, int], dial_timeout: float = 5.0) -> None:
         """rows: (tag, port) on 127.0.0.1, least-connections."""
-        from etcdgw.engine import Target
+        from etcdgw.engine import RelaySettings, Target
 
         self.engine.set_targets(
             [Target(t, socket.AF_INET, "127.0.0.1", p, 0, 0, True) for t, p in rows],
-            (),
-            dial_timeout,
-            0,
-            (),
-            1.0,
-            True,
+            RelaySettings(dial_timeout=dial_timeout, least=True),
         )
 
     def client(self) -> socket.socket:

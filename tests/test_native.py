@@ -19,7 +19,7 @@ import pytest
 
 from _gateway import silent_listener, wait_for
 from etcdgw import _relay_py
-from etcdgw.engine import NativeAccept, Target
+from etcdgw.engine import NativeAcceptEngine, RelaySettings, Target
 
 pytestmark = pytest.mark.c_extension
 
@@ -68,9 +68,11 @@ class Native:
         """rows: (tag, ip, port, priority, weight, usable)."""
         self.engine.set_targets(
             [Target(t, socket.AF_INET, ip, port, pr, w, u) for t, ip, port, pr, w, u in rows],
-            kw.get("sockopts", NODELAY),
-            kw.get("dial_timeout", 5.0),
-            kw.get("limit", 0),
+            RelaySettings(
+                sockopts=kw.get("sockopts", NODELAY),
+                dial_timeout=kw.get("dial_timeout", 5.0),
+                limit=kw.get("limit", 0),
+            ),
         )
 
     def listen(self) -> None:
@@ -338,12 +340,12 @@ def test_loop_mode_and_the_python_twin_refuse_native_accept() -> None:
     from etcdgw import _relay
 
     engine = _relay.Engine(threaded=False)
-    assert isinstance(engine, NativeAccept) and engine.native is False
+    assert isinstance(engine, NativeAcceptEngine) and engine.native is False
     with pytest.raises(RuntimeError, match="native accept"):
         engine.listen(0)
     engine.close()
     pure = _relay_py.Engine()
-    assert not isinstance(pure, NativeAccept)  # declared, not stubbed (engine.py)
+    assert not isinstance(pure, NativeAcceptEngine)  # declared, not stubbed (engine.py)
     pure.close()
 
 
@@ -396,11 +398,14 @@ def test_late_options_reach_long_lived_upstreams(native: Native, backends: list[
     a = backends[0]
     native.engine.set_targets(
         [Target(1, socket.AF_INET, "127.0.0.1", a.port, 0, 0, True)],
-        NODELAY,
-        5.0,
-        0,
-        [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 7)],
-        1.5,
+        RelaySettings(
+            sockopts=tuple(NODELAY),
+            late_sockopts=(
+                (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 7),
+            ),
+            late_after=1.5,
+        ),
     )
     native.listen()
     c = client_to(native)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import gc
 import hashlib
 import importlib
@@ -26,6 +25,7 @@ import pytest
 
 from etcdgw import _relay_py
 from etcdgw import engine as engine_contract
+from etcdgw.engine import BUFSIZE
 from etcdgw.relay import Relay, new_event_loop
 
 Finished = tuple[int, int, int, int]
@@ -141,39 +141,6 @@ def registered(engine: Any) -> set[int]:
 
 def payload(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-# The Cython engine runs in two modes: loop-driven (run() relays) and threaded (a relay
-# thread of its own relays; run() collects what finished). Every engine test runs on both.
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("cython", marks=pytest.mark.c_extension),
-        pytest.param("cython-thread", marks=pytest.mark.c_extension),
-        "python",
-    ],
-)
-def relay_impl(request: pytest.FixtureRequest) -> str:
-    """The engine under test: cython (loop mode), cython-thread, or python."""
-    return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def engine_module(relay_impl: str) -> ModuleType:
-    return importlib.import_module(
-        "etcdgw._relay" if relay_impl.startswith("cython") else "etcdgw._relay_py"
-    )
-
-
-@pytest.fixture(scope="module")
-def threaded(relay_impl: str) -> bool:
-    return relay_impl == "cython-thread"
-
-
-@pytest.fixture(scope="module")
-def engine_cls(engine_module: ModuleType, threaded: bool) -> Callable[..., Any]:
-    """Engine(bufsize) in the mode under test, as Relay(engine_cls=...) calls it."""
-    return functools.partial(engine_module.Engine, threaded=threaded)
 
 
 @pytest.fixture
@@ -430,7 +397,7 @@ def pipes() -> int:
 
 
 def test_splice_pipes_are_capped_and_not_held_by_idle_pairs(
-    new_engine: Any, sockets: Any, relay_impl: str
+    new_engine: Any, sockets: Any, engine_kind: str
 ) -> None:
     # Small reads fill the buffer (bulk: the Cython twin splices), small destinations fill
     # first: each stalled direction then holds its pending bytes in a pipe, up to the cap.
@@ -446,7 +413,7 @@ def test_splice_pipes_are_capped_and_not_held_by_idle_pairs(
     drive_for(engine, readers, 0.3)
     held = pipes() - base
     assert held <= 2 * 64  # MAX_PIPES in _relay.pyx: far from the fd limit
-    if relay_impl.startswith("cython"):
+    if engine_kind.startswith("cython"):
         assert held == 2 * 64, "the scenario should reach the cap"
     for reader in readers:
         reader.reading = True
@@ -616,26 +583,27 @@ def test_both_engines_have_the_same_interface() -> None:
         if name == "__init__":  # a slot too; Cython embeds its signature in the doc
             doc = (cls.__doc__ or "").splitlines()[0]
             sig = doc if doc.startswith("Engine(") else f"Engine{inspect.signature(cls)}"
-            return sig.replace("'", "").split(" -> ")[0]
+            # Cython embeds the default as written, the name of the constant
+            return sig.replace("'", "").replace("= BUFSIZE", f"= {BUFSIZE}").split(" -> ")[0]
         params = inspect.signature(getattr(cls, name)).parameters.values()
         return [(p.name, p.kind, p.default) for p in params]
 
     for cls, protos in (
-        (_relay.Engine, [engine_contract.Engine, engine_contract.NativeAccept]),
-        (_relay_py.Engine, [engine_contract.Engine, engine_contract.LoopEpoll]),
+        (_relay.Engine, [engine_contract.RelayEngine, engine_contract.NativeAcceptEngine]),
+        (_relay_py.Engine, [engine_contract.RelayEngine, engine_contract.LoopEpoll]),
     ):
         for proto in protos:
             for name in members(proto):
                 assert hasattr(cls, name), f"{cls.__module__}.Engine lacks {proto.__name__}.{name}"
                 want = shape(proto, name)
                 if name == "__init__":
-                    want = "Engine(bufsize: int = 65536, threaded: bool | None = None)"
+                    want = f"Engine(bufsize: int = {BUFSIZE}, threaded: bool | None = None)"
                 assert shape(cls, name) == want, (cls.__module__, name)
-    core = members(engine_contract.Engine)
+    core = members(engine_contract.RelayEngine)
     assert {n: shape(_relay.Engine, n) for n in core} == {
         n: shape(_relay_py.Engine, n) for n in core
     }
-    assert not isinstance(_relay_py.Engine(), engine_contract.NativeAccept)
+    assert not isinstance(_relay_py.Engine(), engine_contract.NativeAcceptEngine)
     assert {"add", "run", "remove", "stats", "totals", "close", "fileno", "pending"} <= core
 
 

@@ -1,9 +1,14 @@
 """The selection rule is written twice: balancer.Selector (the specification, used by the loop)
 and _pick.pxi (its C copy, used by the relay thread's native accept). These properties feed
 both the same targets, priorities, weights, usable flags and seeds and demand the same
-choices, so neither can drift (issue: one owner per decision)."""
+choices, so neither can drift (issue: one owner per decision). The C copy runs through the
+path production runs (Engine.set_targets, then Engine.pick, also as a Balancer's delegate)
+and, for live counts the test cannot make without connections, through pick_sequence, which
+shares set_targets' helpers (_plain, the seed)."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +16,7 @@ from hypothesis import strategies as st
 
 from etcdgw.balancer import Balancer, Selector
 from etcdgw.config import Endpoint
+from etcdgw.engine import RelaySettings, Target
 
 pytestmark = pytest.mark.c_extension
 
@@ -23,6 +29,21 @@ Row = tuple[int, int, bool, int]
 LIVE = st.integers(0, 5)
 rows = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 6), st.booleans(), LIVE), max_size=9)
 plain_rows = st.lists(st.tuples(st.just(0), st.just(0), st.booleans(), LIVE), max_size=9)
+
+
+# Without live counts: the production path's targets have live counts only from connections.
+rows0 = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 6), st.booleans(), st.just(0)), max_size=9
+)
+plain_rows0 = st.lists(st.tuples(st.just(0), st.just(0), st.booleans(), st.just(0)), max_size=9)
+
+
+def as_targets(rows_: list[Row], base: int = 100) -> list[Target]:
+    """Targets as accept.NativeAccept.sync() gives them (no address: pick() needs none)."""
+    return [
+        Target(base + i, socket.AF_INET, None, 2379, p, w, u)
+        for i, (p, w, u, _) in enumerate(rows_)
+    ]
 
 
 def c_sequence(targets: list[Row], rr: int, rng: int, n: int, least: bool = False) -> list[int]:
@@ -134,3 +155,78 @@ def test_balancer_pick_is_the_selector() -> None:
         r = b.pick()
         i = sel.pick(view)
         assert r is b.remotes[i]
+
+
+# -- the path production runs: Engine.set_targets + Engine.pick --
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    phases=st.lists(
+        st.tuples(rows0 | plain_rows0, st.integers(1, 15), st.booleans()), min_size=1, max_size=4
+    )
+)
+def test_the_engine_chooses_as_the_selector(phases: list[tuple[list[Row], int, bool]]) -> None:
+    """A threaded engine told its targets by set_targets() picks what Selector picks from the
+    same counter and generator state, across target changes (usable flags, lists, rules)."""
+    from etcdgw import _relay
+
+    e = _relay.Engine()
+    try:
+        rr, rng = e._selection_state()
+        sel = Selector(seed=rng, rr=rr)
+        for targets, n, least in phases:
+            e.set_targets(as_targets(targets), RelaySettings(least=least))
+            sel.least = least
+            got = [e.pick() for _ in range(n)]
+            want = [sel.pick(targets) for _ in range(n)]
+            assert got == [100 + i if i >= 0 else -1 for i in want]
+        assert e._selection_state() == (sel.rr, sel.rng)
+    finally:
+        e.close()
+
+
+def test_a_balancer_with_the_engine_as_delegate_picks_as_without() -> None:
+    """Native accept's wiring: the balancer asks the engine (delegate), which was told the
+    balancer's remotes; it picks the remotes a balancer on its own would."""
+    from etcdgw import _relay
+
+    eps = [
+        Endpoint("a", 1, priority=0, weight=3),
+        Endpoint("b", 2, priority=0, weight=1),
+        Endpoint("c", 3, priority=0, weight=0),
+        Endpoint("d", 4, priority=1, weight=5),
+    ]
+    e = _relay.Engine()
+    try:
+        rr, rng = e._selection_state()
+        native, alone = Balancer(eps, seed=rng), Balancer(eps, seed=rng)
+        native.selector.rr = alone.selector.rr = rr
+
+        def tell() -> None:
+            e.set_targets(
+                [
+                    Target(r.tag, socket.AF_INET, None, r.endpoint.port, r.endpoint.priority,
+                           r.endpoint.weight, r.usable)
+                    for r in native.remotes
+                ],
+                RelaySettings(),
+            )  # fmt: skip
+
+        tell()
+        native.delegate = e.pick
+        for step in range(300):
+            if step == 100:  # one goes down, then the whole class: the next class takes over
+                for b in (native, alone):
+                    b.mark_down(b.remotes[0], "x", 0.0)
+                tell()
+            if step == 200:
+                for b in (native, alone):
+                    for r in b.remotes[:3]:
+                        b.mark_down(r, "x", 0.0)
+                tell()
+            got, want = native.pick(), alone.pick()
+            assert got is not None and want is not None
+            assert native.remotes.index(got) == alone.remotes.index(want), step
+    finally:
+        e.close()

@@ -6,6 +6,17 @@
 #
 
 
+cdef bint _plain(Target *targets, Py_ssize_t n) noexcept nogil:
+    """Every target has priority 0 and weight 0 (--endpoints): plain round-robin, which
+    skips unusable targets without leaving the list order (Selector.pick's first test).
+    The one C place that decides it: set_targets() caches it in Core.plain."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if targets[i].priority or targets[i].weight:
+            return False
+    return True
+
+
 cdef uint64_t _rand(Core *c) noexcept nogil:
     c.rng ^= c.rng >> 12
     c.rng ^= c.rng << 25

@@ -1,9 +1,11 @@
 # cython: language_level=3
 """C declarations of the relay engine (_relay.pyx): the system calls it makes, its tables.
 
-The engine's logic is in _relay.pyx (the relay loop and the Python surface) and the files it
-includes: _accept.pxi (native accept: accept, dial, the dial timeout, late socket options)
-and _pick.pxi (the C copy of balancer.Selector, the selection rule).
+The engine's logic is in _relay.pyx (the Python surface, the Engine class) and the files it
+includes: _pump.pxi (the hot path: recv/send/splice, the relay loop and thread, a pair's
+bytes and its end), _table.pxi (the pair table: slots, the ready list, detach's copies),
+_accept.pxi (native accept: accept, dial, the dial timeout, late socket options) and
+_pick.pxi (the C copy of balancer.Selector, the selection rule).
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
@@ -271,12 +273,39 @@ cdef struct Core:
     int32_t late_head
     int32_t late_n
     uint64_t report_at  # CLOCK_MONOTONIC ns by which the waiting records are announced
+    # the relay thread's waits for the lock while the loop held it (bench/collect_lock.py)
+    uint64_t lock_waits
+    uint64_t lock_wait_ns
+    uint64_t lock_wait_max_ns
+
+
+cdef enum:
+    REC_STARTED = 0   # Rec.kind
+    REC_SHORT = 1     # started and finished since the last collect (aggregate): summed
+    REC_FINISHED = 2
+    REC_FAILED = 3    # id is the client fd
+
+
+cdef struct Rec:
+    # One record of collect(), copied out of the pair table under the lock; the Python
+    # objects are built from these once the lock is released.
+    uint64_t id
+    int64_t tag
+    uint64_t c2u
+    uint64_t u2c
+    int err
+    uint8_t kind
+    uint8_t ended
+    uint8_t silent
 
 
 cdef class Engine:
     cdef Core c
+    cdef Rec *recs      # collect()'s copies (GIL held: only the loop's thread touches it)
+    cdef Py_ssize_t recs_cap
 
     cdef object _collect(self, bint aggregate)
+    cdef bint _reserve(self, Py_ssize_t n) noexcept
     cdef _check_native(self)
     cdef _check_open(self)
     cdef void _lock(self) noexcept

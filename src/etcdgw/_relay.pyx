@@ -1,6 +1,10 @@
 # cython: language_level=3, embedsignature=True, annotation_typing=False
 """Cython relay engine: one edge-triggered epoll set, bytes moved in C without the GIL."""
 
+# This file is the Python surface (the Engine class); the C it drives is in the files it
+# includes at the end: _pump.pxi (the hot path), _table.pxi (the pair table), _pick.pxi
+# (the selection rule) and _accept.pxi (native accept); declarations in _relay.pxd.
+#
 # Strategy (docs/engine.md has the long form; _relay_py.py is the same logic in Python):
 # - each pair sits in a C table slot; its two fds are registered once, edge-triggered, with
 #   epoll data = (pair id << 1) | side, so an event finds its pair in O(1) and no epoll_ctl
@@ -22,6 +26,7 @@
 #   `with nogil:` block on the caller's thread; fileno() is the epoll fd itself;
 # - either way finished pairs wait in a C list and Python tuples are built with the GIL.
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport (
     EAGAIN, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ENOTCONN,
@@ -35,8 +40,12 @@ from posix.signal cimport SIG_BLOCK, SIG_SETMASK, sigaction, sigaction_t, sigfil
 from posix.types cimport sigset_t
 from posix.unistd cimport close, read, write
 
-from .engine import Failed, Finished, Paused, Report, ShortSum, Started
+from .balancer import DEFAULT_SEED
+from .engine import BUFSIZE, Failed, Finished, Handed, Paused, Report, ShortSum, Started
 
+# The xorshift64* state of SRV weighted draws starts from balancer.DEFAULT_SEED, its one
+# owner (mixed with the engine's address, so two engines draw differently).
+cdef uint64_t XS_SEED = DEFAULT_SEED
 cdef uint64_t WAKE_KEY = 0xFFFFFFFFFFFFFFFF  # epoll key of the thread's wake-up eventfd
 cdef uint64_t LISTEN_KEY = 0xFFFFFFFFFFFFFF00  # + index: epoll keys of native listeners
 # Started and finished pairs are bookkeeping for the loop (the bytes and the sockets are
@@ -59,45 +68,6 @@ THREADED = True
 def _set_splice(on: bool) -> None:
     global splice_enabled
     splice_enabled = bool(on)
-
-
-cdef inline ssize_t _recv(int fd, char *buf, size_t n) noexcept nogil:
-    """Bytes read, 0 at EOF, -EAGAIN when there is nothing to read, else -errno."""
-    cdef ssize_t r
-    while True:
-        r = recv(fd, buf, n, 0)
-        if r >= 0:
-            return r
-        if errno != EINTR:
-            return -errno
-
-
-cdef inline ssize_t _send(int fd, const char *buf, size_t n) noexcept nogil:
-    """Bytes taken (0 when dst is full), else -errno; never raises SIGPIPE."""
-    cdef ssize_t r
-    while True:
-        r = send(fd, buf, n, MSG_NOSIGNAL)
-        if r >= 0:
-            return r
-        if errno == EAGAIN:
-            return 0
-        if errno != EINTR:
-            return -errno
-
-
-cdef inline ssize_t _splice(int src, int dst, size_t n) noexcept nogil:
-    """Bytes moved, 0 at EOF, -EAGAIN when src is empty or dst full, else -errno.
-
-    Sending to a socket through splice cannot pass MSG_NOSIGNAL; a dead peer would raise
-    SIGPIPE, which CPython ignores from start-up, so EPIPE comes back as an errno.
-    """
-    cdef ssize_t r
-    while True:
-        r = splice(src, NULL, dst, NULL, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-        if r >= 0:
-            return r
-        if errno != EINTR:
-            return -errno
 
 
 cdef inline void *_alloc(Core *c, size_t n) noexcept nogil:
@@ -130,10 +100,10 @@ cdef class Engine:
         self.c.free_head = self.c.ready_head = self.c.ready_tail = self.c.finished_head = -1
         self.c.conn_head = self.c.conn_tail = self.c.started_head = -1
         self.c.gen = 1
-        self.c.rng = <uint64_t><size_t>&self.c ^ 0x9E3779B97F4A7C15
+        self.c.rng = <uint64_t><size_t>&self.c ^ XS_SEED
         pthread_mutex_init(&self.c.lock, NULL)
 
-    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None:
+    def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None:
         cdef epoll_event ev
         cdef sigset_t mask, old
         cdef int err
@@ -181,6 +151,7 @@ cdef class Engine:
             PyMem_RawFree(self.c.pairs)
         free(self.c.targets)
         free(self.c.late)
+        free(self.recs)
         PyMem_RawFree(self.c.scratch)
 
     def fileno(self) -> int:
@@ -279,66 +250,116 @@ cdef class Engine:
         return self._collect(aggregate)
 
     cdef object _collect(self, bint aggregate):
+        # Under the lock, only C: the records are copied into self.recs and the slots
+        # released; the Python objects are built after, so the relay thread, which needs the
+        # lock for every batch, never waits on Python (issue 21: it waited up to 7 ms for
+        # 4,000 records, bench/collect_lock.py).
         cdef uint64_t count, accepted, accept_errors
         cdef int32_t slot
-        cdef int err, i
+        cdef int err, i, npaused = 0
+        cdef Py_ssize_t n = 0, k
         cdef Pair *p
+        cdef Rec *r
         cdef Listener *lst
+        cdef int paused_fd[MAX_LISTENERS]
+        cdef int paused_err[MAX_LISTENERS]
         cdef dict sums = {}
         cdef list acc
+        # Room for what waits, made (and its pages touched) before the lock: nrecords read
+        # without it is only a hint; growing under the lock (or failing to) is handled below.
+        self._reserve(self.c.nrecords + 64)
+        self._lock()
+        if self.c.notified:
+            self.c.notified = 0
+            read(self.c.notify_fd, &count, sizeof(count))
+        err = self.c.thread_err
+        while self.c.started_head >= 0:
+            if n == self.recs_cap and not self._reserve(2 * n):
+                break  # out of memory: the rest waits for the next collect()
+            p = &self.c.pairs[self.c.started_head]
+            r = &self.recs[n]
+            n += 1
+            r.id, r.tag = p.id, p.tag
+            if aggregate and p.state == FINISHED:
+                r.kind = REC_SHORT
+                r.c2u, r.u2c, r.err, r.silent = p.dir[0].moved, p.dir[1].moved, p.err, _silent(p)
+                p.short = 1
+            else:
+                r.kind = REC_STARTED
+            p.fresh = 0
+            self.c.started_head = p.snext
+            p.snext = -1
+        while self.c.finished_head >= 0 and not err:
+            slot = self.c.finished_head
+            p = &self.c.pairs[slot]
+            if p.state == DIALFAIL or not p.short:
+                if n == self.recs_cap and not self._reserve(2 * n):
+                    break
+                r = &self.recs[n]
+                n += 1
+                if p.state == DIALFAIL:
+                    r.kind, r.id, r.tag, r.err = REC_FAILED, p.dir[0].src, p.tag, p.err
+                else:
+                    r.kind, r.id, r.err, r.ended = REC_FINISHED, p.id, p.err, _ended(p)
+                    r.c2u, r.u2c = p.dir[0].moved, p.dir[1].moved
+            self.c.finished_head = p.next
+            _release(&self.c, slot)
+        for i in range(self.c.nlst):
+            lst = &self.c.lst[i]
+            if lst.fd >= 0 and lst.paused and not lst.reported:
+                lst.reported = 1
+                paused_fd[npaused], paused_err[npaused] = lst.fd, lst.err
+                npaused += 1
+        self.c.nunreported = self.c.nfailed = self.c.nrecords = 0
+        self.c.report_at = 0
+        accepted, accept_errors = self.c.accepted, self.c.accept_errors
+        self.c.accepted = self.c.accept_errors = 0
+        self._unlock()
         started = []
         finished = []
         failed = []
-        paused = []
-        self._lock()
-        try:
-            if self.c.notified:
-                self.c.notified = 0
-                read(self.c.notify_fd, &count, sizeof(count))
-            err = self.c.thread_err
-            while self.c.started_head >= 0:
-                p = &self.c.pairs[self.c.started_head]
-                if aggregate and p.state == FINISHED:
-                    acc = sums.get(p.tag)
-                    if acc is None:
-                        acc = sums[p.tag] = [p.tag, 0, 0, 0, 0, 0]
-                    acc[1] += 1
-                    acc[2] += p.dir[0].moved
-                    acc[3] += p.dir[1].moved
-                    acc[4] += p.err != 0
-                    acc[5] += _silent(p)
-                    p.short = 1
-                else:
-                    started.append(Started(p.id, p.tag))
-                p.fresh = 0
-                self.c.started_head = p.snext
-                p.snext = -1
-            while self.c.finished_head >= 0 and not err:
-                slot = self.c.finished_head
-                p = &self.c.pairs[slot]
-                if p.state == DIALFAIL:
-                    failed.append(Failed(p.dir[0].src, p.tag, p.err))
-                elif not p.short:
-                    finished.append(
-                        Finished(p.id, p.dir[0].moved, p.dir[1].moved, p.err, _ended(p))
-                    )
-                self.c.finished_head = p.next
-                _release(&self.c, slot)
-            for i in range(self.c.nlst):
-                lst = &self.c.lst[i]
-                if lst.fd >= 0 and lst.paused and not lst.reported:
-                    lst.reported = 1
-                    paused.append(Paused(lst.fd, lst.err))
-            self.c.nunreported = self.c.nfailed = self.c.nrecords = 0
-            self.c.report_at = 0
-            accepted, accept_errors = self.c.accepted, self.c.accept_errors
-            self.c.accepted = self.c.accept_errors = 0
-        finally:
-            self._unlock()
+        for k in range(n):
+            r = &self.recs[k]
+            if r.kind == REC_STARTED:
+                started.append(Started(r.id, r.tag))
+            elif r.kind == REC_FINISHED:
+                finished.append(Finished(r.id, r.c2u, r.u2c, r.err, r.ended))
+            elif r.kind == REC_FAILED:
+                failed.append(Failed(<int>r.id, r.tag, r.err))
+            else:
+                acc = sums.get(r.tag)
+                if acc is None:
+                    acc = sums[r.tag] = [r.tag, 0, 0, 0, 0, 0]
+                acc[1] += 1
+                acc[2] += r.c2u
+                acc[3] += r.u2c
+                acc[4] += r.err != 0
+                acc[5] += r.silent
+        if self.recs_cap > 1024:  # a burst's copies: not kept for the life of the engine
+            free(self.recs)
+            self.recs = NULL
+            self.recs_cap = 0
+        paused = [Paused(paused_fd[i], paused_err[i]) for i in range(npaused)]
         if err:
             raise OSError(err, "relay thread stopped: " + strerror(err).decode())
         short = [ShortSum(*acc) for acc in sums.values()]
         return Report(started, finished, failed, paused, accepted, accept_errors, short)
+
+    cdef bint _reserve(self, Py_ssize_t n) noexcept:
+        """Room for n records in self.recs (kept on failure); whether there is."""
+        cdef Rec *recs
+        if n <= self.recs_cap:
+            return True
+        n = max(n, 64)
+        recs = <Rec *>realloc(self.recs, n * sizeof(Rec))
+        if recs == NULL:
+            return False
+        # Touch the new pages now (a fresh mapping faults on first write): not later, under
+        # the lock.
+        memset(&recs[self.recs_cap], 0, (n - self.recs_cap) * sizeof(Rec))
+        self.recs = recs
+        self.recs_cap = n
+        return True
 
     # -- native accept (threaded mode) --
 
@@ -400,10 +421,8 @@ cdef class Engine:
         finally:
             self._unlock()
 
-    def set_targets(self, targets, sockopts=(), dial_timeout: float = 5.0,
-                    limit: int = 0, late_sockopts=(), late_after: float = 1.0,
-                    least: bool = False) -> None:
-        """What native accept connects clients to, and how.
+    def set_targets(self, targets, settings) -> None:
+        """What native accept connects clients to, and how (an engine.RelaySettings).
 
         targets: [engine.Target] in the balancer's order. The choice is the rule of
             etcdgw.balancer.Selector (_pick.pxi): round-robin over one counter, skipping
@@ -411,20 +430,21 @@ cdef class Engine:
             priority class, RFC 2782 weighted. A target without an ip is handed back to the
             caller (collect()'s failed list, errno 0). Link-local (scoped) IPv6 addresses
             are not given here: the caller dials those.
-        sockopts: [(level, option, value)] set on every upstream socket (and on clients that
-            do not inherit them from their listener).
-        dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
-        limit: live plus connecting pairs beyond which clients wait in the backlog (0: none).
-        least: choose by least connections (Selector's rule) instead of round-robin; each
+        settings.sockopts: [(level, option, value)] set on every upstream socket (and on
+            clients that do not inherit them from their listener).
+        settings.dial_timeout: seconds a connect may take before it fails with ETIMEDOUT.
+        settings.limit: live plus connecting pairs beyond which clients wait in the backlog
+            (0: none).
+        settings.least: choose by least connections (Selector's rule) instead of round-robin; each
             target's live count carries over from the previous call by tag. A target that
             leaves keeps its count while it has live pairs (parked: never picked), so a tag
             listed again later still has it; the clients being connected to it are handed
             back at once (collect()'s failed, errno 0: dial them yourself), so once the next
             collect() has returned, the engine says nothing more of a tag that left.
-        late_sockopts: set on the upstream socket of a pair that is still live late_after
-            seconds after its connect (keep-alive settings, which cannot matter sooner: a
-            connection that lives less saves the syscalls); clients that do not inherit
-            options from their listener get them at once with the others.
+        settings.late_sockopts: set on the upstream socket of a pair that is still live
+            settings.late_after seconds after its connect (keep-alive settings, which cannot
+            matter sooner: a connection that lives less saves the syscalls); clients that do
+            not inherit options from their listener get them at once with the others.
         """
         cdef Py_ssize_t n = len(targets), i
         cdef Py_ssize_t nold = self.c.ntargets + self.c.nparked  # only changed here
@@ -440,9 +460,14 @@ cdef class Engine:
         cdef int opts[MAX_SOCKOPTS][3]
         cdef int late[MAX_SOCKOPTS][3]
         cdef int nopts = 0, nlate = 0, j
-        cdef bint plain = True, changed
+        cdef bint changed
         cdef uint64_t one = 1
         self._check_native()
+        sockopts, late_sockopts = settings.sockopts, settings.late_sockopts
+        cdef bint least = settings.least
+        cdef uint64_t late_ns = <uint64_t>(max(0.0, settings.late_after) * 1e9)
+        cdef uint64_t dial_timeout_ns = <uint64_t>(max(0.0, settings.dial_timeout) * 1e9)
+        cdef int32_t limit = max(0, settings.limit)
         if len(sockopts) > MAX_SOCKOPTS or len(late_sockopts) > MAX_SOCKOPTS:
             raise ValueError("too many socket options")
         for level, opt, value in sockopts:
@@ -461,8 +486,6 @@ cdef class Engine:
                 t = &arr[i]
                 t.tag, t.family, t.priority, t.weight = tag, family, prio, weight
                 t.usable = bool(usable)
-                if prio or weight:
-                    plain = False
                 if ip is None:
                     continue
                 bip = ip.encode("ascii")
@@ -519,7 +542,7 @@ cdef class Engine:
         self.c.targets = arr
         self.c.ntargets = <int>n
         self.c.nparked = nparked
-        self.c.plain = plain
+        self.c.plain = _plain(arr, n)
         self.c.least = least
         changed = nopts != self.c.nsockopts
         for j in range(nopts):
@@ -537,13 +560,13 @@ cdef class Engine:
             self.c.late_opts[j][0], self.c.late_opts[j][1] = late[j][0], late[j][1]
             self.c.late_opts[j][2] = late[j][2]
         self.c.nlate_opts = nlate
-        self.c.late_ns = <uint64_t>(max(0.0, late_after) * 1e9)
+        self.c.late_ns = late_ns
         if changed:
             for j in range(self.c.nlst):
                 if self.c.lst[j].tune == 2:
                     self.c.lst[j].tune = 0  # check the next client against the new options
-        self.c.dial_timeout_ns = <uint64_t>(max(0.0, dial_timeout) * 1e9)
-        self.c.limit = max(0, limit)
+        self.c.dial_timeout_ns = dial_timeout_ns
+        self.c.limit = limit
         self._unlock()
         free(old)
         write(self.c.wake_fd, &one, sizeof(one))  # a higher limit may let clients in
@@ -566,6 +589,14 @@ cdef class Engine:
         n = self.c.nconnecting + self.c.nunreported
         self._unlock()
         return n
+
+    def _selection_state(self) -> tuple[int, int]:
+        """(round-robin counter, xorshift64* state) of the thread's choices, so a test can
+        start a balancer.Selector from the same state; not an API."""
+        self._lock()
+        result = (self.c.rr, self.c.rng)
+        self._unlock()
+        return result
 
     def pick(self, exclude=()) -> int:
         """The tag of the target for the next client, or -1: the relay thread's own choice.
@@ -624,6 +655,132 @@ cdef class Engine:
             self._unlock()
         return result
 
+    def detach(self, limit: int) -> list[Handed]:
+        """Take up to `limit` live pairs out, open, with their state (engine.RelayEngine.detach).
+
+        Loop-added pairs and, with native accept, the thread's own (the fds are the
+        caller's now: the engine closes them no more). A pair still connecting is handed
+        with upstream_fd -1 (its half-made upstream socket is closed): dial it again.
+        Threaded: the thread is between batches while this holds the lock, as for remove().
+        """
+        cdef int32_t i, n = 0, nfresh = 0
+        cdef Py_ssize_t want = limit
+        cdef Pair *p
+        cdef int ufd
+        cdef uint64_t one = 1
+        if want < 0:
+            raise ValueError(f"limit out of range: {limit}")
+        self._check_open()
+        handed = []
+        self._lock()
+        try:
+            for i in range(self.c.cap):
+                if n >= want:
+                    break
+                p = &self.c.pairs[i]
+                if p.state != LIVE and p.state != CONNECTING:
+                    continue
+                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
+                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
+                ufd = p.dir[1].src
+                if p.state == CONNECTING:
+                    close(ufd)
+                    ufd = -1
+                # The bytes first: _detach_bufs() frees them (and counts the pair out).
+                handed.append(Handed(
+                    p.id, p.dir[0].src, ufd, p.tag, p.dir[0].moved, p.dir[1].moved,
+                    bool(p.dir[0].eof), bool(p.dir[1].eof),
+                    _carried(&p.dir[0]), _carried(&p.dir[1]),
+                ))
+                _detach_bufs(&self.c, p)
+                _untrack(&self.c, p)
+                if p.fresh:  # its Started record is dropped below: not reported
+                    nfresh += 1
+                _release(&self.c, i)
+                n += 1
+            if nfresh:
+                _drop_released_started(&self.c)
+        finally:
+            self._unlock()
+        if self.c.threaded:
+            write(self.c.wake_fd, &one, sizeof(one))  # fewer pairs: a client may wait at the limit
+        return handed
+
+    def adopt(self, h) -> int:
+        """Relay a handed pair from where it stopped (engine.RelayEngine.adopt); its new id.
+
+        The carried bytes wait in the pair's buffers as bytes its destination refused, and
+        the EOFs as read ones: the next batch writes them first, then shuts down.
+        """
+        cdef int cfd = h.client_fd, ufd = h.upstream_fd, err, i
+        cdef int32_t slot
+        cdef Pair *p
+        cdef epoll_event ev
+        cdef bytes data
+        cdef uint64_t one = 1
+        # Every field converted (or refused) before the lock: nothing below can raise but
+        # out of memory.
+        if h.c2u < 0 or h.u2c < 0:
+            raise ValueError("adopt(): negative byte counts")
+        cdef uint64_t c2u = h.c2u, u2c = h.u2c
+        cdef int64_t tag = h.tag
+        cdef bint client_eof = h.client_eof, upstream_eof = h.upstream_eof
+        if cfd < 0 or ufd < 0:
+            raise ValueError("adopt() needs both fds (dial the client first)")
+        carried = (bytes(h.to_upstream), bytes(h.to_client))
+        if len(carried[0]) >= 1 << 32 or len(carried[1]) >= 1 << 32:
+            raise ValueError("adopt(): more carried bytes than a pair's buffer holds")
+        self._check_open()
+        self._lock()
+        try:
+            slot = _new_slot(&self.c)
+            if slot < 0:
+                raise MemoryError("too many pairs")
+            p = &self.c.pairs[slot]
+            p.dir[0].src = p.dir[1].dst = cfd
+            p.dir[0].dst = p.dir[1].src = ufd
+            p.dir[0].moved, p.dir[1].moved = c2u, u2c
+            p.dir[0].eof, p.dir[1].eof = client_eof, upstream_eof
+            for i in range(2):
+                data = carried[i]
+                if len(data):
+                    p.dir[i].buf = <char *>_alloc(&self.c, len(data))
+                    if p.dir[i].buf == NULL:
+                        _free(&self.c, p.dir[0].buf)
+                        p.dir[0].buf = NULL
+                        _release(&self.c, slot)
+                        raise MemoryError()
+                    memcpy(p.dir[i].buf, PyBytes_AS_STRING(data), len(data))
+                    p.dir[i].end = <uint32_t>len(data)
+                # No event may come for these (an idle destination, an EOF read already).
+                p.dir[i].ready = p.dir[i].buf != NULL or p.dir[i].eof
+            ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
+            ev.data.u64 = p.id << 1
+            if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, cfd, &ev) == 0:
+                ev.data.u64 = (p.id << 1) | 1
+                if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, ufd, &ev) == 0:
+                    p.state = LIVE
+                    self.c.nlive += 1
+                    if tag >= 0:
+                        p.tag = tag
+                        _track(&self.c, p)
+                    if p.dir[0].ready or p.dir[1].ready:
+                        _enqueue(&self.c, p)
+                    if self.c.threaded:
+                        write(self.c.wake_fd, &one, sizeof(one))
+                    return p.id
+                err = errno
+                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, cfd, NULL)
+            else:
+                err = errno
+            for i in range(2):
+                _free(&self.c, p.dir[i].buf)
+                p.dir[i].buf = NULL
+            _release(&self.c, slot)
+        finally:
+            self._unlock()
+        raise OSError(err, strerror(err).decode())
+
     def stats(self, pair_id: int) -> tuple[int, int]:
         """(bytes client->upstream, bytes upstream->client) relayed so far for one pair.
 
@@ -659,6 +816,16 @@ cdef class Engine:
         Relayed fds stay open, they belong to the caller.
         """
         self._close()
+
+    def _lock_waits(self, reset: bool = False) -> tuple[int, int, int]:
+        """(waits, total ns, longest ns) the relay thread spent waiting for the lock the loop
+        held, since the start or the last reset; for bench/collect_lock.py, not an API."""
+        self._lock()
+        result = (self.c.lock_waits, self.c.lock_wait_ns, self.c.lock_wait_max_ns)
+        if reset:
+            self.c.lock_waits = self.c.lock_wait_ns = self.c.lock_wait_max_ns = 0
+        self._unlock()
+        return result
 
     def _epoll_fileno(self) -> int:
         """The epoll fd itself (tests read its registrations); not an API."""
@@ -734,460 +901,8 @@ cdef class Engine:
         self.c.late_n = self.c.late_head = 0
 
 
-# -- hot path (no GIL; in threaded mode, the relay thread with the lock held) --
-
-cdef int _harvest(Core *c, int timeout) noexcept nogil:
-    """epoll_wait into c.events: how many events, or -errno (EINTR is retried)."""
-    cdef int n
-    while True:
-        n = epoll_wait(c.epfd, c.events, MAX_EVENTS, timeout)
-        if n >= 0 or errno != EINTR:
-            return n if n >= 0 else -errno
-
-
-cdef void _handle(Core *c, int n) noexcept nogil:
-    """Continue left-over pairs (within the budget), then turn n harvested events into work."""
-    cdef int i, k = c.nready
-    cdef uint64_t key, count
-    cdef Pair *p
-    c.budget = RUN_BUFS * c.bufsize
-    while k > 0 and c.budget > 0:
-        p = &c.pairs[c.ready_head]
-        _unqueue(c, p)
-        _visit(c, p)
-        k -= 1
-    for i in range(n):
-        key = c.events[i].data.u64
-        if key >= LISTEN_KEY:
-            if key == WAKE_KEY:
-                # The loop changed something (close, listen, targets, remove): the thread
-                # looks at everything after this batch anyway.
-                read(c.wake_fd, &count, sizeof(count))
-            elif key - LISTEN_KEY < <uint64_t>c.nlst and c.lst[key - LISTEN_KEY].fd >= 0:
-                c.lst[key - LISTEN_KEY].ready = 1  # accepted after the events (_accept_all)
-            continue
-        p = &c.pairs[(key >> 1) & ((1 << SLOT_BITS) - 1)]
-        if p.id != key >> 1:
-            continue  # finished earlier in this batch, or removed since epoll_wait
-        if p.state == CONNECTING:
-            if key & 1 and c.events[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                _connected(c, p, c.events[i].events)
-            continue  # client events wait: the client is read once the dial is done
-        if p.state != LIVE:
-            continue
-        _mark(p, key & 1, c.events[i].events)
-        if p.queued:
-            pass  # already has work waiting its turn: one budget per pair per batch
-        elif c.budget > 0:
-            _visit(c, p)
-        else:
-            _enqueue(c, p)
-
-
-cdef void *_thread_main(void *arg) noexcept nogil:
-    """The relay thread (threaded mode): epoll_wait, then one batch under the lock; no GIL.
-
-    Sleeps in epoll_wait while nothing is ready (a left-over ready list polls instead), so
-    an idle engine costs nothing. Finished pairs are announced on notify_fd, once until the
-    loop's run() has collected them.
-    """
-    cdef Core *c = <Core *>arg
-    cdef int n, timeout = -1
-    cdef uint64_t one = 1
-    cdef sigset_t mask
-    sigfillset(&mask)  # signals stay with Python's main thread (created blocked, too)
-    pthread_sigmask(SIG_BLOCK, &mask, NULL)
-    while True:
-        # timeout was computed under the lock at the end of the last batch; whatever the
-        # loop changes since then that needs the thread (listen, set_targets, remove,
-        # close) writes wake_fd.
-        n = _harvest(c, timeout)
-        pthread_mutex_lock(&c.lock)
-        if c.stopping:
-            pthread_mutex_unlock(&c.lock)
-            return NULL
-        if n < 0:
-            c.thread_err = -n  # cannot happen with a valid epoll fd; reported by run()
-        else:
-            _handle(c, n)
-            if c.conn_head >= 0:
-                _expire(c)
-            if c.nlst:
-                _accept_all(c)
-            if c.late_n:
-                _apply_late(c)
-        if not c.notified and _report_due(c):
-            c.notified = 1
-            write(c.notify_fd, &one, sizeof(one))
-        timeout = _timeout(c)
-        pthread_mutex_unlock(&c.lock)
-        if c.thread_err:
-            return NULL
-
-
-cdef void _mark(Pair *p, int side, uint32_t events) noexcept nogil:
-    """Turn one event into work: what this fd's readiness lets each direction do."""
-    cdef Dir *din = &p.dir[side]
-    cdef Dir *dout = &p.dir[1 - side]
-    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-        din.ready = 1
-        if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            din.drain = 1
-    if events & (EPOLLOUT | EPOLLHUP | EPOLLERR) and (dout.buf != NULL or dout.piped):
-        dout.ready = 1
-    if events & EPOLLERR:
-        p.errcheck |= 1 << side
-
-cdef void _visit(Core *c, Pair *p) noexcept nogil:
-    cdef int i, r
-    cdef int so_error
-    cdef socklen_t optlen
-    for i in range(2):
-        if p.dir[i].ready:
-            r = _pump(c, &p.dir[i], i, p.owned and p.dir[1 - i].done)
-            if r < 0:
-                _finish(c, p, -r)
-                return
-            p.dir[i].ready = r == MORE
-            if (p.dir[i].buf != NULL or p.dir[i].piped) and not p.outarmed & (1 << (1 - i)):
-                r = _arm_out(c, p, 1 - i)
-                if r < 0:
-                    _finish(c, p, -r)
-                    return
-    if p.errcheck:
-        # A reset on a socket we no longer read from (it already sent EOF) would only
-        # show at our next send, which may never come; SO_ERROR surfaces it now. An error
-        # seen before that EOF was read stays pending until it is: a reset after FIN
-        # leaves the bytes and the EOF readable, and EPOLLERR does not come again.
-        for i in range(2):
-            if p.errcheck & (1 << i) and p.dir[i].eof:
-                p.errcheck &= ~(1 << i)
-                so_error = 0
-                optlen = sizeof(so_error)
-                getsockopt(p.dir[i].src, SOL_SOCKET, SO_ERROR, &so_error, &optlen)
-                if so_error:
-                    _finish(c, p, so_error)
-                    return
-    if not p.first:
-        p.first = 1 if p.dir[0].eof else (2 if p.dir[1].eof else 0)
-    if p.dir[0].done and p.dir[1].done:
-        _finish(c, p, 0)
-    elif (p.dir[0].ready or p.dir[1].ready) and not p.queued:
-        _enqueue(c, p)
-
-cdef int _pump(Core *c, Dir *d, int i, bint last) noexcept nogil:
-    """Move bytes one way until dst is full or src is empty: WAIT, MORE or -errno.
-
-    last: the engine closes dst as soon as this direction is done (its own pair, the other
-    direction done already), and close() sends the FIN: no shutdown() needed.
-    """
-    cdef ssize_t n, m
-    cdef size_t moved = 0
-    while not d.done:
-        if d.piped or d.buf != NULL:  # dst refused these before: flush them first
-            if d.piped:
-                m = _splice(d.pipe[0], d.dst, d.piped)
-                if m == -EAGAIN or m == 0:  # (0 cannot happen: a pipe with bytes)
-                    return WAIT  # dst is full; its EPOLLOUT edge brings us back
-                if m < 0:
-                    return <int>m
-                d.piped -= m
-            else:
-                m = _send(d.dst, d.buf + d.start, d.end - d.start)
-                if m < 0:
-                    return <int>m
-                if m == 0:
-                    return WAIT
-                d.start += m
-                if d.start == d.end:
-                    _free(c, d.buf)
-                    d.buf = NULL
-            d.moved += m
-            c.total[i] += m
-            # A partial send loops once more: the EAGAIN it meets arms the edge for sure.
-        elif d.eof:
-            # Pass the half-close on (etcd's gateway closes both sockets at the first
-            # EOF and drops the reply). ENOTCONN: dst is already gone, nothing to tell.
-            if not last and shutdown(d.dst, SHUT_WR) < 0 and errno != ENOTCONN:
-                return -errno
-            d.done = 1
-        elif moved >= VISIT_BUFS * c.bufsize:
-            return MORE
-        elif d.bulk:
-            n = _splice(d.src, d.pipe[1], c.bufsize)
-            if n == -EAGAIN or n == 0:
-                # src ran dry (or said EOF): back to recv/send, and the pipe is closed.
-                # No short-read shortcut here: a pipe can fill up before bufsize bytes.
-                _unpipe(c, d)
-                if n == 0:
-                    d.eof = 1
-                    continue
-                return WAIT
-            if n < 0:
-                return <int>n
-            d.piped = n
-            moved += n
-            c.budget -= n
-        else:
-            n = _recv(d.src, c.scratch, c.bufsize)
-            if n == -EAGAIN:
-                return WAIT
-            if n < 0:
-                return <int>n
-            if n == 0:
-                d.eof = 1
-                continue
-            moved += n
-            c.budget -= n
-            m = _send(d.dst, c.scratch, n)
-            if m < 0:
-                return <int>m
-            d.moved += m
-            c.total[i] += m
-            if m < n:
-                d.buf = <char *>_alloc(c, n - m)
-                if d.buf == NULL:
-                    return -ENOMEM
-                memcpy(d.buf, c.scratch + m, n - m)
-                d.start = 0
-                d.end = n - m
-                if m == 0:
-                    return WAIT  # EAGAIN: the EPOLLOUT edge is armed
-            elif <size_t>n == c.bufsize:
-                _pipe(c, d)  # a full read: bulk data, splice the next ones if we can
-            elif not d.drain:
-                # A short read emptied src: new data raises a new edge. Only a FIN that
-                # came before this read would not, and its event carried RDHUP (drain).
-                return WAIT
-    return WAIT
-
-cdef void _pipe(Core *c, Dir *d) noexcept nogil:
-    """Give d a pipe and switch it to splice, if allowed and under the cap."""
-    if not c.splice or c.npipes >= MAX_PIPES:
-        return
-    if pipe2(d.pipe, O_NONBLOCK | O_CLOEXEC) < 0:
-        d.pipe[0] = d.pipe[1] = -1
-        return  # EMFILE and friends: recv/send still work
-    c.npipes += 1
-    d.bulk = 1
-
-cdef void _unpipe(Core *c, Dir *d) noexcept nogil:
-    """Close d's pipe (with any bytes still in it) and go back to recv/send."""
-    d.bulk = 0
-    if d.pipe[0] < 0:
-        return
-    close(d.pipe[0])
-    close(d.pipe[1])
-    d.pipe[0] = d.pipe[1] = -1
-    d.piped = 0
-    c.npipes -= 1
-
-cdef uint8_t _ended(Pair *p) noexcept nogil:
-    """Which side ended the pair first: 1 client, 2 upstream, 0 unknown (an EOF, else the
-    side whose fd reported an error)."""
-    if p.first:
-        return p.first
-    if p.errcheck & 1:
-        return 1
-    if p.errcheck & 2:
-        return 2
-    return 0
-
-cdef bint _silent(Pair *p) noexcept nogil:
-    """The upstream ended the pair first without a byte, after the client had sent some:
-    a strike for least-connections (monitor.py)."""
-    return p.dir[0].moved > 0 and p.dir[1].moved == 0 and _ended(p) == 2
-
-cdef void _finish(Core *c, Pair *p, int err) noexcept nogil:
-    cdef Target *t
-    if c.least and p.owned and _silent(p) and _now_ns() - p.deadline < IMMEDIATE_NS:
-        # A member that ends fresh connections at once holds none, so least-connections
-        # would send it the next client too, and the next, until the loop hears of it
-        # (monitor.Monitor.strike sets it aside). Set it aside here at once, and report
-        # now; the loop's next set_targets carries its decision.
-        t = _target_of(c, p.tag)
-        if t != NULL:
-            t.usable = 0
-        c.report_at = 1
-    _untrack(c, p)
-    if p.owned:
-        # close() drops the registrations itself: no EPOLL_CTL_DEL for the engine's pairs
-        _detach_bufs(c, p)
-        _close_fds(p, err)
-    else:
-        _detach(c, p)
-    p.err = err
-    p.state = FINISHED
-    c.nrecords += 1
-    p.next = c.finished_head
-    c.finished_head = p.id & ((1 << SLOT_BITS) - 1)
-
-cdef void _detach(Core *c, Pair *p) noexcept nogil:
-    """Unregister both fds and drop buffers and pipes, so the owner may close the fds."""
-    if c.epfd >= 0:
-        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
-        epoll_ctl(c.epfd, EPOLL_CTL_DEL, p.dir[1].src, NULL)
-    _detach_bufs(c, p)
-
-cdef void _detach_bufs(Core *c, Pair *p) noexcept nogil:
-    """_detach() but the epoll registrations."""
-    cdef int i
-    for i in range(2):
-        _free(c, p.dir[i].buf)
-        p.dir[i].buf = NULL
-        _unpipe(c, &p.dir[i])
-    if p.queued:
-        _unqueue(c, p)
-    if p.state == LIVE:
-        c.nlive -= 1
-    elif p.state == CONNECTING:
-        _unconnect(c, p)
-
-cdef void _enqueue(Core *c, Pair *p) noexcept nogil:
-    cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
-    p.queued = 1
-    p.next = -1
-    p.prev = c.ready_tail
-    if c.ready_tail >= 0:
-        c.pairs[c.ready_tail].next = slot
-    else:
-        c.ready_head = slot
-    c.ready_tail = slot
-    c.nready += 1
-
-cdef void _unqueue(Core *c, Pair *p) noexcept nogil:
-    p.queued = 0
-    if p.prev >= 0:
-        c.pairs[p.prev].next = p.next
-    else:
-        c.ready_head = p.next
-    if p.next >= 0:
-        c.pairs[p.next].prev = p.prev
-    else:
-        c.ready_tail = p.prev
-    p.prev = p.next = -1
-    c.nready -= 1
-
-
-# -- native accept: the relay thread accepts, picks a target and connects (threaded mode) --
-
-cdef int _grow(Core *c) noexcept nogil:
-    """Double the pair table; 0, or -1 when out of memory or slots."""
-    cdef int32_t i, cap = c.cap * 2 if c.cap else 64
-    cdef Pair *pairs
-    if cap > 1 << SLOT_BITS:
-        return -1
-    if c.threaded:
-        pairs = <Pair *>realloc(c.pairs, cap * sizeof(Pair))
-    else:
-        pairs = <Pair *>PyMem_RawRealloc(c.pairs, cap * sizeof(Pair))
-    if pairs == NULL:
-        return -1
-    memset(&pairs[c.cap], 0, (cap - c.cap) * sizeof(Pair))
-    for i in range(cap - 1, c.cap - 1, -1):
-        pairs[i].next = c.free_head
-        c.free_head = i
-    c.pairs = pairs
-    c.cap = cap
-    return 0
-
-cdef int32_t _new_slot(Core *c) noexcept nogil:
-    """A zeroed pair with a fresh id and no fds, or -1. May move c.pairs (realloc)."""
-    cdef int32_t slot
-    cdef Pair *p
-    if c.free_head < 0 and _grow(c) < 0:
-        return -1
-    slot = c.free_head
-    p = &c.pairs[slot]
-    c.free_head = p.next
-    memset(p, 0, sizeof(Pair))
-    p.id = (c.gen << SLOT_BITS) | <uint64_t>slot
-    c.gen += 1
-    p.prev = p.next = p.snext = p.cprev = p.cnext = -1
-    p.tag = -1
-    p.dir[0].pipe[0] = p.dir[0].pipe[1] = p.dir[1].pipe[0] = p.dir[1].pipe[1] = -1
-    return slot
-
-cdef void _release(Core *c, int32_t slot) noexcept nogil:
-    c.pairs[slot].id = 0
-    c.pairs[slot].state = FREE
-    c.pairs[slot].next = c.free_head
-    c.free_head = slot
-
-cdef void _close_fds(Pair *p, int err) noexcept nogil:
-    """Close an owned pair's sockets; after an error with SO_LINGER 0, so a reset goes on."""
-    cdef linger lg
-    cdef int i, fd
-    lg.l_onoff = 1
-    lg.l_linger = 0
-    for i in range(2):
-        fd = p.dir[i].src
-        if fd >= 0:
-            if err:
-                setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
-            close(fd)
-    p.dir[0].src = p.dir[0].dst = p.dir[1].src = p.dir[1].dst = -1
-
-cdef uint64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
-
-cdef int _timeout(Core *c) noexcept nogil:
-    """epoll_wait's timeout for the relay thread's next wait, in ms (-1: none)."""
-    cdef uint64_t now, d = 0
-    cdef int i
-    if c.nready > 0:
-        return 0
-    if not c.limit or c.nlive + c.nconnecting + c.nheld < c.limit:
-        for i in range(c.nlst):
-            if c.lst[i].fd >= 0 and c.lst[i].ready and not c.lst[i].paused:
-                return 0  # an accept batch ran out before EAGAIN: go on after the events
-    if c.conn_head >= 0:
-        d = c.pairs[c.conn_head].deadline
-    if c.report_at and not c.notified and (d == 0 or c.report_at < d):
-        d = c.report_at
-    if c.late_n and (d == 0 or c.late[c.late_head].due < d):
-        d = c.late[c.late_head].due
-    if d == 0:
-        return -1
-    now = _now_ns()
-    if d <= now:
-        return 0
-    return <int>min((d - now + 999999) // 1000000, <uint64_t>3600000)
-
-cdef bint _report_due(Core *c) noexcept nogil:
-    """Whether the thread should wake the loop now (see REPORT_DELAY_NS)."""
-    cdef uint64_t now
-    if c.thread_err or c.nfailed or _pause_news(c):
-        return True
-    if c.finished_head < 0 and c.started_head < 0:
-        return False
-    if not c.threaded or c.nrecords >= REPORT_BATCH:
-        return True
-    now = _now_ns()
-    if c.report_at == 0:
-        c.report_at = now + REPORT_DELAY_NS
-    return now >= c.report_at
-
-cdef int _arm_out(Core *c, Pair *p, int side) noexcept nogil:
-    """Add EPOLLOUT to one fd of a pair: its peer direction has bytes the fd refused.
-
-    Fds are registered without EPOLLOUT: with it, every ACK that frees send space raises an
-    edge and wakes the relay thread for nothing (for small request/response traffic, about
-    as many wake-ups as the data itself). The first time a destination refuses bytes it is
-    armed for good (bulk pairs pay one EPOLL_CTL_MOD); the modify re-checks readiness, so
-    space that appeared meanwhile still raises the edge. 0, or -errno.
-    """
-    cdef epoll_event ev
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-    ev.data.u64 = (p.id << 1) | <uint64_t>side
-    if epoll_ctl(c.epfd, EPOLL_CTL_MOD, p.dir[side].src, &ev) < 0:
-        return -errno
-    p.outarmed |= 1 << side
-    return 0
-
-
+include "_pump.pxi"
+include "_table.pxi"
 include "_pick.pxi"
 include "_accept.pxi"
 
@@ -1201,7 +916,6 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n, bint least=False) -> l
     """
     cdef Core *c = <Core *>calloc(1, sizeof(Core))
     cdef int i, _i
-    cdef bint plain = True
     if c == NULL:
         raise MemoryError()
     out = []
@@ -1216,12 +930,10 @@ def pick_sequence(rows, uint64_t rr, uint64_t rng, int n, bint least=False) -> l
             c.targets[i].weight = weight
             c.targets[i].usable = bool(usable)
             c.targets[i].live = live
-            if prio or weight:
-                plain = False
-        c.plain = plain
+        c.plain = _plain(c.targets, c.ntargets)
         c.least = least
         c.rr = rr
-        c.rng = rng if rng else 0x9E3779B97F4A7C15
+        c.rng = rng if rng else XS_SEED
         for _i in range(n):
             out.append(_pick(c))
     finally:

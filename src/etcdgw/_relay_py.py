@@ -1,6 +1,7 @@
 """Pure-Python relay engine: the same edge-triggered epoll logic as _relay.pyx, with os calls.
 
-Implements engine.Engine and engine.LoopEpoll. Native accept (engine.NativeAccept) needs a
+Implements engine.RelayEngine and engine.LoopEpoll. Native accept (engine.NativeAcceptEngine)
+needs a
 thread that relays without the GIL, so only the Cython twin has it.
 """
 
@@ -17,7 +18,7 @@ import select
 import socket
 from collections.abc import Callable, Sequence
 
-from .engine import Finished
+from .engine import BUFSIZE, Finished, Handed
 
 MAX_EVENTS = 256
 VISIT_BUFS = 16  # per direction per visit: fairness between busy pairs
@@ -47,10 +48,11 @@ class _Dir:
 
 
 class _Pair:
-    __slots__ = ("id", "dirs", "errcheck", "first")
+    __slots__ = ("id", "dirs", "errcheck", "first", "tag")
 
-    def __init__(self, pair_id: int, client_fd: int, upstream_fd: int) -> None:
+    def __init__(self, pair_id: int, client_fd: int, upstream_fd: int, tag: int) -> None:
         self.id = pair_id
+        self.tag = tag  # the caller's, handed back by detach()
         # [0] client -> upstream, [1] upstream -> client; index = side of the src fd.
         self.dirs = (_Dir(client_fd, upstream_fd), _Dir(upstream_fd, client_fd))
         self.errcheck = [False, False]  # per side: EPOLLERR seen on that side's fd
@@ -66,7 +68,7 @@ class _Pair:
 class Engine:
     """Relay bytes between borrowed pairs of non-blocking sockets, both ways, on one epoll fd."""
 
-    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None:
+    def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None:
         # `threaded` is accepted for parity with the Cython twin and ignored: a Python relay
         # thread would need the GIL for every event, so this engine is always loop-driven.
         if not 1 <= bufsize <= 1 << 30:
@@ -91,10 +93,10 @@ class Engine:
     def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
         """Start relaying between two connected non-blocking sockets; return the pair id.
 
-        tag is for the Cython twin's live counts (native accept); unused here.
+        tag is for the Cython twin's live counts (native accept); only kept here, for detach().
         """
         ep = self._open()
-        pair = _Pair(self._next_id, client_fd, upstream_fd)
+        pair = _Pair(self._next_id, client_fd, upstream_fd, tag)
         # Registered once: ET means no epoll_ctl per event; an fd that is already readable
         # reports at the next poll, so bytes sent before add() are not lost.
         ep.register(client_fd, _FLAGS)
@@ -161,6 +163,49 @@ class Engine:
         pair = self._pairs[pair_id]
         self._detach(pair)
         return Finished(pair.id, pair.dirs[0].moved, pair.dirs[1].moved, 0)
+
+    def detach(self, limit: int) -> list[Handed]:
+        """Take up to `limit` live pairs out, open, with their state (engine.RelayEngine.detach)."""
+        if limit < 0:
+            raise ValueError(f"limit out of range: {limit}")
+        self._open()
+        handed: list[Handed] = []
+        for pair in list(self._pairs.values())[:limit]:
+            up, down = pair.dirs
+            handed.append(
+                Handed(
+                    pair_id=pair.id,
+                    client_fd=up.src,
+                    upstream_fd=up.dst,
+                    tag=pair.tag,
+                    c2u=up.moved,
+                    u2c=down.moved,
+                    client_eof=up.eof,
+                    upstream_eof=down.eof,
+                    to_upstream=up.buf,
+                    to_client=down.buf,
+                )
+            )
+            self._detach(pair)
+        return handed
+
+    def adopt(self, h: Handed) -> int:
+        """Relay a handed pair from where it stopped (engine.RelayEngine.adopt); its new id."""
+        if h.client_fd < 0 or h.upstream_fd < 0:
+            raise ValueError("adopt() needs both fds (dial the client first)")
+        if h.c2u < 0 or h.u2c < 0:
+            raise ValueError("adopt(): negative byte counts")
+        pair_id = self.add(h.client_fd, h.upstream_fd, h.tag)
+        pair = self._pairs[pair_id]
+        up, down = pair.dirs
+        up.moved, up.eof, up.buf = h.c2u, bool(h.client_eof), bytes(h.to_upstream)
+        down.moved, down.eof, down.buf = h.u2c, bool(h.upstream_eof), bytes(h.to_client)
+        for d in pair.dirs:
+            # Carried bytes and an EOF to pass on may get no event: run() does them first.
+            d.ready = bool(d.buf) or d.eof
+        if pair.dirs[0].ready or pair.dirs[1].ready:
+            self._ready[pair_id] = pair
+        return pair_id
 
     def stats(self, pair_id: int) -> tuple[int, int]:
         """(bytes client->upstream, bytes upstream->client) relayed so far for one pair."""

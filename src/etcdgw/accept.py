@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from .balancer import Balancer, Remote
 from .dial import Dialer, OwnAddresses, dial_error
-from .engine import Report, Target
+from .engine import RelaySettings, Report, Target
 from .goerrors import IO_TIMEOUT, dial_failed
 from .golang import format_duration
 from .listeners import LATE_OPTIONS_AFTER, TcpOptions
@@ -313,14 +313,18 @@ class NativeAccept(Acceptor):
             targets.append(Target(r.tag, int(fam), ip, ep.port, ep.priority, ep.weight, r.usable))
         cfg = self.settings.cfg
         now, late = self.tcp.split(cfg.tcp_keepalive)
-        opts = self.tcp.options(cfg.tcp_keepalive)
-        least = self.balancer.selector.least
-        told = (tuple(targets), tuple(opts), cfg.dial_timeout, cfg.max_connections, least)
+        settings = RelaySettings(
+            sockopts=tuple(now),
+            dial_timeout=cfg.dial_timeout,
+            limit=cfg.max_connections,
+            late_sockopts=tuple(late),
+            late_after=LATE_OPTIONS_AFTER,
+            least=self.balancer.selector.least,
+        )
+        told = (tuple(targets), settings)
         if told == self._told:
             return
-        self.relay.set_targets(
-            targets, now, cfg.dial_timeout, cfg.max_connections, late, LATE_OPTIONS_AFTER, least
-        )
+        self.relay.set_targets(targets, settings)
         self._told = told
         if self.accepting:
             for s in self.listeners.socks:

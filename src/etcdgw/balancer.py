@@ -23,7 +23,8 @@ from .config import Endpoint
 
 _TAGS = itertools.count(1)
 _MASK = (1 << 64) - 1
-# xorshift64* (Vigna): the generator of SRV weighted draws, here and in _relay.pyx `_rand`.
+# xorshift64* (Vigna): the generator of SRV weighted draws, here and in _relay.pyx `_rand`;
+# DEFAULT_SEED is its seed there too (the one owner).
 _XS_MUL = 2685821657736338717
 DEFAULT_SEED = 0x9E3779B97F4A7C15
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .engine import BUFSIZE
 from .golang import go_quote, parse_duration
 
 _T = TypeVar("_T")
@@ -473,11 +474,7 @@ class Config:
     tcp_keepalive: float = _d("tcp-keepalive")
     max_connections: int = _i("max-connections")  # 0: no cap
     listen_unix_mode: int = _i("listen-unix-mode")
-    # The engines' read (and splice) size. 32 KiB, not 64: over loopback (the client side of
-    # a local gateway) TCP builds segments of up to 65,482 bytes (2 x its 32,741-byte MSS),
-    # so each 64 KiB write also sent a 54-byte one: 1.2x the segments per GB (nstat) and
-    # 1.25-1.6x the CPU per GB relayed, both engines (bench/RESULTS.md, "buffer size").
-    buffer_size: int = 32768
+    buffer_size: int = BUFSIZE  # the engines' read size (engine.BUFSIZE says why 32 KiB)
     health_check: str = _s("health-check")  # none|tcp|etcd
     balance: str = _s("balance")  # round-robin | least-connections
     health_interval: float = _d("health-interval")

@@ -3,13 +3,14 @@
 Declared once here, as aio-libs' multidict declares its surface in `_abc.py`; `relay.py`
 chooses the twin and drives it. Three capabilities:
 
-* `Engine`, every twin: relay borrowed pairs of connected non-blocking sockets, both ways,
-  and report the pairs that finished.
+* `RelayEngine`, every twin: relay borrowed pairs of connected non-blocking sockets, both
+  ways, and report the pairs that finished.
 * `LoopEpoll`, the pure twin: register its fds in the asyncio loop's own epoll set and take
   their events from the loop's `epoll_wait` (`relay.RelaySelector`), instead of an epoll fd
   of its own (one system call and no loop callback per wake-up).
-* `NativeAccept`, the Cython twin in threaded mode: its relay thread accepts clients, picks
-  a target and connects them itself, without Python (docs/architecture.md).
+* `NativeAcceptEngine`, the Cython twin in threaded mode: its relay thread accepts clients,
+  picks a target and connects them itself, without Python (docs/architecture.md; the
+  acceptor that drives it is accept.NativeAccept).
 
 The records the engines exchange with Python are named tuples, so a reader sees field names
 and the compiled twin builds them as cheaply as plain tuples.
@@ -21,17 +22,28 @@ from collections.abc import Collection, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
-    "Engine",
+    "BUFSIZE",
     "Failed",
     "Finished",
+    "Handed",
     "LoopEpoll",
-    "NativeAccept",
+    "NativeAcceptEngine",
     "Paused",
+    "RelayEngine",
+    "RelaySettings",
     "Report",
     "ShortSum",
     "Started",
     "Target",
 ]
+
+
+BUFSIZE = 32768
+"""The engines' read (and splice) size, the gateway's default (Config.buffer_size) and every
+engine signature's. 32 KiB, not 64: over loopback (the client side of a local gateway) TCP
+builds segments of up to 65,482 bytes (2 x its 32,741-byte MSS), so each 64 KiB write also
+sent a 54-byte one: 1.2x the segments per GB (nstat) and 1.25-1.6x the CPU per GB relayed,
+both engines (bench/RESULTS.md, "buffer size")."""
 
 
 class Finished(NamedTuple):
@@ -44,6 +56,29 @@ class Finished(NamedTuple):
     ended: int = 0  # the side that ended first: 1 client, 2 upstream, 0 unknown (removed)
 
 
+class Handed(NamedTuple):
+    """A live pair taken out of an engine (detach); its fds are the caller's now, open.
+
+    What another engine (of either twin, in this process or the next) needs to continue the
+    pair exactly where this one stopped (adopt): no byte lost or sent twice, and the
+    half-closes kept.
+    """
+
+    pair_id: int  # its id in the engine it left
+    client_fd: int
+    upstream_fd: int  # -1: native accept had not finished the dial (the half-made upstream
+    # socket is closed); the client is to be dialled again (it sent nothing we consumed)
+    tag: int  # the target the upstream is connected to (Target.tag), or -1
+    c2u: int  # bytes relayed so far client -> upstream
+    u2c: int  # bytes relayed so far upstream -> client
+    client_eof: bool  # the client's EOF was read: SHUT_WR passes on to the upstream once
+    # to_upstream is written (it may already have been; shutting again is harmless)
+    upstream_eof: bool  # the same, upstream -> client
+    to_upstream: bytes  # read from the client, not written to the upstream yet
+    to_client: bytes  # read from the upstream, not written to the client yet (with splice,
+    # what sat in the pipe: drained into this)
+
+
 class Target(NamedTuple):
     """Where native accept may connect a client, in the balancer's order (set_targets)."""
 
@@ -54,6 +89,26 @@ class Target(NamedTuple):
     priority: int  # SRV priority (0 for --endpoints)
     weight: int  # SRV weight (0 for --endpoints)
     usable: bool  # active, healthy and not removed (balancer.Remote.usable)
+
+
+SockOpt = tuple[int, int, int]  # (level, option, value) for setsockopt
+
+
+class RelaySettings(NamedTuple):
+    """How native accept connects clients (set_targets), in one record.
+
+    Built in one place, accept.NativeAccept.sync(), from the configuration; a new setting is
+    a field here, a line there and its use in _relay.pyx.
+    """
+
+    sockopts: tuple[SockOpt, ...] = ()  # on every upstream socket (and on clients that do
+    # not inherit them from their listener)
+    dial_timeout: float = 5.0  # seconds a connect may take before it fails with ETIMEDOUT
+    limit: int = 0  # --max-connections: live plus connecting pairs (0: none)
+    late_sockopts: tuple[SockOpt, ...] = ()  # on the upstream socket of a pair still live
+    # late_after seconds after its connect (keep-alive: cannot matter sooner)
+    late_after: float = 1.0
+    least: bool = False  # --balance=least-connections
 
 
 class Started(NamedTuple):
@@ -107,10 +162,10 @@ class Report(NamedTuple):
 
 
 @runtime_checkable
-class Engine(Protocol):
+class RelayEngine(Protocol):
     """Relay bytes between borrowed pairs of sockets; the caller owns (and closes) the fds."""
 
-    def __init__(self, bufsize: int = 65536, threaded: bool | None = None) -> None: ...
+    def __init__(self, bufsize: int = BUFSIZE, threaded: bool | None = None) -> None: ...
 
     def fileno(self) -> int:
         """For loop.add_reader: readable when run() has something to do or report."""
@@ -119,7 +174,7 @@ class Engine(Protocol):
     def add(self, client_fd: int, upstream_fd: int, tag: int = -1) -> int:
         """Start relaying two connected non-blocking sockets; return the pair id.
 
-        tag: the Target the upstream is connected to, for a NativeAccept engine's live
+        tag: the Target the upstream is connected to, for a NativeAcceptEngine's live
         counts (least-connections); others ignore it.
         """
         ...
@@ -147,6 +202,26 @@ class Engine(Protocol):
 
     def __len__(self) -> int: ...
 
+    def detach(self, limit: int) -> list[Handed]:
+        """Take up to `limit` live pairs out of the engine, open, with their state.
+
+        Their fds leave the engine's epoll set and are neither closed nor shut down: they
+        are the caller's from now on (also those of pairs native accept made). No later
+        run()/collect() mentions a handed pair. Pairs that finished already are not handed,
+        they are reported as usual.
+        """
+        ...
+
+    def adopt(self, h: Handed) -> int:
+        """Relay a pair another engine handed out, as add() would (the caller owns the fds);
+        return its new pair id.
+
+        The carried bytes are written first, then the EOFs h says were read are passed on
+        (SHUT_WR), then the pair is relayed as usual; its byte counts continue from h's.
+        ValueError for an upstream_fd of -1 (dial first, then adopt with the new fd).
+        """
+        ...
+
     def close(self) -> None:
         """Stop and close the engine's own fds (idempotent); relayed fds stay open."""
         ...
@@ -166,7 +241,7 @@ class LoopEpoll(Protocol):
 
 
 @runtime_checkable
-class NativeAccept(Protocol):
+class NativeAcceptEngine(Protocol):
     """An engine whose relay thread accepts and connects clients itself (Cython, threaded)."""
 
     @property
@@ -178,16 +253,9 @@ class NativeAccept(Protocol):
 
     def unlisten(self, listen_fd: int) -> None: ...
 
-    def set_targets(
-        self,
-        targets: Sequence[Target],
-        sockopts: Sequence[tuple[int, int, int]] = (),
-        dial_timeout: float = 5.0,
-        limit: int = 0,
-        late_sockopts: Sequence[tuple[int, int, int]] = (),
-        late_after: float = 1.0,
-        least: bool = False,
-    ) -> None: ...
+    def set_targets(self, targets: Sequence[Target], settings: RelaySettings) -> None:
+        """Where clients go (targets, in the balancer's order) and how (settings)."""
+        ...
 
     def pick(self, exclude: Collection[int] = ()) -> int:
         """The tag of the target for the next client by the engine's own counter, or -1;

@@ -12,13 +12,14 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 from . import engine as contract
-from .engine import Finished, Report, Target
+from .engine import BUFSIZE, Finished, Handed, RelaySettings, Report, Target
 
 __all__ = [
     "IMPLEMENTATION",
     "NO_EXTENSIONS",
     "Engine",
     "Finished",
+    "Handed",
     "Relay",
     "RelayEventLoop",
     "RelaySelector",
@@ -135,7 +136,7 @@ class Relay:
         engine_cls: the engine to drive (either twin); the facade's choice by default.
         bufsize: the engine's read size and the unit of its fairness budgets.
         on_native: to use native accept (listen(), set_targets()) when the engine can
-            (engine.NativeAccept, threaded): called with each engine.Report, before the
+            (engine.NativeAcceptEngine, threaded): called with each engine.Report, before the
             finished pairs of the same wake-up are reported; `aggregate` (default True)
             asks collect() to sum short-lived pairs.
     """
@@ -146,7 +147,7 @@ class Relay:
         on_finished: Callable[[int, int, int, int, int], None],
         *,
         engine_cls: type[Engine] = Engine,
-        bufsize: int = 65536,
+        bufsize: int = BUFSIZE,
         on_native: NativeCallback | None = None,
     ) -> None:
         self._loop = loop
@@ -154,9 +155,9 @@ class Relay:
         eng = engine_cls(bufsize)
         self._engine = eng
         # The capabilities are declared (engine.py), and decided here once.
-        self._native_engine: contract.NativeAccept | None = (
+        self._native_engine: contract.NativeAcceptEngine | None = (
             eng
-            if on_native is not None and isinstance(eng, contract.NativeAccept) and eng.native
+            if on_native is not None and isinstance(eng, contract.NativeAcceptEngine) and eng.native
             else None
         )
         self._on_native = on_native if self._native_engine is not None else None
@@ -187,20 +188,9 @@ class Relay:
         """Native accept: stop accepting on it; the engine no longer uses the fd."""
         self._native_accept().unlisten(listen_fd)
 
-    def set_targets(
-        self,
-        targets: Sequence[Target],
-        sockopts: Sequence[tuple[int, int, int]],
-        dial_timeout: float,
-        limit: int,
-        late_sockopts: Sequence[tuple[int, int, int]] = (),
-        late_after: float = 1.0,
-        least: bool = False,
-    ) -> None:
+    def set_targets(self, targets: Sequence[Target], settings: RelaySettings) -> None:
         """Native accept: where clients go and how (Engine.set_targets)."""
-        self._native_accept().set_targets(
-            targets, sockopts, dial_timeout, limit, late_sockopts, late_after, least
-        )
+        self._native_accept().set_targets(targets, settings)
 
     def pick(self, exclude: Collection[int] = ()) -> int:
         """Native accept: the relay thread's choice for the next client (a tag, or -1),
@@ -216,7 +206,7 @@ class Relay:
         """Native accept: clients accepted that the callbacks have not reported yet."""
         return self._native_engine.native_pending() if self._native_engine is not None else 0
 
-    def _native_accept(self) -> contract.NativeAccept:
+    def _native_accept(self) -> contract.NativeAcceptEngine:
         if self._native_engine is None:
             raise RuntimeError("native accept is off (it needs the threaded Cython engine)")
         return self._native_engine
@@ -236,6 +226,19 @@ class Relay:
     def stats(self, pair_id: int) -> tuple[int, int]:
         """(bytes client->upstream, bytes upstream->client) so far for one pair."""
         return self._engine.stats(pair_id)
+
+    def detach(self, limit: int) -> list[Handed]:
+        """Take up to `limit` live pairs out of the engine, open (a live upgrade hands them to
+        the next process); no on_finished/on_native record mentions them afterwards."""
+        return self._engine.detach(limit)
+
+    def adopt(self, handed: Handed) -> int:
+        """Relay a pair another engine handed out, from where it stopped; its new pair id.
+        The engine writes the carried bytes at its next wake-up, scheduled here."""
+        pair_id = self._engine.adopt(handed)
+        if self._again is None and self._fd >= 0:
+            self._again = self._loop.call_soon(self._on_again)
+        return pair_id
 
     def totals(self) -> tuple[int, int]:
         """The same counts summed over every pair ever relayed (for metrics)."""
