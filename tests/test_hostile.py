@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -698,9 +699,7 @@ async def _hostile_members(kinds: list[str], ports: list[int], done: threading.E
 
     servers = []
     for kind in kinds:
-        server = await asyncio.start_server(
-            lambda r, w, kind=kind: handle(kind, r, w), "127.0.0.1", 0
-        )
+        server = await asyncio.start_server(functools.partial(handle, kind), "127.0.0.1", 0)
         servers.append(server)
         ports.append(int(server.sockets[0].getsockname()[1]))
     await asyncio.get_running_loop().run_in_executor(None, done.wait)

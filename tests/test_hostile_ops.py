@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
@@ -62,7 +63,7 @@ def _swap_after_bind(monkeypatch: pytest.MonkeyPatch, path: Path, swap: Callable
     moment another user with write access to the directory can replace it."""
     real_bind = socket.socket.bind
 
-    def bind(self: socket.socket, address: object) -> None:
+    def bind(self: socket.socket, address: Any) -> None:  # socket.bind's _Address
         real_bind(self, address)
         if self.family == socket.AF_UNIX and address == str(path):
             swap()
@@ -316,7 +317,7 @@ def test_config_file_that_is_not_a_regular_file_fails_the_reload(
                     conf.symlink_to("/dev/zero")
                 t0 = time.monotonic()
                 g.proc.send_signal(signal.SIGHUP)
-                failed = wait_for(lambda n=i + 1: _reload_failures(g, n), timeout=5)
+                failed = wait_for(functools.partial(_reload_failures, g, i + 1), timeout=5)
                 took = time.monotonic() - t0
                 what = "a FIFO" if kind == "fifo" else "a character device"
                 assert failed[-1]["error"] == f"--config-file {conf}: not a regular file ({what})"
@@ -677,7 +678,11 @@ def test_stray_signals_are_ignored_in_every_phase(
             # Once ready, each on its own: one more line each.
             for sig in IGNORED_SIGNALS:
                 g.proc.send_signal(sig)
-                wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) == 2, timeout=5)
+
+                def two_lines(sig: signal.Signals = sig) -> bool:
+                    return len(_ignored_lines(g, sig)) == 2
+
+                wait_for(two_lines, timeout=5)
                 assert relay_once(port)[0] == b"one\n"
             # A storm: 100 SIGUSR2 in about a second are a line or three, with their count.
             time.sleep(1.1)
@@ -704,7 +709,11 @@ def test_stray_signals_are_ignored_in_every_phase(
                 g.wait_log("stopping; draining connections")
                 for sig in IGNORED_SIGNALS:
                     g.proc.send_signal(sig)
-                    wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) >= 3, timeout=5)
+
+                    def three_lines(sig: signal.Signals = sig) -> bool:
+                        return len(_ignored_lines(g, sig)) >= 3
+
+                    wait_for(three_lines, timeout=5)
                 assert g.proc.poll() is None
                 held.sendall(b"still relayed\n")
                 assert held.recv(64) == b"still relayed\n"
@@ -825,7 +834,7 @@ def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsS
             time.sleep(0.01)  # a large scrape
             return []
 
-    metrics_server.registry.register(Slow())  # type: ignore[arg-type]
+    metrics_server.registry.register(Slow())
     port = int(metrics_server.addr.split(":")[1])
     answers: list[bytes] = []
 

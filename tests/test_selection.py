@@ -47,7 +47,7 @@ def as_targets(rows_: list[Row], base: int = 100) -> list[Target]:
 
 
 def c_sequence(targets: list[Row], rr: int, rng: int, n: int, least: bool = False) -> list[int]:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     return list(_relay.pick_sequence(targets, rr, rng, n, least))
 
@@ -169,7 +169,7 @@ def test_balancer_pick_is_the_selector() -> None:
 def test_the_engine_chooses_as_the_selector(phases: list[tuple[list[Row], int, bool]]) -> None:
     """A threaded engine told its targets by set_targets() picks what Selector picks from the
     same counter and generator state, across target changes (usable flags, lists, rules)."""
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     e = _relay.Engine()
     try:
@@ -189,7 +189,7 @@ def test_the_engine_chooses_as_the_selector(phases: list[tuple[list[Row], int, b
 def test_a_balancer_with_the_engine_as_delegate_picks_as_without() -> None:
     """Native accept's wiring: the balancer asks the engine (delegate), which was told the
     balancer's remotes; it picks the remotes a balancer on its own would."""
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     eps = [
         Endpoint("a", 1, priority=0, weight=3),
