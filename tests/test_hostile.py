@@ -491,8 +491,15 @@ def test_reload_of_bad_host_is_one_line_and_ready_follows(
             for n, bad in enumerate([*bads, b"endpoints: [\xff]\n"], start=1):
                 conf.write_bytes(bad)
                 g.proc.send_signal(signal.SIGHUP)
-                wait_for(lambda n=n: g.messages().count(failed) == n)  # type: ignore[misc]
-                wait_for(lambda n=n: len(notify.messages) == 1 + 2 * n)  # type: ignore[misc]
+
+                def reported(n: int = n) -> bool:
+                    return g.messages().count(failed) == n
+
+                def notified(n: int = n) -> bool:
+                    return len(notify.messages) == 1 + 2 * n
+
+                wait_for(reported)
+                wait_for(notified)
                 assert notify.messages[-2].startswith("RELOADING=1\nMONOTONIC_USEC=")
                 assert notify.messages[-1] == "READY=1"
             errors = [r["error"] for r in g.records() if r.get("msg") == failed]

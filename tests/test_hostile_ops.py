@@ -343,7 +343,7 @@ def test_config_file_that_is_not_a_regular_file_fails_the_reload(
 # --- item 14: `etcdgw status` and a malformed /status document --------------------------------
 
 
-VALID = {
+VALID: dict[str, Any] = {  # a JSON document
     "version": "0.1.0",
     "engine": "cython",
     "uptime_seconds": 61.5,
@@ -415,9 +415,14 @@ MALFORMED = {
 }
 
 
+class _BodyServer(ThreadingHTTPServer):
+    body = b""  # what every GET is answered with
+
+
 class _Serve(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body: bytes = self.server.body  # type: ignore[attr-defined]
+        assert isinstance(self.server, _BodyServer)
+        body = self.server.body
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -431,12 +436,12 @@ class _Serve(BaseHTTPRequestHandler):
 @pytest.fixture
 def status_server() -> Iterator[Callable[[bytes], int]]:
     """serve(body) -> the port of an HTTP server answering every GET with body."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Serve)
+    httpd = _BodyServer(("127.0.0.1", 0), _Serve)
     t = threading.Thread(target=httpd.serve_forever, args=(0.05,))
     t.start()
 
     def serve(body: bytes) -> int:
-        httpd.body = body  # type: ignore[attr-defined]
+        httpd.body = body
         return int(httpd.server_address[1])
 
     yield serve
@@ -544,10 +549,10 @@ _JSON = st.recursive(
 )
 _KEYS = sorted(
     {k for k in VALID}
-    | {f"connections.{k}" for k in VALID["connections"]}  # type: ignore[attr-defined]
-    | {f"bytes.{k}" for k in VALID["bytes"]}  # type: ignore[attr-defined]
-    | {f"member_sync.{k}" for k in VALID["member_sync"]}  # type: ignore[attr-defined]
-    | {f"endpoints.0.{k}" for k in VALID["endpoints"][0]}  # type: ignore[index]
+    | {f"connections.{k}" for k in VALID["connections"]}
+    | {f"bytes.{k}" for k in VALID["bytes"]}
+    | {f"member_sync.{k}" for k in VALID["member_sync"]}
+    | {f"endpoints.0.{k}" for k in VALID["endpoints"][0]}
     | {"endpoints.0", "endpoints.1"}
 )
 
@@ -769,7 +774,9 @@ def _burst(port: int, n: int, fired: threading.Event, out: list[float]) -> None:
     deadline = time.monotonic() + 5
     while sel.get_map() and time.monotonic() < deadline:
         for key, ev in sel.select(0.1):
-            s = key.fileobj  # type: ignore[assignment]
+            fileobj = key.fileobj
+            assert isinstance(fileobj, socket.socket)
+            s = fileobj
             if ev & selectors.EVENT_WRITE:
                 s.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 sel.modify(s, selectors.EVENT_READ)

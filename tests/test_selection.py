@@ -70,16 +70,17 @@ def test_c_and_python_choose_the_same(
 def test_least_connections_as_connections_accumulate(targets: list[Row], rr: int, n: int) -> None:
     """Each choice adds a connection to the chosen target, as a real client would: both
     copies still agree step by step (the counts fed back are the same)."""
-    py = [list(t) for t in targets]
+    py = list(targets)
     sel = Selector(rr=rr, least=True)
     state = rr
     for _ in range(n):
-        rows_now: list[Row] = [(p, w, u, live) for p, w, u, live in py]  # type: ignore[misc]
+        rows_now = list(py)
         want = sel.pick(rows_now)
         assert c_sequence(rows_now, state, 1, 1, True) == [want]
         state = sel.rr
         if want >= 0:
-            py[want][3] += 1
+            p, w, u, live = py[want]
+            py[want] = (p, w, u, live + 1)
 
 
 @settings(max_examples=100, deadline=None)
