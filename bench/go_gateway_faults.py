@@ -41,7 +41,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "src")]
 
 import test_reliability as rel  # noqa: E402
 from _etcd import spawn, stop_process  # noqa: E402
-from _gateway import GatewayProc, TagServer, free_tcp_port, wait_for  # noqa: E402
+from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line, wait_for  # noqa: E402
 
 PROXIES = ["go", "etcdgw-cython", "etcdgw-python"]
 SCENARIOS = [
@@ -150,7 +150,7 @@ def half_close(kind: str) -> dict[str, Any]:
     t.start()
     try:
         with proxy(kind, listen_args(port, [f"127.0.0.1:{backend.getsockname()[1]}"])):
-            with rel.connect(port) as s:
+            with connect(port) as s:
                 s.sendall(b"x" * 1000)
                 s.shutdown(socket.SHUT_WR)
                 reply, err = rel.read_all(s, timeout=5)
@@ -166,7 +166,7 @@ def emfile(kind: str) -> dict[str, Any]:
         clients = []
         for _ in range(60):
             try:
-                clients.append(rel.connect(port, timeout=2))
+                clients.append(connect(port, timeout=2))
             except OSError:
                 break  # refused: the process is gone (the Go gateway exits on EMFILE)
         outcome = rel.knock(port, clients, within=5)
@@ -178,8 +178,8 @@ def emfile(kind: str) -> dict[str, Any]:
         served_after = None
         t0 = time.monotonic()
         while alive and not served_after and time.monotonic() - t0 < 10:
-            with contextlib.suppress(OSError), rel.connect(port, timeout=2) as s:
-                served_after = rel.read_line(s) == b"t\n"
+            with contextlib.suppress(OSError), connect(port, timeout=2) as s:
+                served_after = read_line(s) == b"t\n"
             time.sleep(0.2)
     return {
         "clients": len(clients),
@@ -208,8 +208,8 @@ def silent(kind: str, cap: float) -> dict[str, Any]:
             with proxy(kind, listen_args(port, eps)):
                 t0 = time.monotonic()
                 try:
-                    with rel.connect(port, timeout=cap) as s:
-                        got = rel.read_line(s).decode().strip()
+                    with connect(port, timeout=cap) as s:
+                        got = read_line(s).decode().strip()
                 except TimeoutError:
                     got = f"(nothing within the {cap:.0f}s cap)"
                 waited = time.monotonic() - t0
@@ -225,15 +225,15 @@ def refusal(kind: str, trials: int = 3) -> dict[str, Any]:
     for _ in range(trials):
         port, up = free_tcp_port(), free_tcp_port()
         with proxy(kind, listen_args(port, [f"127.0.0.1:{up}"], "--retry-delay=5s")):
-            with rel.connect(port) as s:
+            with connect(port) as s:
                 assert s.recv(10) == b"", "expected the client to be closed"
             time.sleep(0.3)  # the endpoint is marked inactive
             with TagServer("back", port=up):
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < 30:
                     try:
-                        with rel.connect(port, timeout=2) as s:
-                            if rel.read_line(s) == b"back\n":
+                        with connect(port, timeout=2) as s:
+                            if read_line(s) == b"back\n":
                                 break
                     except OSError:
                         pass
@@ -251,9 +251,9 @@ def frozen(kind: str, cap: float = 60.0) -> dict[str, Any]:
     port = free_tcp_port()
     extra = [] if kind == "go" else ["--tcp-keepalive=2s"]
     with rel.Backend(tag="f") as backend, proxy(kind, listen_args(port, [backend.addr], *extra)):
-        s = rel.connect(port)
+        s = connect(port)
         try:
-            assert rel.read_line(s) == b"f\n"
+            assert read_line(s) == b"f\n"
             os.kill(backend.pid, signal.SIGSTOP)
             try:
                 took, how = rel.sent_then_ended(s, limit=cap)
@@ -312,7 +312,7 @@ def fd_ceiling(kind: str) -> dict[str, Any]:
             logs = getattr(p, "lines", None) or getattr(getattr(p, "g", None), "lines", [])
             deactivated = [ln for ln in logs if "deactivated endpoint" in ln]
             refused_after = False
-            with contextlib.suppress(OSError), rel.connect(port, timeout=5) as s:
+            with contextlib.suppress(OSError), connect(port, timeout=5) as s:
                 s.sendall(b"x\n")
                 refused_after = s.recv(10) == b""
             alive = p.proc.poll() is None

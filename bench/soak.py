@@ -38,7 +38,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "src")]
 
 import test_reliability as rel  # noqa: E402
 from _etcd import EtcdCluster  # noqa: E402
-from _gateway import GatewayProc, free_tcp_port  # noqa: E402
+from _gateway import GatewayProc, connect, free_tcp_port  # noqa: E402
 
 FAULT_GRACE = 8.0  # seconds after a restarted member is healthy during which errors count as
 # the fault's: clients back off and re-dial, and etcd may elect a new leader
@@ -90,7 +90,7 @@ class Soak:
         return answer
 
     def connect(self) -> socket.socket:
-        return rel.connect(self.port, timeout=5)
+        return connect(self.port, timeout=5)
 
     # -- workers --
 

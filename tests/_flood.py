@@ -48,7 +48,13 @@ def flood(port: int, rate: float, seconds: float, inflight_cap: int = 4000) -> d
     socket for up to 3 s, not the flood itself. Returns what happened."""
     ep = select.epoll()
     pending: dict[int, tuple[socket.socket, float]] = {}
-    out = {"started": 0, "connected": 0, "refused": 0, "timed_out": 0, "not_started": 0}
+    out: dict[str, int] = {
+        "started": 0,
+        "connected": 0,
+        "refused": 0,
+        "timed_out": 0,
+        "not_started": 0,
+    }
     t0 = time.monotonic()
     end = t0 + seconds
     addr = ("127.0.0.1", port)
@@ -88,8 +94,7 @@ def flood(port: int, rate: float, seconds: float, inflight_cap: int = 4000) -> d
                     s.close()
                     out["timed_out"] += 1
     ep.close()
-    out["seconds"] = round(time.monotonic() - t0, 2)
-    return out
+    return {**out, "seconds": round(time.monotonic() - t0, 2)}
 
 
 # --- the probes -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -71,8 +71,11 @@ def tag_via(port: int, host: str = "127.0.0.1") -> str:
         return read_line(s).decode().strip()
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
-    """Poll pred until truthy or timeout (then AssertionError)."""
+T = TypeVar("T")
+
+
+def wait_for(pred: Callable[[], T | None], timeout: float = 10.0, step: float = 0.02) -> T:
+    """Poll pred until truthy or timeout (then AssertionError); return the truthy value."""
     deadline = time.monotonic() + timeout
     while True:
         v = pred()
@@ -165,7 +168,7 @@ class GatewayProc:
             return None
 
         try:
-            return wait_for(find, timeout)  # type: ignore[no-any-return]
+            return wait_for(find, timeout)
         except AssertionError as e:
             raise AssertionError(
                 f"{e}: no log {msg!r} {fields}; log:\n" + "\n".join(self.lines)
@@ -276,7 +279,9 @@ class TagServer:
                     self._conns.append(c)
                     self._sel.register(c, selectors.EVENT_READ)
                 else:
-                    c = key.fileobj  # type: ignore[assignment]
+                    fileobj = key.fileobj
+                    assert isinstance(fileobj, socket.socket)
+                    c = fileobj
                     try:
                         data = c.recv(65536)
                     except BlockingIOError:

@@ -24,8 +24,9 @@ from etcdgw import wiring
 from etcdgw.accept import LoopAccept, NativeAccept
 from etcdgw.balancer import Remote
 from etcdgw.config import Config, Endpoint
+from etcdgw.dial import Dialer
 from etcdgw.log import Logger
-from etcdgw.relay import Engine, new_event_loop
+from etcdgw.relay import Engine, Relay, new_event_loop
 from etcdgw.resolver import AsyncResolver
 
 T = TypeVar("T")
@@ -111,6 +112,17 @@ class Parts(wiring.Parts):
     @property
     def remotes(self) -> list[Remote]:
         return self.balancer.remotes
+
+    # wiring.Parts sets relay and dialer in attach(), which __init__ calls: never None here.
+    @property
+    def the_relay(self) -> Relay:
+        assert self.relay is not None, "attach() first"
+        return self.relay
+
+    @property
+    def the_dialer(self) -> Dialer:
+        assert self.dialer is not None, "attach() first"
+        return self.dialer
 
     def _on_gone(self) -> None:
         # As Gateway._on_gone, minus the drain: accept again below the limit.

@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             items[:] = [i for i in items if not i.get_closest_marker("slow")]
     if not config.getoption("--no-c-extensions"):
         return
-    keep, drop = [], []
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
     for item in items:
         (drop if item.get_closest_marker("c_extension") else keep).append(item)
     if drop:

@@ -41,7 +41,7 @@ class Clients:
         """A client accepted from front and handed to parts.dialer (inside the loop)."""
         peer, client = client_pair(front)
         self.held.append(peer)
-        parts.call(lambda: parts.dialer.dial(client))
+        parts.call(lambda: parts.the_dialer.dial(client))
         return peer
 
     def close(self) -> None:
@@ -225,13 +225,15 @@ def test_resume_and_dial_to_go_on_with_the_engines_dial(
 
         # The engine's first address of `a` failed and none is left: `a` is marked down
         # with the engine's error, and the client goes on to the next endpoint.
-        assert handed(lambda cl: parts.dialer.resume(cl, first, [], "dial tcp x: timeout")) == b"b"
+        assert (
+            handed(lambda cl: parts.the_dialer.resume(cl, first, [], "dial tcp x: timeout")) == b"b"
+        )
         assert (first.active, first.last_error) == (False, "dial tcp x: timeout")
         # An address left: the same endpoint gets the client, no failure is recorded.
         parts.monitor.activate(first)
         addrs: list[Addr] = [(socket.AF_INET, ("127.0.0.1", 0))]
-        assert handed(lambda cl: parts.dialer.resume(cl, first, addrs, "dial tcp y")) == b"a"
+        assert handed(lambda cl: parts.the_dialer.resume(cl, first, addrs, "dial tcp y")) == b"a"
         assert first.active and first.dial_failures == 1
         # The engine's pick has no address yet: resolved, then dialled first.
-        assert handed(lambda cl: parts.dialer.dial_to(cl, third)) == b"c"
+        assert handed(lambda cl: parts.the_dialer.dial_to(cl, third)) == b"c"
         assert script.calls == ["late.test"]

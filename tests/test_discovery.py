@@ -423,7 +423,11 @@ def test_system_host_resolver_without_discovery_dns() -> None:
     assert "127.0.0.1" in resolve("localhost")
     with pytest.raises(OSError):
         resolve("nonexistent.invalid")
-    assert asyncio.run(async_host_resolver(Config())("127.0.0.1")) == ["127.0.0.1"]
+
+    async def lookup() -> list[str]:
+        return await async_host_resolver(Config())("127.0.0.1")
+
+    assert asyncio.run(lookup()) == ["127.0.0.1"]
 
 
 # --- real DNS + real TLS: validation ------------------------------------------------------------

@@ -31,6 +31,10 @@ from hypothesis import strategies as st
 
 from _dns import Dnsmasq
 from _gateway import error_lines
+from etcdgw.engine import Finished
+from etcdgw.reload import Reparse
+from etcdgw.running import Running
+from etcdgw.systemd import StartupSignals
 
 # hypothesis reads mypy_extensions.TypedDict while it reports a falsifying example; under
 # the suite's warnings-as-errors that deprecation would turn the report into an INTERNALERROR.
@@ -187,7 +191,7 @@ class Harness:
         self.c_app, self.c_gw = pair(sc["kind"], sc["small"])
         self.u_gw, self.u_app = pair(sc["kind"], sc["small"])
         self.pid = self.engine.add(self.c_gw.fileno(), self.u_gw.fileno())
-        self.finished: list[tuple[int, int, int, int]] = []
+        self.finished: list[Finished] = []
         self.closed_gw = False
 
     def run(self) -> None:
@@ -411,7 +415,7 @@ def test_engine_reset_after_eof_with_unread_bytes_ends_the_pair(engine_module: M
         assert engine.run() == []  # the upstream is full: bytes and EOF wait in c_gw
         c_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         c_app.close()  # RST after FIN: c_gw's error is EPIPE, reported once by EPOLLERR
-        finished: list[tuple[int, int, int, int]] = []
+        finished: list[Finished] = []
         got = 0
         deadline = time.monotonic() + 5
         while not finished and time.monotonic() < deadline:
@@ -614,7 +618,9 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     """cli.main(argv) in-process; the real start-up, but serving returns at once."""
     from etcdgw import app, cli
 
-    async def no_serve(run: Any, *args: Any) -> None:
+    async def no_serve(
+        run: Running, reparse: Reparse | None = None, signals: StartupSignals | None = None
+    ) -> None:
         # Start-up succeeded (listeners bound): that is as far as a fuzz example goes.
         run.gw.close_listeners()
         if run.metrics is not None:

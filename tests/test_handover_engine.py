@@ -16,14 +16,14 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from _gateway import silent_listener
 from etcdgw import _relay_py
-from etcdgw.engine import Finished, Handed, RelaySettings, Target
-from etcdgw.relay import Relay, new_event_loop
+from etcdgw.engine import Finished, Handed, RelaySettings, Started, Target
+from etcdgw.relay import Engine, Relay, new_event_loop
 
 C = pytest.mark.c_extension
 KINDS = ["cython", "cython-thread", "python"]  # conftest's engine_kind, paired here
@@ -32,10 +32,16 @@ KINDS = ["cython", "cython-thread", "python"]  # conftest's engine_kind, paired 
 def make_engine(kind: str, bufsize: int = 32768) -> Any:
     """An engine of this kind: cython (loop mode), cython-thread, or python."""
     if kind.startswith("cython"):
-        from etcdgw import _relay
+        import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
         return _relay.Engine(bufsize, threaded=kind == "cython-thread")
     return _relay_py.Engine(bufsize)
+
+
+def engine_factory(kind: str) -> type[Engine]:
+    """make_engine(kind, n) as relay.Relay's engine_cls: Relay only calls engine_cls(bufsize),
+    so a factory serves, though the parameter is typed as the class (src/etcdgw/relay.py)."""
+    return cast("type[Engine]", lambda n: make_engine(kind, n))
 
 
 @pytest.fixture
@@ -204,7 +210,7 @@ def set_splice() -> Iterator[Callable[[bool], None]]:
     changed = []
 
     def set_(on: bool) -> None:
-        from etcdgw import _relay
+        import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
         _relay._set_splice(on)
         changed.append(_relay)
@@ -473,7 +479,7 @@ class Backend:
 def test_native_pairs_are_handed_with_their_tag_and_never_reported(no_fd_leak: None) -> None:
     """The relay thread's own pairs, reported (Started) or not yet: handed, open, and the
     engine neither reports nor closes them afterwards."""
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     back = Backend()
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -491,7 +497,7 @@ def test_native_pairs_are_handed_with_their_tag_and_never_reported(no_fd_leak: N
         deadline = time.monotonic() + 5
         clients.append(socket.create_connection(lsock.getsockname(), timeout=5))
         ups.append(back.lsock.accept()[0])
-        started = []
+        started: list[Started] = []
         while not started:  # the first pair is reported
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -550,7 +556,7 @@ def test_native_pairs_are_handed_with_their_tag_and_never_reported(no_fd_leak: N
 
 @C
 def test_a_pair_still_dialling_hands_its_client_alone(no_fd_leak: None) -> None:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     lst, fillers = silent_listener()
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -592,7 +598,7 @@ def test_a_pair_still_dialling_hands_its_client_alone(no_fd_leak: None) -> None:
 
 @C
 def test_an_adopted_pair_counts_for_least_connections(sockets: Any) -> None:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     e = _relay.Engine()
     try:
@@ -626,12 +632,12 @@ def test_relay_detach_and_adopt_from_asyncio(sockets: Any, src_kind: str, dst_ki
         r1 = Relay(
             loop,
             lambda *f: finished["src"].append(f),
-            engine_cls=lambda n: make_engine(src_kind, n),
+            engine_cls=engine_factory(src_kind),
         )
         r2 = Relay(
             loop,
             lambda *f: finished["dst"].append(f),
-            engine_cls=lambda n: make_engine(dst_kind, n),
+            engine_cls=engine_factory(dst_kind),
         )
         try:
             for s in (client, upstream):

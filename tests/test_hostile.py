@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -490,8 +491,15 @@ def test_reload_of_bad_host_is_one_line_and_ready_follows(
             for n, bad in enumerate([*bads, b"endpoints: [\xff]\n"], start=1):
                 conf.write_bytes(bad)
                 g.proc.send_signal(signal.SIGHUP)
-                wait_for(lambda n=n: g.messages().count(failed) == n)  # type: ignore[misc]
-                wait_for(lambda n=n: len(notify.messages) == 1 + 2 * n)  # type: ignore[misc]
+
+                def reported(n: int = n) -> bool:
+                    return g.messages().count(failed) == n
+
+                def notified(n: int = n) -> bool:
+                    return len(notify.messages) == 1 + 2 * n
+
+                wait_for(reported)
+                wait_for(notified)
                 assert notify.messages[-2].startswith("RELOADING=1\nMONOTONIC_USEC=")
                 assert notify.messages[-1] == "READY=1"
             errors = [r["error"] for r in g.records() if r.get("msg") == failed]
@@ -698,9 +706,7 @@ async def _hostile_members(kinds: list[str], ports: list[int], done: threading.E
 
     servers = []
     for kind in kinds:
-        server = await asyncio.start_server(
-            lambda r, w, kind=kind: handle(kind, r, w), "127.0.0.1", 0
-        )
+        server = await asyncio.start_server(functools.partial(handle, kind), "127.0.0.1", 0)
         servers.append(server)
         ports.append(int(server.sockets[0].getsockname()[1]))
     await asyncio.get_running_loop().run_in_executor(None, done.wait)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
@@ -62,7 +63,7 @@ def _swap_after_bind(monkeypatch: pytest.MonkeyPatch, path: Path, swap: Callable
     moment another user with write access to the directory can replace it."""
     real_bind = socket.socket.bind
 
-    def bind(self: socket.socket, address: object) -> None:
+    def bind(self: socket.socket, address: Any) -> None:  # socket.bind's _Address
         real_bind(self, address)
         if self.family == socket.AF_UNIX and address == str(path):
             swap()
@@ -316,7 +317,7 @@ def test_config_file_that_is_not_a_regular_file_fails_the_reload(
                     conf.symlink_to("/dev/zero")
                 t0 = time.monotonic()
                 g.proc.send_signal(signal.SIGHUP)
-                failed = wait_for(lambda n=i + 1: _reload_failures(g, n), timeout=5)
+                failed = wait_for(functools.partial(_reload_failures, g, i + 1), timeout=5)
                 took = time.monotonic() - t0
                 what = "a FIFO" if kind == "fifo" else "a character device"
                 assert failed[-1]["error"] == f"--config-file {conf}: not a regular file ({what})"
@@ -342,7 +343,7 @@ def test_config_file_that_is_not_a_regular_file_fails_the_reload(
 # --- item 14: `etcdgw status` and a malformed /status document --------------------------------
 
 
-VALID = {
+VALID: dict[str, Any] = {  # a JSON document
     "version": "0.1.0",
     "engine": "cython",
     "uptime_seconds": 61.5,
@@ -414,9 +415,14 @@ MALFORMED = {
 }
 
 
+class _BodyServer(ThreadingHTTPServer):
+    body = b""  # what every GET is answered with
+
+
 class _Serve(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body: bytes = self.server.body  # type: ignore[attr-defined]
+        assert isinstance(self.server, _BodyServer)
+        body = self.server.body
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -430,12 +436,12 @@ class _Serve(BaseHTTPRequestHandler):
 @pytest.fixture
 def status_server() -> Iterator[Callable[[bytes], int]]:
     """serve(body) -> the port of an HTTP server answering every GET with body."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Serve)
+    httpd = _BodyServer(("127.0.0.1", 0), _Serve)
     t = threading.Thread(target=httpd.serve_forever, args=(0.05,))
     t.start()
 
     def serve(body: bytes) -> int:
-        httpd.body = body  # type: ignore[attr-defined]
+        httpd.body = body
         return int(httpd.server_address[1])
 
     yield serve
@@ -543,10 +549,10 @@ _JSON = st.recursive(
 )
 _KEYS = sorted(
     {k for k in VALID}
-    | {f"connections.{k}" for k in VALID["connections"]}  # type: ignore[attr-defined]
-    | {f"bytes.{k}" for k in VALID["bytes"]}  # type: ignore[attr-defined]
-    | {f"member_sync.{k}" for k in VALID["member_sync"]}  # type: ignore[attr-defined]
-    | {f"endpoints.0.{k}" for k in VALID["endpoints"][0]}  # type: ignore[index]
+    | {f"connections.{k}" for k in VALID["connections"]}
+    | {f"bytes.{k}" for k in VALID["bytes"]}
+    | {f"member_sync.{k}" for k in VALID["member_sync"]}
+    | {f"endpoints.0.{k}" for k in VALID["endpoints"][0]}
     | {"endpoints.0", "endpoints.1"}
 )
 
@@ -677,7 +683,11 @@ def test_stray_signals_are_ignored_in_every_phase(
             # Once ready, each on its own: one more line each.
             for sig in IGNORED_SIGNALS:
                 g.proc.send_signal(sig)
-                wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) == 2, timeout=5)
+
+                def two_lines(sig: signal.Signals = sig) -> bool:
+                    return len(_ignored_lines(g, sig)) == 2
+
+                wait_for(two_lines, timeout=5)
                 assert relay_once(port)[0] == b"one\n"
             # A storm: 100 SIGUSR2 in about a second are a line or three, with their count.
             time.sleep(1.1)
@@ -704,7 +714,11 @@ def test_stray_signals_are_ignored_in_every_phase(
                 g.wait_log("stopping; draining connections")
                 for sig in IGNORED_SIGNALS:
                     g.proc.send_signal(sig)
-                    wait_for(lambda sig=sig: len(_ignored_lines(g, sig)) >= 3, timeout=5)
+
+                    def three_lines(sig: signal.Signals = sig) -> bool:
+                        return len(_ignored_lines(g, sig)) >= 3
+
+                    wait_for(three_lines, timeout=5)
                 assert g.proc.poll() is None
                 held.sendall(b"still relayed\n")
                 assert held.recv(64) == b"still relayed\n"
@@ -760,7 +774,9 @@ def _burst(port: int, n: int, fired: threading.Event, out: list[float]) -> None:
     deadline = time.monotonic() + 5
     while sel.get_map() and time.monotonic() < deadline:
         for key, ev in sel.select(0.1):
-            s = key.fileobj  # type: ignore[assignment]
+            fileobj = key.fileobj
+            assert isinstance(fileobj, socket.socket)
+            s = fileobj
             if ev & selectors.EVENT_WRITE:
                 s.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 sel.modify(s, selectors.EVENT_READ)
@@ -825,7 +841,7 @@ def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsS
             time.sleep(0.01)  # a large scrape
             return []
 
-    metrics_server.registry.register(Slow())  # type: ignore[arg-type]
+    metrics_server.registry.register(Slow())
     port = int(metrics_server.addr.split(":")[1])
     answers: list[bytes] = []
 

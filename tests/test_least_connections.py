@@ -87,8 +87,8 @@ def test_a_restarted_member_gets_the_new_clients(gateway: Start, held: Held, bal
         release(held)
         assert g.stop() == 0
     finally:
-        for s in servers:
-            s.close()
+        for server in servers:
+            server.close()
 
 
 def test_least_connections_follows_srv_weights(

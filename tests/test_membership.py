@@ -256,7 +256,11 @@ def test_members_added_promoted_and_removed(gateway: Start, cluster: EtcdCluster
     try:
         for n, w in enumerate(watches):
             w.start()
-            wait_for(lambda n=n: sum(r["active_connections"] for r in gw.rows().values()) > n)
+
+            def more_than(n: int = n) -> bool:
+                return sum(int(r["active_connections"]) for r in gw.rows().values()) > n
+
+            wait_for(more_than)
         wait_for(lambda: gw.rows()[m4.endpoint]["active_connections"] == 1)
         # etcd stops a removed member by itself within a second; frozen, it cannot, so what
         # the gateway does with its live connection can be seen.

@@ -19,7 +19,7 @@ import pytest
 
 from _gateway import silent_listener, wait_for
 from etcdgw import _relay_py
-from etcdgw.engine import NativeAcceptEngine, RelaySettings, Target
+from etcdgw.engine import NativeAcceptEngine, RelayEngine, RelaySettings, Target
 
 pytestmark = pytest.mark.c_extension
 
@@ -50,7 +50,7 @@ class Native:
     """An engine with native accept on one loopback listener, and what collect() said."""
 
     def __init__(self) -> None:
-        from etcdgw import _relay
+        import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
         self.engine = _relay.Engine()
         self.lsock = socket.socket()
@@ -337,9 +337,9 @@ def test_close_with_live_and_connecting_pairs(no_fd_leak: None, backends: list[B
 
 
 def test_loop_mode_and_the_python_twin_refuse_native_accept() -> None:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
-    engine = _relay.Engine(threaded=False)
+    engine: RelayEngine = _relay.Engine(threaded=False)
     assert isinstance(engine, NativeAcceptEngine) and engine.native is False
     with pytest.raises(RuntimeError, match="native accept"):
         engine.listen(0)

@@ -25,10 +25,10 @@ import pytest
 
 from etcdgw import _relay_py
 from etcdgw import engine as engine_contract
-from etcdgw.engine import BUFSIZE
+from etcdgw.engine import BUFSIZE, Finished
 from etcdgw.relay import Relay, new_event_loop
 
-Finished = tuple[int, int, int, int]
+Core = tuple[int, int, int, int]  # a Finished record without `ended` (see core())
 Sockets = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
 RESET = {errno.ECONNRESET, errno.EPIPE}  # EPIPE: a RST that follows the peer's FIN
 
@@ -89,7 +89,7 @@ class Peer:
         return self.eof and self.hash.digest() == hashlib.sha256(expected).digest()
 
 
-def core(finished: list[Any]) -> list[tuple[int, int, int, int]]:
+def core(finished: list[Finished]) -> list[Core]:
     """Finished records without `ended` (which side ended first): id, bytes both ways, errno."""
     return [(f[0], f[1], f[2], f[3]) for f in finished]
 
@@ -469,7 +469,7 @@ def test_many_concurrent_pairs(engine: Any, sockets: Any) -> None:
     rng = random.Random(7)
     rigs: list[tuple[Peer, Peer, bytes, bytes]] = []
     peers: list[Peer] = []
-    expect: dict[int, Finished] = {}
+    expect: dict[int, Core] = {}
     for i in range(200):
         client, down, up, upstream = sockets(rng.choice(["unix", "tcp"]))
         req, resp = payload(rng.randrange(0, 300_000), 2 * i), payload(rng.randrange(0, 300_000))
@@ -658,7 +658,7 @@ def collect(sock: socket.socket, stop: threading.Event, got: list[int]) -> None:
 
 @pytest.mark.c_extension
 def test_relay_thread_blocks_signals_and_stops_at_close(no_fd_leak: None) -> None:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     before = threads()
     engine = _relay.Engine(threaded=True)
@@ -683,7 +683,7 @@ def test_relay_thread_blocks_signals_and_stops_at_close(no_fd_leak: None) -> Non
 
 @pytest.mark.c_extension
 def test_relay_thread_announces_finished_pairs_on_fileno(sockets: Any) -> None:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     engine = _relay.Engine(threaded=True)
     try:
@@ -708,7 +708,7 @@ def test_relay_thread_announces_finished_pairs_on_fileno(sockets: Any) -> None:
 def test_remove_racing_with_traffic_leaves_the_fds_alone(sockets: Any) -> None:
     # Both directions busy while remove() runs: once it returns the thread must not read,
     # write or count anything more on those fds, so what it reports is exactly what arrived.
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     engine = _relay.Engine(threaded=True, bufsize=4096)
     stop = threading.Event()
@@ -757,7 +757,7 @@ def test_remove_racing_with_traffic_leaves_the_fds_alone(sockets: Any) -> None:
 @pytest.mark.c_extension
 def test_many_pairs_added_while_the_thread_relays(sockets: Any) -> None:
     # The pair table grows (64 -> 1024 slots, reallocated) under the thread's feet.
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     engine = _relay.Engine(threaded=True, bufsize=8192)
     stop = threading.Event()
@@ -807,7 +807,7 @@ def test_many_pairs_added_while_the_thread_relays(sockets: Any) -> None:
 
 @pytest.mark.c_extension
 def test_close_with_live_busy_pairs(sockets: Any) -> None:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     before = threads()
     engine = _relay.Engine(threaded=True)
@@ -857,7 +857,7 @@ def test_relay_drives_the_engine_from_asyncio(
     """Both ways of driving: the engine's fd as a loop reader, or (pure engine on a loop
     with relay.RelaySelector, as etcdgw serves) its fds in the loop's own epoll."""
     rigs = [sockets("tcp") for _ in range(5)]
-    finished: list[Finished] = []
+    finished: list[Core] = []
     errors: list[dict[str, Any]] = []
     again: list[Relay] = []
     on_again = Relay._on_again

@@ -47,7 +47,7 @@ def as_targets(rows_: list[Row], base: int = 100) -> list[Target]:
 
 
 def c_sequence(targets: list[Row], rr: int, rng: int, n: int, least: bool = False) -> list[int]:
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     return list(_relay.pick_sequence(targets, rr, rng, n, least))
 
@@ -70,16 +70,17 @@ def test_c_and_python_choose_the_same(
 def test_least_connections_as_connections_accumulate(targets: list[Row], rr: int, n: int) -> None:
     """Each choice adds a connection to the chosen target, as a real client would: both
     copies still agree step by step (the counts fed back are the same)."""
-    py = [list(t) for t in targets]
+    py = list(targets)
     sel = Selector(rr=rr, least=True)
     state = rr
     for _ in range(n):
-        rows_now: list[Row] = [(p, w, u, live) for p, w, u, live in py]  # type: ignore[misc]
+        rows_now = list(py)
         want = sel.pick(rows_now)
         assert c_sequence(rows_now, state, 1, 1, True) == [want]
         state = sel.rr
         if want >= 0:
-            py[want][3] += 1
+            p, w, u, live = py[want]
+            py[want] = (p, w, u, live + 1)
 
 
 @settings(max_examples=100, deadline=None)
@@ -169,7 +170,7 @@ def test_balancer_pick_is_the_selector() -> None:
 def test_the_engine_chooses_as_the_selector(phases: list[tuple[list[Row], int, bool]]) -> None:
     """A threaded engine told its targets by set_targets() picks what Selector picks from the
     same counter and generator state, across target changes (usable flags, lists, rules)."""
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     e = _relay.Engine()
     try:
@@ -189,7 +190,7 @@ def test_the_engine_chooses_as_the_selector(phases: list[tuple[list[Row], int, b
 def test_a_balancer_with_the_engine_as_delegate_picks_as_without() -> None:
     """Native accept's wiring: the balancer asks the engine (delegate), which was told the
     balancer's remotes; it picks the remotes a balancer on its own would."""
-    from etcdgw import _relay
+    import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     eps = [
         Endpoint("a", 1, priority=0, weight=3),

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -73,9 +73,9 @@ def dead_port() -> int:
 
 
 @pytest.fixture
-def backends() -> list[TagServer]:
+def backends() -> Iterator[list[TagServer]]:
     servers = [TagServer(t) for t in ("a", "b", "c")]
-    yield servers  # type: ignore[misc]
+    yield servers
     for s in servers:
         s.close()
 

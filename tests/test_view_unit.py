@@ -17,7 +17,7 @@ from etcdgw.view import View, status_document
 
 def view_of(p: Parts) -> View:
     """The View as app.metrics_view fills it from a Gateway, here from the parts."""
-    relay, table = p.relay, p.table
+    relay, table = p.the_relay, p.table
     assert p.listener_set is not None
     listener_set = p.listener_set
     return View(
