@@ -33,7 +33,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import systemd
+from . import systemd, upgrade
 from .accept import Acceptor, LoopAccept, NativeAccept
 from .balancer import Balancer
 from .config import Config, Endpoint, format_duration
@@ -68,6 +68,7 @@ class Gateway:
         resolve: AsyncResolver | None = None,
         engine_cls: type[Engine] | None = None,
         inherited: Sequence[socket.socket] = (),
+        handed: dict[str, socket.socket] | None = None,
     ) -> None:
         # The configuration in force: configure() replaces it, the parts read it at use.
         self.settings = Settings(cfg)
@@ -78,7 +79,8 @@ class Gateway:
             on_change=self.balancer.changed,
         )
         self.tcp = TcpOptions()
-        self.listening = ListenerSet(cfg, list(inherited))
+        # handed: a live upgrade's listeners by --listen-addr (upgrade.py)
+        self.listening = ListenerSet(cfg, list(inherited), handed)
         # Where the gateway itself listens (and serves metrics): never dialled (dial.py).
         self.own = OwnAddresses(is_local_ip)
         self.monitor = Monitor(self.balancer, self.settings, log, self.addresses, self.own)
@@ -90,12 +92,18 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._relay: Relay | None = None
         self._acceptor: Acceptor | None = None
+        self._dialer: Dialer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._done: asyncio.Future[None] | None = None
         self._drain_handle: asyncio.TimerHandle | None = None
         self._late_options: LateOptions | None = None  # the loop's dials: keep-alive once lived
         # SIGHUP: set by app.py (reload, SRV refresh).
         self.on_sighup: Callable[[], None] | None = None
+        # Live upgrade (upgrade.py, set by app.py): SIGUSR2; a stop signal it may defer
+        # (True: deferred); run once the gateway is ready (a successor's hand-over).
+        self.on_sigusr2: Callable[[], None] | None = None
+        self.defer_stop: Callable[[Callable[[], None]], bool] | None = None
+        self.on_ready: Callable[[], None] | None = None
         # --auto-sync-interval: the membership.Membership that follows the member list (set
         # by app.py; read by metrics for its counters).
         self.membership: Membership | None = None
@@ -166,7 +174,7 @@ class Gateway:
             relay.aggregate = not self.log.enabled("debug")
             self._late_options = LateOptions(self.tcp, loop)
             self.table.attach(relay, self._late_options)
-            dialer = Dialer(
+            dialer = self._dialer = Dialer(
                 loop,
                 self.balancer,
                 self.addresses,
@@ -197,6 +205,8 @@ class Gateway:
             self.spawn(self.monitor.run())
             self._install_signals()
             self.ready = True
+            if self.on_ready is not None:
+                self.on_ready()
             self.log.info(
                 "ready to proxy client requests",
                 endpoints=[r.addr for r in self.balancer.remotes],
@@ -296,6 +306,8 @@ class Gateway:
             loop.add_signal_handler(signal.SIGTERM, self.stop)
             loop.add_signal_handler(signal.SIGINT, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            if self.on_sigusr2 is not None:
+                loop.add_signal_handler(signal.SIGUSR2, self.on_sigusr2)
         except (RuntimeError, ValueError):
             pass  # not the main thread (tests run gateways in threads): no signals there
 
@@ -306,6 +318,8 @@ class Gateway:
     def stop(self) -> None:
         """First call: drain (stop accepting, wait up to --drain-timeout). Second: stop now."""
         if self._done is None or self._done.done():
+            return
+        if self.defer_stop is not None and self.defer_stop(self.stop):
             return
         if self.table.draining:
             self.log.warn("second stop signal; closing all connections now")
@@ -339,6 +353,46 @@ class Gateway:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    # --- live upgrade (upgrade.py) --------------------------------------------------------
+
+    def upgrade_parts(self, extra: dict[str, socket.socket] | None = None) -> upgrade.Parts:
+        """What a live upgrade uses of this gateway (either side); once running."""
+        acceptor, dialer = self._acceptor, self._dialer
+        assert acceptor is not None and dialer is not None, "the gateway is not running"
+
+        def pause() -> None:
+            acceptor.held = True
+            acceptor.stop()
+
+        def resume() -> None:
+            acceptor.held = False
+            acceptor.start()
+
+        def redial(client: socket.socket) -> None:
+            dialer.dial(client)
+
+        return upgrade.Parts(
+            loop=self.loop,
+            log=self.log,
+            relay=self.relay,
+            table=self.table,
+            balancer=self.balancer,
+            pause=pause,
+            resume=resume,
+            listeners=lambda: list(zip(self.listening.keys, self.listening.socks, strict=True)),
+            redial=redial,
+            dials=lambda: len(self.table.dials) + self.relay.native_pending(),
+            extra=dict(extra or {}),
+        )
+
+    def handed_over(self) -> None:
+        """A live upgrade handed everything to the successor: close the listener copies
+        without unlinking a socket file, and stop (no pair is left to close)."""
+        if self._acceptor is not None:
+            self._acceptor.stop()
+        self.listening.release()
+        self._finish()
+
     def close_listeners(self) -> None:
         """Stop accepting and close the listeners (and the socket files still ours)."""
         if self._acceptor is not None:
@@ -368,6 +422,13 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 try:
                     self._loop.remove_signal_handler(sig)
+                except (RuntimeError, ValueError):
+                    pass
+            if self.on_sigusr2 is not None:
+                try:
+                    if self._loop.remove_signal_handler(signal.SIGUSR2):
+                        # Its default action ends the process: from here on it means nothing.
+                        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
                 except (RuntimeError, ValueError):
                     pass
 
