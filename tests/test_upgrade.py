@@ -626,3 +626,76 @@ def test_cross_engine_upgrade(tmp_path: Path, direction: str) -> None:
             for pid in successors.pids + successors.orphans():
                 successors.stop(pid)
             g.stop()
+
+
+class LateCloser:
+    """A backend that reads each connection to EOF, then after `delay` answers with the
+    sha256 of what it read and closes: a pair whose client half-closed stays live a while."""
+
+    def __init__(self, delay: float) -> None:
+        import threading
+
+        self.delay = delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, c: socket.socket) -> None:
+        import hashlib
+
+        h = hashlib.sha256()
+        with c:
+            c.settimeout(30)
+            while data := c.recv(65536):
+                h.update(data)
+            time.sleep(self.delay)
+            c.sendall(h.hexdigest().encode())
+
+    def close(self) -> None:
+        self.sock.close()
+        for t in self._threads:
+            t.join(10)
+
+
+def test_half_closed_pairs_are_handed_over(launch: Start, successors: Successors) -> None:
+    """Clients that sent everything and shut their write side before the hand-over: the EOF
+    reached the member (or is passed on by the successor), and the member's late answer and
+    FIN reach the client through the successor."""
+    import hashlib
+
+    backend = LateCloser(delay=1.5)
+    try:
+        port = free_tcp_port()
+        g = launch(f"--endpoints=127.0.0.1:{backend.port}", f"--listen-addr=127.0.0.1:{port}")
+        clients = []
+        for i in range(20):
+            c = socket.create_connection(("127.0.0.1", port), timeout=20)
+            data = os.urandom(100_000 + i)
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+            clients.append((c, hashlib.sha256(data).hexdigest().encode()))
+        pid = upgrade(g, successors)
+        assert record(g, "live upgrade: took over")["pairs"] == 20
+        for c, want in clients:
+            got = b""
+            while chunk := c.recv(4096):
+                got += chunk
+            assert got == want  # the whole answer, then EOF
+            c.close()
+        assert successors.stop(pid) == 0
+    finally:
+        backend.close()
