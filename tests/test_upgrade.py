@@ -699,3 +699,49 @@ def test_half_closed_pairs_are_handed_over(launch: Start, successors: Successors
         assert successors.stop(pid) == 0
     finally:
         backend.close()
+
+
+def test_sigterm_during_upgrade_waits_for_its_end(launch: Start, successors: Successors) -> None:
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(f"--endpoints={backend.addr}", f"--listen-addr=127.0.0.1:{port}")
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        g.proc.send_signal(signal.SIGUSR2)
+        record(g, "SIGUSR2: starting a successor for a live upgrade")
+        g.proc.send_signal(signal.SIGTERM)  # the successor is still starting
+        assert g.proc.wait(30) == 0, "\n".join(g.lines)
+        record(g, "stop signal during a live upgrade; acted on when it ends")
+        pid = successors.add(int(record(g, "live upgrade: took over")["pid"]))
+        assert "stopping; draining connections" not in g.messages()
+        assert echo(c, b"x") == b"x"  # not drained: handed
+        c.close()
+        assert successors.stop(pid) == 0
+
+
+def test_upgrade_applies_new_listen_addresses(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """What SIGHUP cannot change: the successor binds a new address and closes one its
+    configuration dropped; pairs accepted on the dropped one are handed over all the same."""
+    with TagServer("b1") as backend:
+        p1, p2, p3 = free_tcp_port(), free_tcp_port(), free_tcp_port()
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [127.0.0.1:{p1}, 127.0.0.1:{p2}]\n"
+        )
+        g = launch(f"--config-file={cfg}")
+        c = socket.create_connection(("127.0.0.1", p2), timeout=10)
+        assert read_line(c) == b"b1\n"
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [127.0.0.1:{p1}, 127.0.0.1:{p3}]\n"
+        )
+        pid = upgrade(g, successors)
+        assert echo(c, b"x") == b"x"
+        for p in (p1, p3):
+            with socket.create_connection(("127.0.0.1", p), timeout=10) as c2:
+                assert read_line(c2) == b"b1\n"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p2), timeout=10).close()
+        c.close()
+        assert successors.stop(pid) == 0
