@@ -321,6 +321,9 @@ class Old:
             return
         if self.handed_over:
             return
+        if parts.table.draining:
+            parts.log.warn("SIGUSR2 while stopping; ignored")
+            return
         self.busy = True
         task = parts.loop.create_task(self._run(parts))
         task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
@@ -403,18 +406,23 @@ class Old:
         # Both processes accept for a moment (one kernel queue: no connect is refused).
         parts.pause()
         state.paused = True
-        # The clients being dialled finish first (or are handed alone by detach()).
-        until = time.monotonic() + DIALS_WAIT
-        parts.relay.poll()
-        while parts.dials() and time.monotonic() < until:
-            await asyncio.sleep(0.005)
-            parts.relay.poll()
+        # The clients being dialled become pairs (or detach() hands the relay thread's alone);
+        # a dial that takes longer than DIALS_WAIT stays here and is closed at exit.
+        dials_until = time.monotonic() + DIALS_WAIT
         while True:
             if time.monotonic() > deadline:
                 raise ProtocolError("hand-over deadline passed")
-            parts.relay.poll()  # report what started or finished before detaching
+            parts.relay.poll()  # report what started, failed or finished before detaching
             batch = self._detach(parts)
             if batch is None:
+                if parts.dials() and time.monotonic() < dials_until:
+                    await asyncio.sleep(0.005)
+                    continue
+                if parts.dials():
+                    parts.log.warn(
+                        "live upgrade: clients still being dialled are closed",
+                        clients=parts.dials(),
+                    )
                 break
             state.batch = batch
             recs = [pair_record(h, r) for h, r, _, _ in batch.items]
