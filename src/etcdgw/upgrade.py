@@ -314,15 +314,17 @@ class Old:
         if parts is None:
             return
         if self.busy:
-            parts.log.warn("SIGUSR2 during a live upgrade; ignored")
+            parts.log.warn("SIGUSR2 during a live upgrade; ignored", signal="SIGUSR2")
             return
         if self._taking_over():
-            parts.log.warn("SIGUSR2 while taking over from the old process; ignored")
+            parts.log.warn(
+                "SIGUSR2 while taking over from the old process; ignored", signal="SIGUSR2"
+            )
             return
         if self.handed_over:
             return
         if parts.table.draining:
-            parts.log.warn("SIGUSR2 while stopping; ignored")
+            parts.log.warn("SIGUSR2 while stopping; ignored", signal="SIGUSR2")
             return
         self.busy = True
         task = parts.loop.create_task(self._run(parts))
