@@ -494,6 +494,8 @@ SITECUSTOMIZE = """
 import os, signal, time
 if os.environ.get("ETCDGW_UPGRADE_FD"):
     from etcdgw import upgrade
+    if os.environ.get("UPGRADE_TEST_MODE") == "version":
+        upgrade.VERSION = 2  # a newer successor whose protocol the old one does not know
     def _adopt(self, parts, msg, fds):
         if os.environ.get("UPGRADE_TEST_MODE") == "die":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -502,16 +504,45 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
 """
 
 
-@pytest.mark.parametrize("mode", ["die", "hang"])
-def test_successor_fails_mid_handover_old_takes_pairs_back(
-    launch: Start, successors: Successors, tmp_path: Path, mode: str
-) -> None:
+def sitecustomize_env(tmp_path: Path, mode: str) -> dict[str, str]:
     from _gateway import SRC
 
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {"PYTHONPATH": f"{SRC}{os.pathsep}{site}", "UPGRADE_TEST_MODE": mode}
+    return {"PYTHONPATH": f"{SRC}{os.pathsep}{site}", "UPGRADE_TEST_MODE": mode}
+
+
+def test_successor_with_an_unknown_protocol_version_is_refused(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            env=sitecustomize_env(tmp_path, "version"),
+        )
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        g.proc.send_signal(signal.SIGUSR2)
+        rec = record(g, "live upgrade failed; keeping on serving")
+        assert rec["error"] == "successor speaks protocol version 2, not 1", rec
+        assert rec["exit"] == 1, rec  # it exits 1 with one line of its own
+        assert "live upgrade failed: peer refused: successor speaks protocol version 2, not 1" in (
+            g.lines
+        )
+        assert echo(c, b"x") == b"x"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+            assert read_line(c2) == b"b1\n"
+        c.close()
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_successor_fails_mid_handover_old_takes_pairs_back(
+    launch: Start, successors: Successors, tmp_path: Path, mode: str
+) -> None:
+    env = sitecustomize_env(tmp_path, mode)
     with TagServer("b1") as backend:
         port = free_tcp_port()
         g = launch(f"--endpoints={backend.addr}", f"--listen-addr=127.0.0.1:{port}", env=env)
