@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -776,3 +777,27 @@ def test_upgrade_applies_new_listen_addresses(
             socket.create_connection(("127.0.0.1", p2), timeout=10).close()
         c.close()
         assert successors.stop(pid) == 0
+
+
+# --- 6. 9,000 idle pairs (the figures: bench/upgrade.py, RELIABILITY.md) ---------------------
+
+
+@pytest.mark.slow
+def test_nine_thousand_idle_pairs_in_under_a_second(relay_impl: str) -> None:
+    """bench/upgrade.py's run: clients and backend in processes of their own (20,000 fds a
+    process), 9,000 idle pairs and 4 ping-pong clients handed over; none lost."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "upgrade.py"
+    r = subprocess.run(
+        [sys.executable, str(bench), "--pairs", "9000", "--engine", relay_impl],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    print(f"RELIABILITY live upgrade 9000 {relay_impl}: {out}")
+    assert out["handed"] == 9004 and out["lost"] == 0 and not out["errors"], out
+    assert out["old_exit"] == 0
+    assert out["handover_s"] < 1.0, out
+    assert out["ping_max_ms"] < 100, out
