@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "connect",
     "read_line",
     "gateway",
+    "gateway_sets",
     "free_tcp_port",
     "wait_for",
     "SRC",
@@ -95,14 +96,26 @@ def engine_env(impl: str) -> dict[str, str]:
 class GatewayProc:
     """`python -m etcdgw ARGS` with its stderr log lines collected by a reader thread."""
 
-    def __init__(self, args: list[str], impl: str = "cython", env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        impl: str = "cython",
+        env: dict[str, str] | None = None,
+        sets: Sequence[str] = (),
+    ):
+        """sets: bench/launch.py's `--set MODULE:NAME=VALUE` switches (e.g.
+        etcdgw.server:NATIVE_ACCEPT=0); the gateway then runs through bench/launch.py."""
         self.args = args
         self.impl = impl
         full_env = engine_env(impl)
         if env:
             full_env.update(env)
+        command = [sys.executable, "-m", "etcdgw"]
+        if sets:
+            launch = os.path.join(os.path.dirname(SRC), "bench", "launch.py")
+            command = [sys.executable, launch, *(a for s in sets for a in ("--set", s)), "--"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "etcdgw", *args],
+            [*command, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -183,12 +196,19 @@ class GatewayProc:
 
 
 @pytest.fixture
-def gateway(relay_impl: str) -> Iterator[Callable[..., GatewayProc]]:
+def gateway_sets() -> tuple[str, ...]:
+    """bench/launch.py switches for the gateways `gateway` starts: none (a module overrides
+    this fixture to run its gateways in a variant, e.g. tests/test_server.py)."""
+    return ()
+
+
+@pytest.fixture
+def gateway(relay_impl: str, gateway_sets: tuple[str, ...]) -> Iterator[Callable[..., GatewayProc]]:
     """Factory: gateway("--endpoints=...", ...) -> a ready GatewayProc on the engine under test."""
     procs: list[GatewayProc] = []
 
     def start(*args: str, ready: bool = True, env: dict[str, str] | None = None) -> GatewayProc:
-        g = GatewayProc(["start", *args], impl=relay_impl, env=env)
+        g = GatewayProc(["start", *args], impl=relay_impl, env=env, sets=gateway_sets)
         procs.append(g)
         if ready:
             g.wait_ready()

@@ -3,8 +3,8 @@ accept.py and monitor.py (tests/test_*_unit.py).
 
 Everything here is real: a Balancer, an AddressBook (its resolver a scripted async function
 when the test needs host names), a Monitor, a ConnTable, the relay engine under test driven
-by a real asyncio loop, a Dialer, real loopback sockets. Only the wiring is the test's (the
-Gateway's job): which is the point, each part receives what it uses.
+by a real asyncio loop, a Dialer, real loopback sockets, wired by wiring.Parts, the wiring
+Gateway runs. The test owns the loop and the listener.
 """
 
 from __future__ import annotations
@@ -20,18 +20,13 @@ from typing import Any, TypeVar
 
 import pytest
 
+from etcdgw import wiring
 from etcdgw.accept import LoopAccept, NativeAccept
-from etcdgw.balancer import Balancer, Remote
+from etcdgw.balancer import Remote
 from etcdgw.config import Config, Endpoint
-from etcdgw.dial import Dialer, OwnAddresses, is_local_ip
-from etcdgw.engine import Report
-from etcdgw.listeners import LateOptions, TcpOptions
 from etcdgw.log import Logger
-from etcdgw.monitor import Monitor
-from etcdgw.relay import Engine, Relay, new_event_loop
-from etcdgw.resolver import AddressBook, AsyncResolver
-from etcdgw.settings import Settings
-from etcdgw.table import ConnTable
+from etcdgw.relay import Engine, new_event_loop
+from etcdgw.resolver import AsyncResolver
 
 T = TypeVar("T")
 
@@ -79,8 +74,9 @@ class Listening:
         self.socks = []
 
 
-class Parts:
-    """The parts of one gateway, wired as Gateway.run() wires them, minus the Gateway.
+class Parts(wiring.Parts):
+    """The parts of one gateway, wired by wiring.Parts as Gateway wires them, minus the
+    Gateway: with a loop the test drives and a listener of its own.
 
     Args:
         endpoints: the balancer's endpoints.
@@ -101,75 +97,30 @@ class Parts:
     ) -> None:
         self.loop = new_event_loop()
         self.stream = io.StringIO()
-        self.log = Logger(level="debug", stream=self.stream)
-        self.settings = Settings(Config(endpoints=tuple(endpoints), **cfg))
-        least = self.settings.cfg.balance == "least-connections"
-        self.balancer = Balancer(endpoints, least=least)
-        self.addresses = AddressBook(
-            resolve if resolve is not None else Script(), on_change=self.balancer.changed
+        self.gone = 0
+        super().__init__(
+            Config(endpoints=tuple(endpoints), **cfg),
+            Logger(level="debug", stream=self.stream),
+            resolve if resolve is not None else Script(),
+            on_gone=self._on_gone,
         )
-        self.own = OwnAddresses(is_local_ip)
-        self.tcp = TcpOptions()
-        self.monitor = Monitor(self.balancer, self.settings, self.log, self.addresses, self.own)
-        self.rooms = 0
-        self.table = ConnTable(self.balancer, self.monitor, self.settings, self.log, self._room)
-        self.relay = Relay(
-            self.loop,
-            self.table.finished,
-            engine_cls=engine_cls,
-            on_native=self._on_report if native else None,
-        )
-        assert self.relay.native == native
-        self.late = LateOptions(self.tcp, self.loop)
-        self.table.attach(self.relay, self.late)
-        self.dialer = Dialer(
-            self.loop,
-            self.balancer,
-            self.addresses,
-            self.own,
-            self.settings,
-            self.tcp,
-            self.monitor,
-            self.table,
-        )
-        self.acceptor: LoopAccept | NativeAccept | None = None
-        self.listening: Listening | None = None
+        relay = self.attach(self.loop, engine_cls, native_accept=native)
+        assert relay.native == native
+        self.listener_set: Listening | None = None
 
     @property
     def remotes(self) -> list[Remote]:
         return self.balancer.remotes
 
-    def _room(self) -> None:
-        # As Gateway._room, minus the drain: accept again below the limit.
-        self.rooms += 1
-        if self.acceptor is not None:
-            self.acceptor.resume_if_room()
+    def _on_gone(self) -> None:
+        # As Gateway._on_gone, minus the drain: accept again below the limit.
+        self.gone += 1
+        self.resume_accepting()
 
-    def _on_report(self, report: Report) -> None:
-        assert isinstance(self.acceptor, NativeAccept)
-        self.acceptor.on_report(report)
-
-    def accept(self, backlog: int = 128) -> LoopAccept | NativeAccept:
+    def start_accepting(self, backlog: int = 128) -> LoopAccept | NativeAccept:
         """Start the acceptor (LoopAccept, or NativeAccept with native=True) on a listener."""
-        self.listening = Listening(backlog)
-        parts = (self.loop, self.listening, self.table, self.settings, self.tcp, self.log)
-        if self.relay.native:
-            native = NativeAccept(
-                *parts,
-                relay=self.relay,
-                dialer=self.dialer,
-                balancer=self.balancer,
-                addresses=self.addresses,
-                own=self.own,
-            )
-            self.acceptor = native
-            self.balancer.on_change = native.sync
-            self.balancer.delegate = self.relay.pick
-            native.sync()
-        else:
-            self.acceptor = LoopAccept(*parts, dialer=self.dialer)
-        self.acceptor.start()
-        return self.acceptor
+        self.listener_set = Listening(backlog)
+        return self.accept(self.loop, self.listener_set)
 
     # --- driving the loop -------------------------------------------------------------
 
@@ -240,18 +191,11 @@ class Parts:
         return [r for r in self.records() if r["msg"] == msg]
 
     def close(self) -> None:
-        """As Gateway._teardown: every part closed once, the loop last."""
-        if self.acceptor is not None:
-            self.acceptor.close()
-        if self.listening is not None:
-            self.listening.close()
-        self.late.close()
-        self.monitor.close()
-        self.addresses.close()
-        self.balancer.on_change = None
-        self.balancer.delegate = None
-        self.table.close()
-        self.relay.close()
+        """As Gateway._teardown: the listener, every part once (wiring.Parts.close), the
+        loop last."""
+        if self.listener_set is not None:
+            self.listener_set.close()
+        super().close()
         # Let cancelled lookups finish before the loop closes.
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()
@@ -269,6 +213,19 @@ def client_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
 
 
 Make = Callable[..., "Parts"]
+
+
+def uses_parts(module: ModuleType) -> bool:
+    """Whether a test module takes anything from this one (an in-process test module)."""
+    return any(getattr(v, "__module__", None) == __name__ for v in vars(module).values())
+
+
+@pytest.fixture(autouse=True)
+def _fd_leak_check_in_process(request: pytest.FixtureRequest) -> None:
+    """The fd-leak check (conftest.no_fd_leak), on for every test of a module that uses this
+    one: in-process parts share this process's fd table, so what they leak shows here."""
+    if request.module is not None and uses_parts(request.module):
+        request.getfixturevalue("no_fd_leak")
 
 
 @pytest.fixture

@@ -121,4 +121,4 @@ def _describe(fd: int) -> str:
 from _dns import *  # noqa: E402,F401,F403
 from _etcd import *  # noqa: E402,F401,F403
 from _gateway import *  # noqa: E402,F401,F403
-from _parts import make  # noqa: E402,F401  (the in-process parts factory)
+from _parts import _fd_leak_check_in_process, make  # noqa: E402,F401  (the parts factory; the fd-leak check of its users)

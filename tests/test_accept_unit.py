@@ -52,8 +52,8 @@ class Clients:
         self.held: list[socket.socket] = []
 
     def connect(self, parts: Parts) -> socket.socket:
-        assert parts.listening is not None
-        s = socket.create_connection(parts.listening.socks[0].getsockname(), timeout=5)
+        assert parts.listener_set is not None
+        s = socket.create_connection(parts.listener_set.socks[0].getsockname(), timeout=5)
         self.held.append(s)
         return s
 
@@ -82,7 +82,7 @@ def nothing_comes(parts: Parts, s: socket.socket, seconds: float = 0.3) -> bool:
 
 
 def limit_keeps_clients_in_the_backlog(parts: Parts, clients: Clients, a: TagServer) -> None:
-    parts.accept()
+    parts.start_accepting()
     held = [clients.connect(parts) for _ in range(3)]
     assert [parts.read_line(s) for s in held[:2]] == [b"a\n", b"a\n"]
     assert nothing_comes(parts, held[2])  # waits in the kernel's backlog, not accepted
@@ -110,7 +110,7 @@ def limit_holds_while_a_dial_fails_over(parts: Parts, clients: Clients) -> None:
     """--max-connections=1; the first endpoint refuses, the second is silent: the first
     client's dial fails over (to the silent one, for --dial-timeout). Meanwhile a second
     client must wait in the backlog: the limit counts clients being dialled."""
-    parts.accept()
+    parts.start_accepting()
     first, second = clients.connect(parts), clients.connect(parts)
     parts.until(lambda: parts.remotes[0].dial_failures == 1)  # the failover runs
     parts.idle(0.3)
@@ -185,9 +185,9 @@ def full_fd_table(spare: int = 0) -> Iterator[list[int]]:
 def pauses_and_sheds_when_fds_run_out(parts: Parts, a: TagServer) -> None:
     """Out of fds, accepting pauses (0.1 s, doubling while the shortage lasts) and the
     clients waiting are closed at once (with the spare fd), then it resumes by itself."""
-    parts.accept()
-    assert parts.listening is not None
-    addr = parts.listening.socks[0].getsockname()
+    parts.start_accepting()
+    assert parts.listener_set is not None
+    addr = parts.listener_set.socks[0].getsockname()
     waiting = [socket.socket() for _ in range(4)]  # their fds exist before the table fills
     emfile = str(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
     try:
@@ -235,11 +235,11 @@ def test_native_accept_pauses_and_sheds_when_fds_run_out(make_native: Make) -> N
 def test_no_accepting_while_draining(make: Make, clients: Clients) -> None:
     with TagServer("a") as a:
         parts = make([ep(a.port)])
-        acceptor = parts.accept()
+        acceptor = parts.start_accepting()
         acceptor.stop()
         parts.table.draining = True  # the gateway's first stop signal
         acceptor.start()
-        acceptor.resume_if_room()
+        acceptor.resume_below_limit()
         s = clients.connect(parts)
         assert not acceptor.accepting and nothing_comes(parts, s)
         assert parts.table.counters.accepted == 0 and a.accepted == 0

@@ -1,4 +1,5 @@
-"""config.py: endpoint normalisation, IPv6 formatting, Go durations, the self-loop guard."""
+"""config.py, golang.py, selfloop.py: endpoint normalisation, IPv6 formatting, Go durations,
+the self-loop guard."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ from etcdgw.config import (
     ConfigError,
     Endpoint,
     Listen,
-    check_self_loop,
     format_addr,
-    format_duration,
-    parse_duration,
     parse_endpoint,
     parse_listen,
     split_host_port,
     strip_schema,
 )
+from etcdgw.golang import format_duration, parse_duration
+from etcdgw.selfloop import check_self_loop
 
 
 @pytest.mark.parametrize(
@@ -238,7 +238,7 @@ def test_int_keys_are_strict() -> None:
 
 
 def test_read_config_file_keeps_what_was_written(tmp_path: Path) -> None:
-    from etcdgw.config import read_config_file
+    from etcdgw.configfile import read_config_file
 
     p = tmp_path / "gw.yaml"
     p.write_text(
@@ -274,7 +274,7 @@ def test_read_config_file_keeps_what_was_written(tmp_path: Path) -> None:
     ],
 )
 def test_read_config_file_refusals(tmp_path: Path, text: str, reason: str) -> None:
-    from etcdgw.config import read_config_file
+    from etcdgw.configfile import read_config_file
 
     p = tmp_path / "gw.yaml"
     p.write_text(text)

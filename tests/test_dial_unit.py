@@ -119,7 +119,7 @@ def test_all_down_fallback_gives_each_endpoint_one_more_try(
     parts = make([ep(p1), ep(p2)])
     peer = clients.dial(parts, front)
     assert parts.closed(peer)  # both down: the client is closed
-    assert parts.table.counters.refused == 1 and parts.rooms == 1
+    assert parts.table.counters.refused == 1 and parts.gone == 1
     assert parts.messages("no endpoint available; closed client connection")
     assert [r.active for r in parts.remotes] == [False, False]
     with TagServer("b", port=p2):
@@ -164,7 +164,7 @@ def test_a_client_that_left_stops_the_dial(
             # Nothing more was dialled for it: not the next endpoint, not the live one.
             assert [r.dial_failures for r in parts.remotes] == [1, 0, 0]
             assert a.accepted == 0
-            assert not parts.table.dials and not parts.table.conns and parts.rooms == 1
+            assert not parts.table.dials and not parts.table.conns and parts.gone == 1
             assert parts.remotes[0].dialing == 0
     finally:
         for f in fillers:

@@ -32,11 +32,11 @@ from etcdgw.discovery import (
     retry_delay,
     self_check_for,
     srv_names,
-    tls_context,
     to_endpoint,
 )
 from etcdgw.log import Logger
 from etcdgw.resolver import async_host_resolver, host_resolver, parse_dns_server
+from etcdgw.tls import client_context
 
 DOMAIN = "etcd.test"
 SSL = f"_etcd-client-ssl._tcp.{DOMAIN}"
@@ -289,7 +289,7 @@ def test_parse_dns_server_rejects(text: str) -> None:
 def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pem"
     with pytest.raises(ConfigError) as e:
-        tls_context(Config(trusted_ca_file=str(missing)))
+        client_context(str(missing))
     assert e.value.message == (
         f"failed to load trusted CA file {missing}: no such file or directory"
     )
@@ -297,7 +297,7 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match=r"^failed to load trusted CA file .*garbage\.pem: "):
-        tls_context(Config(trusted_ca_file=str(garbage)))
+        client_context(str(garbage))
 
 
 def test_self_check_for_refuses_the_gateways_own_address() -> None:
@@ -487,7 +487,7 @@ def test_https_kept_only_when_certificate_chains_and_matches(
     assert "certificate verify failed: Hostname mismatch" in reasons["m4.etcd.test"]
     assert reasons["m5.etcd.test"] == (
         f'"https://m5.etcd.test:{dead}" failed to dial '
-        f"(dial tcp 127.0.0.1:{dead}: connection refused)"
+        f"(dial tcp 127.0.0.1:{dead}: connect: connection refused)"
     )
     assert reasons["m6.etcd.test"].startswith(
         f'"https://m6.etcd.test:{good.port}" failed to dial (lookup m6.etcd.test on '

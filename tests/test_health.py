@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from _etcd import EtcdCluster, free_port
 from _gateway import GatewayProc, free_tcp_port, wait_for
-from etcdgw.balancer import Remote
+from etcdgw.balancer import Balancer, Remote
 from etcdgw.config import Config, ConfigError, Endpoint
 from etcdgw.health import check_endpoint, judge_response, record_check, tls_context
 from test_metrics import http_get, scrape, value
@@ -35,43 +35,70 @@ Start = Callable[..., GatewayProc]
 LOOPBACK = [(socket.AF_INET, ("127.0.0.1", 0))]
 
 
-def remote() -> Remote:
-    return Remote(Endpoint("127.0.0.1", 2379))
+class One:
+    """One remote in a real Balancer; `check` is HealthChecker.apply's decision part:
+    record_check, and a changed verdict through the Balancer (its owner)."""
+
+    def __init__(self) -> None:
+        self.balancer = Balancer([Endpoint("127.0.0.1", 2379)])
+        self.r: Remote = self.balancer.remotes[0]
+        self.signals = 0
+        self.balancer.on_change = self._changed
+
+    def _changed(self) -> None:
+        self.signals += 1
+
+    def check(self, error: str, *, rise: int, fall: int) -> bool | None:
+        verdict = record_check(self.r, error, rise=rise, fall=fall)
+        assert verdict is None or verdict != self.r.healthy  # a verdict is a change
+        if verdict is not None:
+            assert self.balancer.set_healthy(self.r, verdict)
+        return verdict
 
 
 # --- damping (pure) ---------------------------------------------------------------------------
 
 
 def test_fall_needs_consecutive_failures() -> None:
-    r = remote()
-    assert record_check(r, "boom 1", rise=2, fall=3) is None
-    assert record_check(r, "boom 2", rise=2, fall=3) is None
+    one = One()
+    r = one.r
+    assert one.check("boom 1", rise=2, fall=3) is None
+    assert one.check("boom 2", rise=2, fall=3) is None
     assert r.healthy
-    assert record_check(r, "", rise=2, fall=3) is None  # a pass resets the failure run
-    assert record_check(r, "boom 3", rise=2, fall=3) is None
-    assert record_check(r, "boom 4", rise=2, fall=3) is None
-    assert record_check(r, "boom 5", rise=2, fall=3) is False
+    assert one.check("", rise=2, fall=3) is None  # a pass resets the failure run
+    assert one.check("boom 3", rise=2, fall=3) is None
+    assert one.check("boom 4", rise=2, fall=3) is None
+    assert one.check("boom 5", rise=2, fall=3) is False
     assert not r.healthy and not r.usable
-    assert record_check(r, "boom 6", rise=2, fall=3) is None  # already down: no new change
+    assert one.check("boom 6", rise=2, fall=3) is None  # already down: no new change
     assert (r.health_ok_total, r.health_failed_total) == (1, 6)
     assert r.last_health_error == "boom 6"
+    assert one.signals == 1  # the verdict changed once, through the Balancer
+
+
+def test_record_check_leaves_the_verdict_to_the_balancer() -> None:
+    one = One()
+    assert record_check(one.r, "x", rise=1, fall=1) is False
+    assert one.r.healthy and one.signals == 0  # decided, not written
 
 
 def test_rise_needs_consecutive_passes() -> None:
-    r = remote()
-    assert record_check(r, "x", rise=2, fall=1) is False
-    assert record_check(r, "", rise=2, fall=1) is None
-    assert record_check(r, "y", rise=2, fall=1) is None  # a failure resets the pass run
-    assert record_check(r, "", rise=2, fall=1) is None
-    assert record_check(r, "", rise=2, fall=1) is True
+    one = One()
+    r = one.r
+    assert one.check("x", rise=2, fall=1) is False
+    assert one.check("", rise=2, fall=1) is None
+    assert one.check("y", rise=2, fall=1) is None  # a failure resets the pass run
+    assert one.check("", rise=2, fall=1) is None
+    assert one.check("", rise=2, fall=1) is True
     assert r.healthy and r.usable
     assert r.last_health_error == "y"  # kept: it is the *last* error, for `etcdgw status`
 
 
 def test_health_and_dial_state_are_separate() -> None:
-    r = remote()
-    r.active = False
-    assert record_check(r, "", rise=1, fall=1) is None  # healthy already; activation is I/O's
+    one = One()
+    r = one.r
+    one.balancer.mark_down(r, "dial tcp 127.0.0.1:2379: connect: connection refused", 1.0)
+    assert one.check("", rise=1, fall=1) is None  # healthy already; activation is I/O's
     assert not r.active and not r.usable
 
 
@@ -80,7 +107,8 @@ def test_health_and_dial_state_are_separate() -> None:
 @given(st.lists(st.booleans(), max_size=60), st.integers(1, 5), st.integers(1, 5))
 def test_damping_matches_model(results: list[bool], rise: int, fall: int) -> None:
     """The verdict flips exactly when the last `fall` (or `rise`) results all disagree."""
-    r = remote()
+    one = One()
+    r = one.r
     healthy, run_ok, run_bad = True, 0, 0
     for ok in results:
         run_ok, run_bad = (run_ok + 1, 0) if ok else (0, run_bad + 1)
@@ -89,7 +117,7 @@ def test_damping_matches_model(results: list[bool], rise: int, fall: int) -> Non
             healthy, expect = False, False
         elif not healthy and run_ok >= rise:
             healthy, expect = True, True
-        assert record_check(r, "" if ok else "bad", rise=rise, fall=fall) is expect
+        assert one.check("" if ok else "bad", rise=rise, fall=fall) is expect
         assert r.healthy is healthy
     assert r.health_ok_total == sum(results)
     assert r.health_failed_total == len(results) - sum(results)

@@ -40,7 +40,7 @@ from etcdgw.log import Logger
 from etcdgw.metrics import MetricsServer
 from etcdgw.status import BadDocument, parse_document, render
 from test_hostile import assert_one_line, relay_once, run_start
-from test_metrics import FakeGateway, _remote
+from test_metrics import standalone
 from test_status import run_status
 
 # hypothesis reads mypy_extensions.TypedDict while it reports a falsifying example; under
@@ -727,9 +727,7 @@ def test_stray_signals_are_ignored_in_every_phase(
 @pytest.fixture
 def metrics_server(no_fd_leak: None) -> Iterator[MetricsServer]:
     """A MetricsServer on a free loopback port over a gateway stand-in (one usable endpoint)."""
-    gw = FakeGateway([_remote(1)], {})
-    gw.collect_now = lambda: None  # type: ignore[attr-defined]
-    ms = MetricsServer(gw, f"127.0.0.1:{free_tcp_port()}", Logger(level="error"))  # type: ignore[arg-type]
+    ms = MetricsServer(standalone(1).view, f"127.0.0.1:{free_tcp_port()}", Logger(level="error"))
     ms.bind()
     yield ms
     ms.close()

@@ -23,11 +23,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import etcdgw
 from _gateway import GatewayProc, TagServer, connect, free_tcp_port, read_line, wait_for
+from _parts import Script
 from etcdgw import metrics
-from etcdgw.balancer import Remote
+from etcdgw.balancer import Balancer, Remote
 from etcdgw.config import Config, ConfigError, Endpoint
+from etcdgw.dial import OwnAddresses, is_local_ip
 from etcdgw.log import Logger
 from etcdgw.metrics import MetricsServer
+from etcdgw.monitor import Monitor
+from etcdgw.resolver import AddressBook
+from etcdgw.settings import Settings
+from etcdgw.table import Conn, ConnTable
+from etcdgw.view import View, endpoint_rows
 
 Start = Callable[..., GatewayProc]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -346,54 +353,66 @@ def test_metrics_addr_in_use_fails_start(relay_impl: str) -> None:
 # --- in process -------------------------------------------------------------------------------
 
 
-class FakeCounters:
-    accepted, refused, accept_errors, finished, reset = 5, 1, 0, 4, 1
+class Standalone:
+    """The parts metrics.py reads, real and built without a Gateway or an engine: a Balancer
+    over `endpoints`, a ConnTable (pairs put in as the relay thread's own, no sockets), the
+    Settings; the relay's byte counts are the test's (`totals`, `live`)."""
 
-
-class FakeConn:
-    def __init__(self, remote: Remote) -> None:
-        self.remote = remote
-
-
-class FakeGateway:
-    """The attributes metrics.py reads, without sockets."""
-
-    def __init__(self, remotes: list[Remote], live: dict[int, tuple[Remote, int, int]]) -> None:
-        self.cfg = Config()
-        self.balancer = type("B", (), {"remotes": remotes, "any_usable": lambda self: True})()
-        self.counters = FakeCounters()
-        self.conns = {pid: FakeConn(r) for pid, (r, _, _) in live.items()}
-        self._live = {pid: (c2u, u2c) for pid, (_, c2u, u2c) in live.items()}
-        self.implementation = "python"
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self.log = Logger(level="error")
+        self.settings = Settings(Config(endpoints=tuple(endpoints)))
+        self.balancer = Balancer(endpoints)
+        addresses = AddressBook(Script(), on_change=self.balancer.changed)
+        own = OwnAddresses(is_local_ip)
+        monitor = Monitor(self.balancer, self.settings, self.log, addresses, own)
+        self.table = ConnTable(self.balancer, monitor, self.settings, self.log, lambda: None)
+        self.live: dict[int, tuple[int, int]] = {}
+        self.sent = (1000, 2000)
         self.ready = True
-        self.draining = False
-        self.listeners: list[socket.socket] = []
-        self.membership = None  # --auto-sync-interval off
+        self.view = View(
+            balancer=self.balancer,
+            table=self.table,
+            settings=self.settings,
+            engine="python",
+            listeners=list,
+            totals=lambda: self.sent,
+            live_bytes=lambda: dict(self.live),
+            collect_now=lambda: None,
+            ready=lambda: self.ready,
+            membership=lambda: None,  # --auto-sync-interval off
+        )
 
-    def live_bytes(self) -> dict[int, tuple[int, int]]:
-        return dict(self._live)
-
-    def totals(self) -> tuple[int, int]:
-        return 1000, 2000
-
-    def active_connections(self) -> int:
-        return len(self.conns)
+    def relaying(self, pid: int, remote: Remote, c2u: int, u2c: int) -> None:
+        """A live pair to remote that moved these bytes so far."""
+        self.table.conns[pid] = Conn(None, None, remote)
+        self.live[pid] = (c2u, u2c)
 
 
-def _remote(port: int, **kw: Any) -> Remote:
-    r = Remote(Endpoint("127.0.0.1", port))
+def standalone(*ports: int) -> Standalone:
+    return Standalone([Endpoint("127.0.0.1", p) for p in ports])
+
+
+def _set(r: Remote, **kw: Any) -> Remote:
+    """Counters a test gives a remote (what its traffic would have left there)."""
     for k, v in kw.items():
         setattr(r, k, v)
     return r
 
 
 def test_collector_aggregates_duplicates_and_removed() -> None:
-    a1 = _remote(1, connections_total=3, bytes_to_endpoint=10, dial_failures=1)
-    a2 = _remote(1, connections_total=4, bytes_to_endpoint=20, active=False)
-    b = _remote(2, healthy=False, health_ok_total=2, health_failed_total=3)
-    gone = _remote(3, removed=True, connections_active=1, bytes_from_endpoint=7)
-    gw = FakeGateway([a1, a2, b], {11: (a1, 5, 6), 12: (gone, 1, 2)})
-    ms = MetricsServer(gw, "127.0.0.1:0", Logger())  # type: ignore[arg-type]
+    st = standalone(1, 1, 2, 3)
+    a1, a2, b, gone = st.balancer.remotes
+    _set(a1, connections_total=3, bytes_to_endpoint=10, dial_failures=1)
+    _set(a2, connections_total=4, bytes_to_endpoint=20)
+    st.balancer.mark_down(a2, "dial tcp 127.0.0.1:1: connect: connection refused", 1.0)
+    st.balancer.set_healthy(b, False)
+    _set(b, health_ok_total=2, health_failed_total=3)
+    st.balancer.set_endpoints([a1.endpoint, a2.endpoint, b.endpoint])
+    assert gone.removed
+    _set(gone, connections_active=1, bytes_from_endpoint=7)
+    st.relaying(11, a1, 5, 6)
+    st.relaying(12, gone, 1, 2)
+    ms = MetricsServer(st.view, "127.0.0.1:0", Logger())
     text = generate_latest(ms.registry).decode()
     m: Samples = {}
     for fam in text_string_to_metric_families(text):
@@ -402,7 +421,7 @@ def test_collector_aggregates_duplicates_and_removed() -> None:
     a, bb, g = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
     assert value(m, "etcdgw_endpoint_connections_total", endpoint=a) == 7
     assert value(m, "etcdgw_endpoint_up", endpoint=a) == 0  # one copy down
-    assert value(m, "etcdgw_endpoint_dial_failures_total", endpoint=a) == 1
+    assert value(m, "etcdgw_endpoint_dial_failures_total", endpoint=a) == 2
     assert value(m, "etcdgw_endpoint_bytes_total", endpoint=a, direction="to_endpoint") == 35
     assert value(m, "etcdgw_endpoint_healthy", endpoint=bb) == 0
     assert value(m, "etcdgw_health_checks_total", endpoint=bb, result="ok") == 2
@@ -411,7 +430,8 @@ def test_collector_aggregates_duplicates_and_removed() -> None:
     assert value(m, "etcdgw_endpoint_bytes_total", endpoint=g, direction="from_endpoint") == 9
     assert ("etcdgw_endpoint_up", frozenset({("endpoint", g)})) not in m
     assert value(m, "etcdgw_bytes_total", direction="from_endpoint") == 2000
-    rows = metrics.endpoint_rows(gw)  # type: ignore[arg-type]
+    assert value(m, "etcdgw_connections_active") == 2
+    rows = endpoint_rows(st.view)
     assert [(r["address"], r["removed"]) for r in rows] == [
         (a, False),
         (a, False),
@@ -424,14 +444,14 @@ def test_collector_aggregates_duplicates_and_removed() -> None:
 def test_bind_errors(no_fd_leak: None) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        ms = MetricsServer(FakeGateway([], {}), f"127.0.0.1:{port}", Logger())  # type: ignore[arg-type]
+        ms = MetricsServer(standalone().view, f"127.0.0.1:{port}", Logger())
         with pytest.raises(ConfigError) as e:
             ms.bind()
         assert e.value.message == f"listen tcp 127.0.0.1:{port}: bind: address already in use"
         assert e.value.stream == "stderr"
         ms.close()
     for bad in ("127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "[::1"):
-        ms = MetricsServer(FakeGateway([], {}), bad, Logger())  # type: ignore[arg-type]
+        ms = MetricsServer(standalone().view, bad, Logger())
         with pytest.raises(ConfigError) as e:
             ms.bind()
         assert e.value.message == f"failed to validate metrics address: {bad}"
@@ -444,9 +464,9 @@ def test_server_bounds_slow_and_many_clients(
 ) -> None:
     monkeypatch.setattr(metrics, "READ_TIMEOUT", 0.3)
     monkeypatch.setattr(metrics, "MAX_CLIENTS", 2)
-    gw = FakeGateway([_remote(1)], {})
+    st = standalone(1)
     port = free_tcp_port()
-    ms = MetricsServer(gw, f"127.0.0.1:{port}", Logger(level="error"))  # type: ignore[arg-type]
+    ms = MetricsServer(st.view, f"127.0.0.1:{port}", Logger(level="error"))
     ms.bind()
 
     async def main() -> None:
@@ -474,7 +494,7 @@ def test_server_bounds_slow_and_many_clients(
         w4.write(b"GET /ready HTTP/1.1\r\n\r\n")
         assert (await asyncio.wait_for(r4.read(), 5)).startswith(b"HTTP/1.1 200 ")
         w4.close()
-        gw.draining = True
+        st.table.draining = True
         r5, w5 = await asyncio.open_connection("127.0.0.1", port)
         w5.write(b"GET /ready HTTP/1.1\r\n\r\n")
         assert (await asyncio.wait_for(r5.read(), 5)).startswith(b"HTTP/1.1 503 ")

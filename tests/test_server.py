@@ -1,7 +1,9 @@
 """server.py end to end, on real sockets: selection, failover, recovery, relay, lifecycle.
 
-Every test runs the real `etcdgw start` process once per relay engine (the `gateway`
-fixture follows `relay_impl`), in front of real TCP backends on loopback.
+Every test runs the real `etcdgw start` process once per way of running: the Cython engine
+with native accept (the default), the Cython engine accepting in the loop
+(`server.NATIVE_ACCEPT = False`, set through bench/launch.py as the benchmark sets it), and
+the pure-Python engine; in front of real TCP backends on loopback.
 """
 
 from __future__ import annotations
@@ -30,6 +32,40 @@ from _gateway import (
 
 Start = Callable[..., GatewayProc]
 
+# variant -> (engine, bench/launch.py switches)
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cython": ("cython", ()),
+    "cython-loop-accept": ("cython", ("etcdgw.server:NATIVE_ACCEPT=0",)),
+    "python": ("python", ()),
+}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("cython", marks=pytest.mark.c_extension),
+        pytest.param("cython-loop-accept", marks=pytest.mark.c_extension),
+        "python",
+    ]
+)
+def variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def relay_impl(variant: str) -> str:
+    """The engine under test (overrides conftest's: this module runs three variants)."""
+    return VARIANTS[variant][0]
+
+
+@pytest.fixture
+def gateway_sets(variant: str) -> tuple[str, ...]:
+    return VARIANTS[variant][1]
+
+
+def accept_of(variant: str) -> str:
+    """Who accepts and connects clients (the `accept` field of the ready line)."""
+    return "relay-thread" if variant == "cython" else "loop"
+
 
 def dead_port() -> int:
     """A loopback port nobody listens on (connect is refused at once)."""
@@ -44,23 +80,21 @@ def backends() -> list[TagServer]:
         s.close()
 
 
-def test_round_robin_in_list_order(
-    gateway: Start, backends: list[TagServer], relay_impl: str
-) -> None:
+def test_round_robin_in_list_order(gateway: Start, backends: list[TagServer], variant: str) -> None:
     port = free_tcp_port()
     eps = ",".join(f"http://{b.addr}" for b in backends)
     g = gateway(f"--endpoints={eps}", f"--listen-addr=127.0.0.1:{port}")
     ready = g.wait_ready()
     assert ready["endpoints"] == [b.addr for b in backends]
-    # The Cython engine accepts and connects in its relay thread (native accept), so every
-    # test here runs that path for it, and the asyncio one for the pure-Python engine.
-    assert ready["accept"] == ("relay-thread" if relay_impl == "cython" else "loop")
+    # The Cython engine accepts and connects in its relay thread (native accept) unless
+    # NATIVE_ACCEPT is off, so every test here runs both paths for it.
+    assert ready["accept"] == accept_of(variant)
     assert [tag_via(port) for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
     assert g.stop() == 0
 
 
 def test_flags_before_start_and_repeated_endpoints(
-    relay_impl: str, backends: list[TagServer]
+    relay_impl: str, gateway_sets: tuple[str, ...], backends: list[TagServer]
 ) -> None:
     port = free_tcp_port()
     a, b, _ = backends
@@ -68,6 +102,7 @@ def test_flags_before_start_and_repeated_endpoints(
         [f"--endpoints={a.addr}", "start", "--endpoints", b.addr, "--listen-addr",
          f"127.0.0.1:{port}"],
         impl=relay_impl,
+        sets=gateway_sets,
     )  # fmt: skip
     try:
         assert g.wait_ready()["endpoints"] == [a.addr, b.addr]

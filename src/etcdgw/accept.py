@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .balancer import Balancer, Remote
-from .config import format_duration
 from .dial import Dialer, OwnAddresses, dial_error
 from .engine import RelaySettings, Report, Target
+from .goerrors import IO_TIMEOUT, dial_failed
+from .golang import format_duration
 from .listeners import LATE_OPTIONS_AFTER, TcpOptions
 from .log import Logger
 from .relay import Relay
@@ -121,7 +122,7 @@ class Acceptor:
         limit = self.settings.cfg.max_connections
         return bool(limit) and self.table.active_connections() >= limit
 
-    def resume_if_room(self) -> None:
+    def resume_below_limit(self) -> None:
         """A connection ended (or a pause passed): accept again unless still at the limit."""
         if not self.accepting and self._pause_handle is None and not self.full():
             self.start()
@@ -360,7 +361,7 @@ class NativeAccept(Acceptor):
         by_tag = self.balancer.by_tag
         resync = False
         # What started first: a drain counts live connections when a short pair's end
-        # makes room (room() below), and a pair that started in this same report must be
+        # makes room (on_gone() below), and a pair that started in this same report must be
         # among them, or the drain ends under it.
         for st in report.started:
             remote = by_tag(st.tag)
@@ -375,7 +376,7 @@ class NativeAccept(Acceptor):
                     # The relay thread set the target aside on its own (_relay.pyx
                     # _finish): tell it the balancer's verdict even if that did not change.
                     resync = True
-            table.room()
+            table.on_gone()
             if resync:
                 self.resync()
         for f in report.failed:
@@ -413,7 +414,7 @@ class NativeAccept(Acceptor):
         ep = remote.endpoint
         if err == errno.ETIMEDOUT:
             # The whole dial (every address of the endpoint) shares one --dial-timeout.
-            dialer.resume(client, remote, [], f"dial tcp {ep.addr}: i/o timeout")
+            dialer.resume(client, remote, [], dial_failed(ep.addr, IO_TIMEOUT))
             return
         addrs = list(self.addresses.known(ep.host) or [])
         ip = addrs[0][1][0] if addrs else ""

@@ -310,7 +310,7 @@ class Balancer:
         remote.bytes_to_endpoint += c2u
         remote.bytes_from_endpoint += u2c
 
-    def passed(self, remote: Remote, n: int, c2u: int, u2c: int) -> None:
+    def opened_and_closed(self, remote: Remote, n: int, c2u: int, u2c: int) -> None:
         """n connections to remote opened and closed between two looks (native accept)."""
         remote.connections_total += n
         remote.bytes_to_endpoint += c2u

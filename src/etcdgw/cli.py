@@ -25,14 +25,12 @@ from .config import (
     KEYS,
     Config,
     ConfigError,
-    FileValue,
     Key,
     convert,
-    go_quote,
-    parse_duration,
     parse_listen,
-    read_config_file,
 )
+from .configfile import FileValue, read_config_file
+from .golang import go_quote, parse_duration
 from .systemd import Interrupted, StartupSignals
 
 PROG = "etcdgw"
@@ -371,7 +369,7 @@ def _main(args: list[str], signals: StartupSignals) -> int:
         print(f"Run '{PROG} start --help' for usage.", file=sys.stderr)
         return 1
     except ConfigError as e:
-        print_config_error(e)
+        e.show()
         return 1
 
     from .app import start
@@ -383,10 +381,3 @@ def _main(args: list[str], signals: StartupSignals) -> int:
         reparse=lambda: reparse(args),
         signals=signals,
     )
-
-
-def print_config_error(e: ConfigError) -> None:
-    """A start-up failure: one line on the stream the Go gateway uses for it."""
-    stream = sys.stdout if e.stream == "stdout" else sys.stderr
-    print(e.message, file=stream)
-    stream.flush()

@@ -1,19 +1,21 @@
-"""Configuration values, Go-duration parsing, endpoint normalisation and start-up checks.
+"""Configuration values (Endpoint, Listen), endpoint normalisation, the schema and Config.
 
-Everything here is pure: no sockets. Name resolution for the start-up checks is passed in as
-a function, so tests run without DNS.
+Everything here is pure: no sockets. Go's duration and quoting texts live in golang.py, the
+YAML reader in configfile.py, the start-up self-loop checks in selfloop.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .engine import BUFSIZE
+from .golang import go_quote, parse_duration
 
 _T = TypeVar("_T")
 
@@ -34,6 +36,12 @@ class ConfigError(Exception):
         super().__init__(message)
         self.message = message
         self.stream = stream
+
+    def show(self) -> None:
+        """Print the message as the Go gateway does: one line on its stream, flushed."""
+        out = sys.stdout if self.stream == "stdout" else sys.stderr
+        print(self.message, file=out)
+        out.flush()
 
 
 @dataclass(frozen=True, order=True)
@@ -188,197 +196,6 @@ def parse_listen(addr: str) -> Listen:
     return Listen(host, port)
 
 
-# --- Go durations ----------------------------------------------------------------------------
-
-_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # noqa: RUF001 - Go accepts both micro signs
-    "μs": 1e-6,  # noqa: RUF001
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_NUMBER = re.compile(r"[0-9]+\.?[0-9]*|\.[0-9]+")
-_UNIT = re.compile(r"[^0-9.]*")
-
-
-def parse_duration(text: str) -> float:
-    """Go's time.ParseDuration, in seconds: "1m0s", "1.5s", "300ms", "1h2m", "0".
-
-    Raises:
-        ValueError: with Go's message, e.g. `time: missing unit in duration "123"`.
-    """
-    quoted = go_quote(text)
-    sign = 1.0
-    if text[:1] in ("+", "-"):
-        sign = -1.0 if text[0] == "-" else 1.0
-        text = text[1:]
-    if text == "0":
-        return 0.0
-    if text == "":
-        raise ValueError(f"time: invalid duration {quoted}")
-    total = 0.0
-    pos = 0
-    while pos < len(text):
-        num = _NUMBER.match(text, pos)
-        if num is None:
-            raise ValueError(f"time: invalid duration {quoted}")
-        unit = _UNIT.match(text, num.end())
-        assert unit is not None
-        name = unit.group()
-        if not name:
-            raise ValueError(f"time: missing unit in duration {quoted}")
-        if name not in _UNITS:
-            raise ValueError(f"time: unknown unit {go_quote(name)} in duration {quoted}")
-        total += float(num.group()) * _UNITS[name]
-        pos = unit.end()
-    if total > MAX_DURATION:
-        raise ValueError(f"time: invalid duration {quoted}")
-    return sign * total
-
-
-def format_duration(seconds: float) -> str:
-    """Go's Duration.String() for the values we log: 60 -> "1m0s", 1.5 -> "1.5s"."""
-    if seconds == 0:
-        return "0s"
-    neg = seconds < 0
-    s = abs(seconds)
-    if s < 1:
-        ms = s * 1000
-        out = f"{ms:g}ms" if ms >= 1 else f"{s * 1e6:g}µs"
-    else:
-        h, rem = divmod(s, 3600)
-        m, sec = divmod(rem, 60)
-        sec_text = f"{round(sec, 9):g}s"
-        if h:
-            out = f"{int(h)}h{int(m)}m{sec_text}"
-        elif m:
-            out = f"{int(m)}m{sec_text}"
-        else:
-            out = sec_text
-    return "-" + out if neg else out
-
-
-_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_GO_ESCAPES["\v"] = "\\v"
-
-
-def go_quote(s: str) -> str:
-    """Go's %q (strconv.Quote): double quotes, backslash escapes, and every non-printable
-    character escaped, so a quoted value is always one line."""
-    out = []
-    for c in s:
-        if c in ('"', "\\"):
-            out.append("\\" + c)
-        elif c.isprintable():
-            out.append(c)
-        elif c in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[c])
-        elif ord(c) < 0x80:
-            out.append(f"\\x{ord(c):02x}")
-        elif ord(c) <= 0xFFFF:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(f"\\U{ord(c):08x}")
-    return '"' + "".join(out) + '"'
-
-
-# --- Start-up checks (gateway.go startGateway, step 7) ---------------------------------------
-
-Resolver = Callable[[str], Sequence[str]]
-
-
-def is_wildcard(host: str) -> bool:
-    return host in ("", "0.0.0.0", "::")
-
-
-def check_self_loop(
-    listens: Sequence[Listen],
-    endpoints: Sequence[Endpoint],
-    resolve: Resolver,
-    is_local: Callable[[str], bool] = lambda ip: ip in ("127.0.0.1", "::1"),
-) -> None:
-    """Refuse endpoints that point back at the gateway (CVE-2020-15114 guard).
-
-    Mirrors etcd's "best effort detection of self pointing in tcp proxy", but compares
-    resolved addresses (so `localhost` vs `127.0.0.1` and IPv6 are caught) and treats a
-    wildcard listen address as every local address (Go compares strings, so 0.0.0.0 slips).
-
-    Args:
-        resolve: host -> list of IP strings; raises OSError when the name does not resolve.
-        is_local: whether an IP is one of this machine's addresses (for wildcard listeners).
-
-    Raises:
-        ConfigError: with the Go gateway's messages (stdout).
-    """
-    listen_ips: dict[int, set[str]] = {}
-    for ls in listens:
-        if ls.path is not None:
-            continue
-        if is_wildcard(ls.host):
-            ips = {"*"}
-        else:
-            try:
-                ips = {_norm_ip(a) for a in resolve(ls.host)}
-            except OSError:
-                raise ConfigError(f"failed to resolve listen host: {ls.host}") from None
-        listen_ips.setdefault(ls.port, set()).update(ips)
-    for ep in endpoints:
-        try:
-            ep_ips = [_norm_ip(a) for a in resolve(ep.host)]
-        except OSError:
-            raise ConfigError(f"failed to resolve endpoint host: {ep.host}") from None
-        own = listen_ips.get(ep.port)
-        if not own:
-            continue
-        for ip in ep_ips:
-            if loops_back(ip, own, is_local):
-                listen = ",".join(ls.addr for ls in listens if ls.port == ep.port)
-                raise ConfigError(
-                    f"SRV or endpoint ({ep.addr}->{format_addr(ip, ep.port)}) should not "
-                    f"resolve to the gateway listen addr ({listen})"
-                )
-
-
-def loops_back(ip: str, own: set[str], is_local: Callable[[str], bool]) -> bool:
-    """Whether a connect to ip reaches one of own, the gateway's listen IPs on that port.
-
-    own holds normalised IPs and "*" for a wildcard listener (every local address). An
-    unspecified ip (0.0.0.0, ::) connects to this host. The one rule for the start-up guard
-    (check_self_loop) and the connect path (dial.OwnAddresses).
-    """
-    ip = _norm_ip(ip)
-    return ip in own or _is_any(ip) or ("*" in own and is_local(ip))
-
-
-def _norm_ip(a: str) -> str:
-    try:
-        ip = ipaddress.ip_address(a.split("%", 1)[0])
-    except ValueError:
-        return a
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def _is_any(ip: str) -> bool:
-    return ip in ("0.0.0.0", "::")
-
-
-def is_loopback_host(host: str, resolve: Resolver) -> bool:
-    """True when every address of host is a loopback address (for the non-loopback warning)."""
-    try:
-        addrs = resolve(host) if host else ["0.0.0.0"]
-    except OSError:
-        return False
-    try:
-        return all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addrs)
-    except ValueError:
-        return False
-
-
 # --- Host names --------------------------------------------------------------------------------
 
 
@@ -410,13 +227,10 @@ def host_error(host: str) -> str | None:
 #
 # Every key of `etcdgw start` is defined once below: its name (the long flag and the config-file
 # key), its type, its default written as an operator would write it, and its help. cli.py builds
-# the argparse parser (and so the man page) from this table, and read_config_file() reads the
-# YAML file into the same text form, so a value is validated by the same converter whichever
-# way it arrives.
+# the argparse parser (and so the man page) from this table, and configfile.read_config_file()
+# reads the YAML file into the same text form, so a value is validated by the same converter
+# whichever way it arrives.
 
-# Go's time.Duration is an int64 of nanoseconds: ParseDuration refuses anything longer.
-MAX_DURATION = (2**63 - 1) / 1e9
-MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; 1 MiB is plenty
 _INT = re.compile(r"[+-]?[0-9]{1,19}")
 _MODE = re.compile(r"[0-7]{3,4}")
 
@@ -636,170 +450,6 @@ def _b(name: str) -> bool:
 
 def _s(name: str) -> str:
     return _typed(name, str)
-
-
-# --- The config file ---------------------------------------------------------------------------
-
-# What a config file holds once read: key -> text, a list of texts, or None (key: with no
-# value, `~` or `null`: unset, the default applies).
-FileValue = str | list[str] | None
-
-
-def read_config_file(path: str) -> dict[str, FileValue]:
-    """Read a YAML config file into {key: text | [text, ...] | None}, validating its shape.
-
-    Every scalar is kept as the text the operator wrote: YAML 1.1's implicit types are not
-    applied, so `listen-unix-mode: 0660` is the mode 0660 (not the integer 432), `1:30` is
-    not sexagesimal, and `yes` is not a boolean. A plain empty value, `~` or `null` means
-    "unset" (the default applies). Aliases are refused (an alias bomb cannot expand), as are
-    nested lists or maps, duplicate and unknown keys, files over 1 MiB and non-UTF-8 bytes.
-
-    Raises:
-        ConfigError: `invalid config file <path>: <reason>` or `cannot read config file ...`
-            (stderr).
-    """
-    import yaml
-
-    def bad(reason: str) -> ConfigError:
-        return ConfigError(f"invalid config file {path}: {reason}", stream="stderr")
-
-    data = _read_regular_file(path)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise bad(f"larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise bad(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-    parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        events = list(yaml.parse(text, Loader=parser))
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        problem = getattr(e, "problem", None)
-        raise bad(f"YAML error{at}" + (f": {problem}" if problem else "")) from None
-    return _from_events(events, bad)
-
-
-def _read_regular_file(path: str) -> bytes:
-    """At most MAX_CONFIG_BYTES + 1 bytes of path, which must be a regular file.
-
-    A FIFO blocked open() for good (at start-up with no message; each SIGHUP left a thread
-    behind), /dev/zero was read up to the size cap, and opening some devices acts by itself
-    (a watchdog arms, a tape rewinds). So what stat() calls other than a regular file is
-    never opened, and the file is opened without waiting (O_NONBLOCK: a FIFO swapped in
-    meanwhile), without becoming our controlling terminal (O_NOCTTY), and checked again
-    with fstat(): the path may name something else by then.
-
-    Raises:
-        ConfigError: `--config-file <path>: not a regular file (<kind>)` or `cannot read
-            config file <path>: <reason>` (stderr).
-    """
-    import os
-    import stat
-
-    def not_regular(mode: int) -> ConfigError:
-        kind = _KINDS.get(stat.filemode(mode)[0], "not a file")
-        return ConfigError(f"--config-file {path}: not a regular file ({kind})", stream="stderr")
-
-    try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise not_regular(mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise not_regular(mode)
-            return f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read config file {path}: {e.strerror or e}", stream="stderr"
-        ) from None
-
-
-# stat.filemode()'s first letter -> what the file is, for the message.
-_KINDS = {
-    "p": "a FIFO",
-    "c": "a character device",
-    "b": "a block device",
-    "d": "a directory",
-    "s": "a socket",
-}
-
-_NULLS = ("", "~", "null", "Null", "NULL")
-
-
-def _from_events(
-    events: Sequence[object], bad: Callable[[str], ConfigError]
-) -> dict[str, FileValue]:
-    import yaml
-
-    out: dict[str, FileValue] = {}
-    body = [e for e in events if not isinstance(e, yaml.StreamStartEvent | yaml.StreamEndEvent)]
-    if not body:
-        return out
-    if any(isinstance(e, yaml.AliasEvent) for e in body):
-        # Refused outright: an alias bomb (aliases of aliases) must not expand.
-        raise bad("YAML aliases (*name) are not supported")
-    docs = sum(isinstance(e, yaml.DocumentStartEvent) for e in body)
-    if docs != 1:
-        raise bad("expected one YAML document")
-    body = [e for e in body if not isinstance(e, yaml.DocumentStartEvent | yaml.DocumentEndEvent)]
-    if len(body) == 1 and isinstance(body[0], yaml.ScalarEvent) and _is_null(body[0]):
-        return out  # an empty document
-    if not body or not isinstance(body[0], yaml.MappingStartEvent):
-        raise bad("expected a mapping of flag names to values")
-    i = 1
-
-    def scalar_text(e: yaml.ScalarEvent) -> str:
-        return str(e.value)
-
-    while i < len(body) - 1:
-        k = body[i]
-        if isinstance(k, yaml.AliasEvent):
-            raise bad("YAML aliases are not supported")
-        if not isinstance(k, yaml.ScalarEvent):
-            raise bad("keys must be flag names")
-        name = scalar_text(k)
-        key = KEY_BY_NAME.get(name)
-        if key is None or not key.in_file:
-            raise bad(f"unknown key {name!r}")
-        if name in out:
-            raise bad(f"duplicate key {name!r}")
-        i += 1
-        v = body[i]
-        if isinstance(v, yaml.AliasEvent):
-            raise bad(f"{name}: YAML aliases are not supported")
-        if isinstance(v, yaml.ScalarEvent):
-            out[name] = None if _is_null(v) else scalar_text(v)
-            i += 1
-            continue
-        if isinstance(v, yaml.MappingStartEvent):
-            raise bad(f"{name}: expected a single value, not a mapping")
-        assert isinstance(v, yaml.SequenceStartEvent)
-        if key.kind not in ("listen", "endpoints"):
-            raise bad(f"{name}: expected a single value, not a list")
-        items: list[str] = []
-        i += 1
-        while not isinstance(body[i], yaml.SequenceEndEvent):
-            item = body[i]
-            if isinstance(item, yaml.AliasEvent):
-                raise bad(f"{name}: YAML aliases are not supported")
-            if not isinstance(item, yaml.ScalarEvent):
-                raise bad(f"{name}: expected a list of values, not nested lists or mappings")
-            if _is_null(item):
-                raise bad(f"{name}: empty list item")
-            items.append(scalar_text(item))
-            i += 1
-        out[name] = items
-        i += 1
-    return out
-
-
-def _is_null(e: object) -> bool:
-    # Only a plain (unquoted) scalar can be null: `key: ""` is an explicit empty text.
-    return getattr(e, "style", None) in (None, "") and getattr(e, "value", None) in _NULLS
 
 
 @dataclass(frozen=True)

@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from .balancer import Balancer, Remote
-from .config import Endpoint, format_addr, loops_back
+from .config import Endpoint, format_addr
+from .goerrors import IO_TIMEOUT, NO_ADDRESS, connect_failed, dial_failed, strerror
 from .listeners import TcpOptions, set_options
 from .resolver import Addr, AddressBook
+from .selfloop import loops_back
 from .settings import Settings
 
 __all__ = [
@@ -60,7 +61,7 @@ LOCAL_IP_TTL = 5.0
 class OwnAddresses:
     """The gateway's own TCP addresses (listen and metrics), checked before every connect.
 
-    The self-loop guard (config.check_self_loop, the Go gateway's CVE-2020-15114 check) runs
+    The self-loop guard (selfloop.check_self_loop, the Go gateway's CVE-2020-15114 check) runs
     when endpoints are set; a name that resolves to the gateway later (DNS rebinding, a
     mistake in /etc/hosts) would still make the gateway dial itself, each self-connection
     accepted and dialled again until fds run out. So the connect path asks `dials_self`
@@ -294,7 +295,7 @@ class Dial:
             self.addrs = list(await asyncio.wait_for(self.dr.addresses.resolve(host), timeout))
         except TimeoutError:
             self.task = None
-            self._failed(f"dial tcp {remote.addr}: lookup {host}: i/o timeout")
+            self._failed(dial_failed(remote.addr, f"lookup {host}: {IO_TIMEOUT}"))
             return
         except (OSError, UnicodeError, ValueError) as e:
             # OSError from the resolvers; UnicodeError/ValueError from a name the IDNA codec
@@ -310,19 +311,19 @@ class Dial:
         remote = self.remote
         assert remote is not None
         if not self.addrs:
-            self._failed(self.error or f"dial tcp {remote.addr}: no address")
+            self._failed(self.error or dial_failed(remote.addr, NO_ADDRESS))
             return
         fam, sa = self.addrs.pop(0)
         port = remote.endpoint.port
         if dr.own.dials_self(sa[0], port):
-            self.error = f"dial tcp {format_addr(sa[0], port)}: {SELF_DIAL}"
+            self.error = dial_failed(format_addr(sa[0], port), SELF_DIAL)
             self._connect_next()
             return
         try:
             sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             # Out of fds: this client cannot be served now; do not blame the endpoint.
-            self.error = f"dial tcp {remote.addr}: {e.strerror}"
+            self.error = dial_failed(remote.addr, str(e.strerror))
             self._set_remote(None)
             dr.table.dials.discard(self)
             dr.table.refuse(self.client, self.held)
@@ -385,7 +386,7 @@ class Dial:
         self.sock = None
         # The whole dial (every address of the endpoint) shares one --dial-timeout.
         self.addrs = []
-        self._failed(f"dial tcp {remote.addr}: i/o timeout")
+        self._failed(dial_failed(remote.addr, IO_TIMEOUT))
 
     def _failed(self, error: str) -> None:
         remote = self.remote
@@ -440,13 +441,13 @@ def lookup_error(ep: Endpoint, e: BaseException) -> str:
     text = str(e) or type(e).__name__
     if not text.startswith("lookup "):
         text = f"lookup {ep.host}: {text}"
-    return f"dial tcp {ep.addr}: {text}"
+    return dial_failed(ep.addr, text)
 
 
 def dial_error(ep: Endpoint, ip: str, err: int) -> str:
     """Go's dial error text: `dial tcp 127.0.0.1:2379: connect: connection refused`."""
     where = format_addr(ip, ep.port) if ip else ep.addr
-    return f"dial tcp {where}: connect: {os.strerror(err).lower()}"
+    return connect_failed(where, err)
 
 
 def connect_error(ep: Endpoint, ip: str, e: BaseException) -> str:
@@ -454,8 +455,7 @@ def connect_error(ep: Endpoint, ip: str, e: BaseException) -> str:
     if isinstance(e, OSError) and not isinstance(e, socket.gaierror) and e.errno:
         return dial_error(ep, ip, e.errno)
     where = format_addr(ip, ep.port) if ip else ep.addr
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-    return f"dial tcp {where}: connect: invalid address: {reason.lower()}"
+    return dial_failed(where, f"connect: invalid address: {strerror(e).lower()}")
 
 
 async def probe_connect(
@@ -474,14 +474,14 @@ async def probe_connect(
         addrs = await asyncio.wait_for(addresses.resolve(ep.host), timeout)
     except TimeoutError:
         raise OSError(
-            errno.ETIMEDOUT, f"dial tcp {ep.addr}: lookup {ep.host}: i/o timeout"
+            errno.ETIMEDOUT, dial_failed(ep.addr, f"lookup {ep.host}: {IO_TIMEOUT}")
         ) from None
     except (OSError, UnicodeError, ValueError) as e:
         raise OSError(getattr(e, "errno", None) or errno.EINVAL, lookup_error(ep, e)) from None
     last: OSError | None = None
     for fam, sa in addrs:
         if own is not None and own.dials_self(sa[0], ep.port):
-            last = OSError(errno.EINVAL, f"dial tcp {format_addr(sa[0], ep.port)}: {SELF_DIAL}")
+            last = OSError(errno.EINVAL, dial_failed(format_addr(sa[0], ep.port), SELF_DIAL))
             continue
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setblocking(False)
@@ -491,11 +491,11 @@ async def probe_connect(
             )
             return
         except TimeoutError:
-            last = OSError(errno.ETIMEDOUT, f"dial tcp {ep.addr}: i/o timeout")
+            last = OSError(errno.ETIMEDOUT, dial_failed(ep.addr, IO_TIMEOUT))
         except (OSError, UnicodeError, ValueError) as e:
             last = OSError(getattr(e, "errno", None) or errno.EINVAL, connect_error(ep, sa[0], e))
         finally:
             s.close()
     if last is None:
-        raise OSError(errno.EHOSTUNREACH, f"dial tcp {ep.addr}: no address")
+        raise OSError(errno.EHOSTUNREACH, dial_failed(ep.addr, NO_ADDRESS))
     raise last

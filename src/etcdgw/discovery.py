@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,16 +28,8 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from .config import (
-    Config,
-    ConfigError,
-    Endpoint,
-    check_self_loop,
-    format_addr,
-    format_duration,
-    go_quote,
-    parse_listen,
-)
+from .config import Config, ConfigError, Endpoint, parse_listen
+from .golang import format_duration
 from .log import Logger
 from .resolver import (
     LOOKUP_TIMEOUT,
@@ -50,6 +38,8 @@ from .resolver import (
     host_resolver,
     server_text,
 )
+from .selfloop import check_self_loop
+from .tls import HANDSHAKE_TIMEOUT, client_context, endpoint_url, validate
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -68,16 +58,9 @@ __all__ = [
     "retry_delay",
     "self_check_for",
     "srv_names",
-    "tls_context",
     "to_endpoint",
-    "validate",
 ]
 
-# transport.ValidateSecureEndpoints dials with a 5 s timeout; we use it for connect + handshake.
-HANDSHAKE_TIMEOUT = 5.0
-# At most this many targets are validated in parallel (Go validates one after the other, so a
-# few dead targets delayed start-up by 5 s each).
-MAX_PARALLEL_VALIDATIONS = 16
 
 SERVICE = "etcd-client"
 
@@ -198,11 +181,6 @@ def diff(
     )
 
 
-def endpoint_url(ep: Endpoint) -> str:
-    """The URL form Go logs for a discovered endpoint: https://host:port or http://host:port."""
-    return ("https://" if ep.secure else "http://") + ep.addr
-
-
 def _key(ep: Endpoint) -> tuple[str, int, bool]:
     """Identity of a target for "already validated": a new priority needs no new handshake."""
     return (ep.host, ep.port, ep.secure)
@@ -267,201 +245,6 @@ def _min_ttl(*lookups: Lookup) -> float:
     return min(ttls) if ttls else 0.0
 
 
-# --- TLS validation ---------------------------------------------------------------------------
-
-
-def tls_context(cfg: Config) -> ssl.SSLContext:
-    """The client context used to authenticate discovered targets.
-
-    Only --trusted-ca-file is trusted when given (Go's TLSInfo.TrustedCAFile); else the system
-    store. Go silently fell back to --endpoints on an unreadable CA file; we refuse to start.
-
-    Raises:
-        ConfigError: `failed to load trusted CA file <path>: <reason>` (stderr).
-    """
-    path = cfg.trusted_ca_file
-    try:
-        if path:
-            ctx = ssl.create_default_context(cafile=path)
-        else:
-            ctx = ssl.create_default_context()
-    except ssl.SSLError as e:
-        raise ConfigError(
-            f"failed to load trusted CA file {path}: {_ssl_text(e)}", stream="stderr"
-        ) from None
-    except OSError as e:
-        reason = (e.strerror or str(e)).lower()
-        raise ConfigError(
-            f"failed to load trusted CA file {path}: {reason}", stream="stderr"
-        ) from None
-    return ctx
-
-
-def _ssl_text(e: ssl.SSLError) -> str:
-    """An OpenSSL error without its "[LIB: CODE]" prefix and "(_ssl.c:NNN)" suffix."""
-    text = str(e.args[1]) if len(e.args) > 1 else str(e)
-    return re.sub(r"^\[[^\]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", text) or str(e.reason)
-
-
-# Alerts a server may send when it wants a client certificate and we have none (Go sends
-# bad_certificate / certificate_required, OpenSSL handshake_failure). The gateway has no
-# client certificate and needs none: it relays the client's own TLS. So a member running with
-# --client-cert-auth must pass, but only once its own certificate was verified (see
-# _handshake): an alert alone, right after our ClientHello, proves nothing.
-_CLIENT_CERT_ALERTS = frozenset(
-    {
-        "SSLV3_ALERT_BAD_CERTIFICATE",
-        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
-        "SSLV3_ALERT_HANDSHAKE_FAILURE",
-    }
-)
-_TLS_HANDSHAKE_RECORD = 22
-# TLS 1.2 client messages sent only after the server's Certificate (and its signed key
-# exchange) were verified: Certificate (11) when one was requested, else ClientKeyExchange (16).
-_AFTER_SERVER_AUTH = (11, 16)
-
-
-def _answers_server_auth(data: bytes) -> bool:
-    """Whether client output holds a plaintext Certificate or ClientKeyExchange message."""
-    i = 0
-    while i + 5 < len(data):
-        ctype, length = data[i], int.from_bytes(data[i + 3 : i + 5], "big")
-        if ctype == _TLS_HANDSHAKE_RECORD and data[i + 5] in _AFTER_SERVER_AUTH:
-            return True
-        i += 5 + length
-    return False
-
-
-def _handshake(sock: socket.socket, ctx: ssl.SSLContext, host: str, deadline: float) -> None:
-    """A client TLS handshake over memory BIOs; returns when the server is authenticated.
-
-    Driving the handshake by hand shows how far it got: in TLS 1.2 the client sends its
-    Certificate/ClientKeyExchange only after verifying the server's chain, name and (ECDHE/DHE
-    only in Python's default context) the key exchange signature. An alert about our missing
-    client certificate after that point still means "authenticated".
-
-    Raises:
-        ssl.SSLError, OSError, TimeoutError: the handshake failed.
-    """
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
-    authenticated = False
-
-    def flush() -> None:
-        nonlocal authenticated
-        data = outgoing.read()
-        if data:
-            authenticated = authenticated or _answers_server_auth(data)
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(data)
-
-    for _ in range(64):  # a handshake takes a few round trips; never loop unbounded
-        try:
-            tls.do_handshake()
-        except ssl.SSLWantReadError:
-            flush()
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            chunk = sock.recv(65536)
-            if chunk:
-                incoming.write(chunk)
-            else:
-                incoming.write_eof()
-            continue
-        except ssl.SSLCertVerificationError:
-            raise
-        except ssl.SSLError as e:
-            if authenticated and e.reason in _CLIENT_CERT_ALERTS:
-                return
-            raise
-        with contextlib.suppress(OSError):
-            flush()  # our Finished, so the server does not log a broken handshake
-        return
-    raise ssl.SSLError("tls handshake did not finish")
-
-
-def check_tls(
-    ep: Endpoint,
-    ctx: ssl.SSLContext,
-    resolve: Callable[[str], Sequence[str]],
-    timeout: float = HANDSHAKE_TIMEOUT,
-) -> str | None:
-    """Handshake with ep, checking its certificate against ctx and the name ep.host.
-
-    Returns None when the target is authenticated, else the reason (Go's `"<url>" ...` form).
-    The connection is closed right after the handshake: the gateway never terminates TLS.
-    """
-    url = go_quote(endpoint_url(ep))
-    try:
-        addrs = resolve(ep.host)
-    except OSError as e:
-        return f"{url} failed to dial ({e})"
-    deadline = time.monotonic() + timeout
-    last = "no address"
-    for ip in addrs:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            last = "i/o timeout"
-            break
-        dial = format_addr(ip, ep.port)
-        try:
-            sock = socket.create_connection((ip, ep.port), timeout=remaining)
-        except TimeoutError:
-            last = f"dial tcp {dial}: i/o timeout"
-            continue
-        except OSError as e:
-            last = f"dial tcp {dial}: {(e.strerror or str(e)).lower()}"
-            continue
-        with sock:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                _handshake(sock, ctx, ep.host, deadline)
-                return None
-            except ssl.SSLCertVerificationError as e:
-                return (
-                    f"{url} failed TLS validation (certificate verify failed: {e.verify_message})"
-                )
-            except ssl.SSLError as e:
-                return f"{url} failed TLS validation (tls handshake with {dial}: {_ssl_text(e)})"
-            except TimeoutError:
-                return f"{url} failed TLS validation (tls handshake with {dial}: i/o timeout)"
-            except OSError as e:
-                reason = (e.strerror or str(e) or type(e).__name__).lower()
-                return f"{url} failed TLS validation (tls handshake with {dial}: {reason})"
-    return f"{url} failed to dial ({last})"
-
-
-def validate(
-    endpoints: Sequence[Endpoint],
-    ctx: ssl.SSLContext,
-    resolve: Callable[[str], Sequence[str]],
-    timeout: float = HANDSHAKE_TIMEOUT,
-) -> tuple[tuple[Endpoint, ...], tuple[tuple[Endpoint, str], ...]]:
-    """Secure validation (no --insecure-discovery): (kept in order, [(dropped, reason)]).
-
-    http records are refused outright, as transport.ValidateSecureEndpoints does
-    (`"<url>" is insecure`); https ones must pass check_tls. Handshakes run in parallel.
-    """
-    results: dict[Endpoint, str | None] = {}
-    secure = [ep for ep in endpoints if ep.secure]
-    if secure:
-        workers = min(len(secure), MAX_PARALLEL_VALIDATIONS)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futs = {ep: pool.submit(check_tls, ep, ctx, resolve, timeout) for ep in secure}
-            results = {ep: f.result() for ep, f in futs.items()}
-    kept: list[Endpoint] = []
-    rejected: list[tuple[Endpoint, str]] = []
-    for ep in endpoints:
-        if not ep.secure:
-            reason: str | None = f"{go_quote(endpoint_url(ep))} is insecure"
-        else:
-            reason = results[ep]
-        if reason is None:
-            kept.append(ep)
-        else:
-            rejected.append((ep, reason))
-    return tuple(kept), tuple(rejected)
-
-
 def _record_fields(ep: Endpoint) -> dict[str, object]:
     return {"endpoint": endpoint_url(ep), "priority": ep.priority, "weight": ep.weight}
 
@@ -487,7 +270,7 @@ def discover(
     domain = cfg.discovery_srv
     if not domain:
         return Discovered((), 0.0)
-    ctx = None if cfg.insecure_discovery else tls_context(cfg)
+    ctx = None if cfg.insecure_discovery else client_context(cfg.trusted_ca_file)
     https, http = _lookup_both(cfg, lookup_timeout)
     if https.error is not None and http.error is not None:
         raise DiscoveryError(f"dns lookup errors: {https.error} and {http.error}")
@@ -565,7 +348,7 @@ def self_check_for(
 
     Returns the guard's message when ep points back at a --listen-addr or the
     --metrics-addr (clients sent there would get our metrics server's 404s), or does not
-    resolve; else None. `is_local` is passed on to config.check_self_loop.
+    resolve; else None. `is_local` is passed on to selfloop.check_self_loop.
     """
     res = resolve if resolve is not None else host_resolver(cfg)
     extra: dict[str, Callable[[str], bool]] = {} if is_local is None else {"is_local": is_local}
@@ -691,7 +474,7 @@ class Refresher:
             ok.update(fresh)
         elif fresh:
             try:
-                ctx = tls_context(cfg)
+                ctx = client_context(cfg.trusted_ca_file)
             except ConfigError as e:
                 return _Outcome(None, 0.0, (), e.message)
             kept, dropped = validate(fresh, ctx, host_resolver(cfg), self.handshake_timeout)

@@ -17,6 +17,7 @@ import socket
 import stat
 
 from .config import Config, ConfigError, Listen, format_addr
+from .goerrors import strerror
 
 __all__ = [
     "LATE_OPTIONS_AFTER",
@@ -243,29 +244,10 @@ class ListenerSet:
     def _bind_one(self, ls: Listen) -> socket.socket:
         if ls.path is not None:
             return self._bind_unix(ls.path)
-        host = ls.host
         try:
-            if host in ("", "::"):
-                # Go's net.Listen("tcp", ":port") listens on every address, v4 and v6.
-                sock = socket.create_server(
-                    ("", ls.port),
-                    family=socket.AF_INET6,
-                    dualstack_ipv6=True,
-                    backlog=socket.SOMAXCONN,
-                )
-            else:
-                infos = socket.getaddrinfo(
-                    host, ls.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-                )
-                family, _, _, _, sockaddr = infos[0]
-                sock = socket.create_server(sockaddr, family=family, backlog=socket.SOMAXCONN)
+            return bind_tcp(ls.host, ls.port, ls.addr)
         except socket.gaierror:
-            raise ConfigError(f"failed to resolve listen host: {host}") from None
-        except OSError as e:
-            reason = _reason(e)
-            raise ConfigError(f"listen tcp {ls.addr}: bind: {reason}", stream="stderr") from None
-        sock.setblocking(False)
-        return sock
+            raise ConfigError(f"failed to resolve listen host: {ls.host}") from None
 
     def _bind_unix(self, path: str) -> socket.socket:
         try:
@@ -296,7 +278,7 @@ class ListenerSet:
             sock.listen(socket.SOMAXCONN)
         except (OSError, _Replaced) as e:
             sock.close()  # the file, once claimed, goes with the others in bind()'s close()
-            reason = str(e) if isinstance(e, _Replaced) else f"bind: {_reason(e)}"
+            reason = str(e) if isinstance(e, _Replaced) else f"bind: {strerror(e)}"
             raise ConfigError(f"listen unix {path}: {reason}", stream="stderr") from None
         sock.setblocking(False)
         return sock
@@ -374,12 +356,43 @@ def _kind(st: os.stat_result) -> str:
     return "another file"
 
 
+def bind_tcp(host: str, port: int, shown: str) -> socket.socket:
+    """A non-blocking TCP listener on host:port, as Go's net.Listen("tcp", shown) binds it
+    (--listen-addr, --metrics-addr).
+
+    An empty host or `::` listens on every address, v4 and v6; a name listens on its first
+    address. The backlog is the kernel's maximum (net.core.somaxconn, 4096 on Linux >= 5.4):
+    a connect flood fills it instead of overflowing a short one.
+
+    Raises:
+        socket.gaierror: host does not resolve (the caller words it).
+        ConfigError: the Go gateway's bind message on stderr, e.g.
+            `listen tcp 127.0.0.1:23790: bind: address already in use`.
+    """
+    try:
+        if host in ("", "::"):
+            sock = socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=socket.SOMAXCONN
+            )
+        else:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.create_server(sockaddr, family=family, backlog=socket.SOMAXCONN)
+    except socket.gaierror:
+        raise
+    except OSError as e:
+        raise ConfigError(f"listen tcp {shown}: bind: {strerror(e)}", stream="stderr") from None
+    sock.setblocking(False)
+    return sock
+
+
 def sock_name(s: socket.socket) -> str:
+    """A listening socket's printable name: `127.0.0.1:2379`, `[::1]:2379`, `unix:///path`.
+
+    Raises:
+        OSError: s is closed.
+    """
     if s.family == socket.AF_UNIX:
         return f"unix://{s.getsockname()}"
     name = s.getsockname()
     return format_addr(name[0], name[1])
-
-
-def _reason(e: OSError) -> str:
-    return os.strerror(e.errno).lower() if e.errno else str(e)

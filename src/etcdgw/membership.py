@@ -4,8 +4,8 @@ for every client behind the gateway).
 # Strategy:
 Every interval (and on SIGHUP) ask one endpoint for etcd's `MemberList` over the HTTP/JSON
 gateway (`POST /v3/cluster/member/list`, etcd 3.4+), with the health checks' TLS settings
-(`health.tls_context`, `health.request`) for https endpoints, and make the members' client
-URLs the endpoints through `Gateway.set_endpoints` (source `member-list`): new members get
+(`health.tls_context`, `httpclient.request`) for https endpoints, and make the members' client
+URLs the endpoints through the gateway's `set_endpoints` (source `member-list`): new members get
 clients, removed ones get no new clients while their live connections continue.
 
 * Who is asked: the current endpoints (usable ones first), then the seeds (--endpoints or
@@ -42,17 +42,21 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import Endpoint, format_duration, host_error, parse_port, split_host_port
-from .health import HttpError, request, tls_context
+from .config import Endpoint, host_error, parse_port, split_host_port
+from .golang import format_duration
+from .health import tls_context
+from .httpclient import HttpError, request
 from .resolver import LOOKUP_TIMEOUT
 
 if TYPE_CHECKING:
     import ssl
 
+    from .balancer import Balancer
     from .log import Logger
-    from .server import Gateway
+    from .resolver import AddressBook
+    from .settings import Settings
 
 __all__ = [
     "MAX_CLIENT_URLS",
@@ -251,8 +255,27 @@ def _text(v: object) -> str:
 _Key = tuple[str, int]  # (host, port): what the self-loop guard's verdict depends on
 
 
+class SetEndpoints(Protocol):
+    """Replaces the gateway's endpoint set (`Gateway.set_endpoints`)."""
+
+    def __call__(self, endpoints: Sequence[Endpoint], source: str | None = None) -> None: ...
+
+
 class Membership:
     """Follows the member list every `interval` while the gateway runs (run()).
+
+    Args:
+        settings: the configuration in force (--auto-sync-interval at construction,
+            --dial-timeout at each request, the health checks' TLS files).
+        balancer: the current endpoints (who is asked first); prunes the ones gone.
+        addresses: the members' host names, resolved as on the connect path.
+        set_endpoints: makes a member list the gateway's endpoints
+            (`Gateway.set_endpoints`, called with source=`member-list`).
+        collect_now: takes in what the engine has to report before pruning
+            (`Gateway.collect_now`).
+        log: sync failures and what is left out.
+        seeds: asked when the current endpoints do not answer.
+        self_check: the self-loop guard (`discovery.self_check_for`).
 
     Raises (from __init__):
         ConfigError: the TLS files of the health checks cannot be loaded.
@@ -260,15 +283,23 @@ class Membership:
 
     def __init__(
         self,
-        gw: Gateway,
+        settings: Settings,
+        balancer: Balancer,
+        addresses: AddressBook,
+        set_endpoints: SetEndpoints,
+        collect_now: Callable[[], None],
         log: Logger,
         seeds: Sequence[Endpoint],
         *,
         self_check: Callable[[Endpoint], str | None] = lambda ep: None,
     ) -> None:
-        self.gw = gw
+        self.settings = settings
+        self.balancer = balancer
+        self.addresses = addresses
+        self.set_endpoints = set_endpoints
+        self.collect_now = collect_now
         self.log = log
-        self.interval = gw.cfg.auto_sync_interval
+        self.interval = settings.cfg.auto_sync_interval
         self.seeds: tuple[Endpoint, ...] = tuple(seeds)
         self.self_check = self_check
         self.cluster_id: str | None = None
@@ -291,7 +322,7 @@ class Membership:
         # Self-loop checks running in daemon threads (abandoned ones too), by (host, port).
         self._checking: dict[_Key, asyncio.Future[str | None]] = {}
         self._wake = asyncio.Event()
-        self._ssl: ssl.SSLContext = tls_context(gw.cfg)
+        self._ssl: ssl.SSLContext = tls_context(settings.cfg)
 
     def set_seeds(self, seeds: Sequence[Endpoint]) -> None:
         """New seeds (an SRV refresh, a reload); asked when the current set does not answer."""
@@ -425,7 +456,7 @@ class Membership:
 
     def _candidates(self) -> list[Endpoint]:
         """Who to ask, in order: usable current endpoints, the other current ones, seeds."""
-        remotes = self.gw.balancer.remotes
+        remotes = self.balancer.remotes
         order = [r.endpoint for r in remotes if r.usable]
         order += [r.endpoint for r in remotes if not r.usable and not r.removed]
         order += self.seeds
@@ -443,11 +474,11 @@ class Membership:
         Raises:
             HttpError: no usable answer, with the reason.
         """
-        timeout = self.gw.cfg.dial_timeout
+        timeout = self.settings.cfg.dial_timeout
         scheme = "https" if ep.secure else "http"
         where = f"POST {scheme}://{ep.addr}{MEMBER_LIST_PATH}"
         try:
-            addrs = await asyncio.wait_for(self.gw.addresses.resolve(ep.host), timeout)
+            addrs = await asyncio.wait_for(self.addresses.resolve(ep.host), timeout)
         except (TimeoutError, OSError) as e:
             why = "i/o timeout" if isinstance(e, TimeoutError) else str(e)
             raise HttpError(f"{where}: lookup {ep.host}: {why}") from None
@@ -587,15 +618,15 @@ class Membership:
             warn=True,
         )
         self.current = tuple(kept)
-        self.gw.set_endpoints(kept, source=SOURCE)
+        self.set_endpoints(kept, source=SOURCE)
         # Endpoints gone for good leave the balancer's tag map: the engine was told the new
         # targets just now (set_endpoints); this report cycle takes in the last of what it
         # may say about the old ones (Balancer.prune).
-        self.gw.collect_now()
-        gone = {r.endpoint.host for r in self.gw.balancer.prune()}
+        self.collect_now()
+        gone = {r.endpoint.host for r in self.balancer.prune()}
         if gone:  # and their hosts' answers, unless another endpoint (or a seed) has the host
-            used = {r.endpoint.host for r in self.gw.balancer.remotes}
-            self.gw.addresses.forget(gone - used - {ep.host for ep in self.seeds})
+            used = {r.endpoint.host for r in self.balancer.remotes}
+            self.addresses.forget(gone - used - {ep.host for ep in self.seeds})
         return "ok", ""
 
     def _log_new(

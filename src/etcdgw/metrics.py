@@ -1,9 +1,9 @@
 """--metrics-addr: Prometheus /metrics, /health, /ready and /status on a tiny HTTP responder.
 
 # Strategy:
-The hot path only bumps plain integers (server.Counters, balancer.Remote). A scrape turns
-them into metric families here, through one custom prometheus_client Collector in a
-private registry, so serving a million connections costs no metric-library calls. The
+The hot path only bumps plain integers (table.Counters, balancer.Remote). A scrape turns
+them into metric families through one custom prometheus_client Collector (collector.py) in
+a private registry, so serving a million connections costs no metric-library calls. The
 HTTP side is a minimal HTTP/1.0-1.1 GET responder on the gateway's own asyncio loop (no
 thread): bounded request size and read time, a bounded number of clients, one response
 per connection.
@@ -23,35 +23,24 @@ import asyncio
 import collections
 import errno
 import json
-import os
-import platform
 import socket
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
 
-from ._version import __version__
-from .balancer import Remote
-from .config import ConfigError, format_addr, format_duration, parse_port, split_host_port
+from .collector import GatewayCollector
+from .config import KEY_BY_NAME, ConfigError, convert, split_host_port
+from .golang import format_duration
+from .listeners import bind_tcp, sock_name
+from .view import View, is_ready, status_document
 
 if TYPE_CHECKING:
     from .log import Logger
-    from .membership import Membership
-    from .server import Gateway
 
-__all__ = ["GatewayCollector", "MetricsServer", "endpoint_rows", "status_document"]
+__all__ = ["MetricsServer"]
 
-PYTHON_VERSION = platform.python_version()
 READ_TIMEOUT = 5.0  # seconds for the whole request head (not per byte: trickling is bounded)
 WRITE_TIMEOUT = 5.0  # seconds for the response to reach the kernel
 MAX_LINE = 8192  # bytes per request or header line
@@ -78,254 +67,6 @@ ACCEPT_PAUSE = 0.5  # seconds without accepting after EMFILE, ENFILE, ENOBUFS, E
 READING, QUEUED, WRITING = 1, 2, 3  # a client's state
 # What generate_latest() writes: the classic text format every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-# --- what the gateway knows, per endpoint -----------------------------------------------------
-
-
-def _remotes(gw: Gateway) -> list[Remote]:
-    """Every remote in the list, plus removed ones that still carry live connections."""
-    seen: dict[int, Remote] = {id(r): r for r in gw.balancer.remotes}
-    for conn in gw.conns.values():
-        seen.setdefault(id(conn.remote), conn.remote)
-    return list(seen.values())
-
-
-def endpoint_rows(gw: Gateway) -> list[dict[str, Any]]:
-    """One row per remote (list order, then removed ones), bytes of live connections added."""
-    live: dict[int, list[int]] = {}
-    for pid, (c2u, u2c) in gw.live_bytes().items():
-        conn = gw.conns.get(pid)
-        if conn is None:
-            continue
-        acc = live.setdefault(id(conn.remote), [0, 0])
-        acc[0] += c2u
-        acc[1] += u2c
-    now = time.monotonic()
-    rows = []
-    for r in _remotes(gw):
-        extra = live.get(id(r), (0, 0))
-        rows.append(
-            {
-                "address": r.addr,
-                "state": "up" if r.active else "down",
-                "healthy": r.healthy,
-                "removed": r.removed,
-                "active_connections": r.connections_active,
-                "total_connections": r.connections_total,
-                "bytes_to_endpoint": r.bytes_to_endpoint + extra[0],
-                "bytes_from_endpoint": r.bytes_from_endpoint + extra[1],
-                "dial_failures": r.dial_failures,
-                "down_seconds": (
-                    round(now - r.down_since, 3) if r.down_since is not None else None
-                ),
-                "last_error": r.last_error,
-                "health_checks_ok": r.health_ok_total,
-                "health_checks_failed": r.health_failed_total,
-                "last_health_error": r.last_health_error,
-                "priority": r.endpoint.priority,
-                "weight": r.endpoint.weight,
-                "secure": r.endpoint.secure,
-                # where it came from: flag (--endpoints, config file), srv, member-list
-                "source": r.endpoint.source,
-            }
-        )
-    return rows
-
-
-def is_ready(gw: Gateway) -> bool:
-    """Listening and not draining: what a load balancer in front of us should know."""
-    return bool(gw.ready) and not gw.draining
-
-
-def status_document(gw: Gateway, started: float) -> dict[str, Any]:
-    """The /status JSON: gateway totals and the endpoint table (see `etcdgw status`)."""
-    c = gw.counters
-    sent, received = gw.totals()
-    listen = []
-    for s in gw.listeners:
-        try:
-            name = s.getsockname()
-        except OSError:
-            continue
-        listen.append(
-            f"unix://{name}" if s.family == socket.AF_UNIX else format_addr(name[0], name[1])
-        )
-    return {
-        "version": __version__,
-        "engine": gw.implementation,
-        "python": PYTHON_VERSION,
-        "pid": os.getpid(),
-        "uptime_seconds": round(time.monotonic() - started, 3),
-        "ready": is_ready(gw),
-        "listen": listen,
-        "health_check": gw.cfg.health_check,
-        "connections": {
-            "active": gw.active_connections(),
-            "accepted": c.accepted,
-            "refused": c.refused,
-            "accept_errors": c.accept_errors,
-            "finished": c.finished,
-            "reset": c.reset,
-        },
-        "bytes": {"to_endpoints": sent, "from_endpoints": received},
-        "endpoints": endpoint_rows(gw),
-        # --auto-sync-interval: the member-list syncs (None when off)
-        "member_sync": gw.membership.status() if gw.membership is not None else None,
-    }
-
-
-_SUMMED = (
-    "active_connections",
-    "total_connections",
-    "dial_failures",
-    "bytes_to_endpoint",
-    "bytes_from_endpoint",
-    "health_checks_ok",
-    "health_checks_failed",
-)
-
-
-class GatewayCollector(Collector):
-    """Reads the gateway's plain integers at scrape time; names are prefixed `etcdgw_`."""
-
-    def __init__(self, gw: Gateway, started_wall: float) -> None:
-        self.gw = gw
-        self.started_wall = started_wall
-
-    def collect(self) -> Iterator[Metric]:
-        gw = self.gw
-        c = gw.counters
-        yield InfoMetricFamily(
-            "etcdgw_build",
-            "etcdgw version and Python",
-            {"version": __version__, "python": PYTHON_VERSION},
-        )
-        yield InfoMetricFamily(
-            "etcdgw_relay_engine", "relay engine in use", {"engine": gw.implementation}
-        )
-        yield GaugeMetricFamily(
-            "etcdgw_start_time_seconds", "start time since the Unix epoch", self.started_wall
-        )
-        yield GaugeMetricFamily(
-            "etcdgw_ready", "1 when listening and not draining", 1 if is_ready(gw) else 0
-        )
-        # For alerting (contrib/prometheus): a drain in progress, and the limit that
-        # etcdgw_connections_active approaches.
-        yield GaugeMetricFamily(
-            "etcdgw_draining",
-            "1 after SIGTERM/SIGINT while live connections finish",
-            1 if gw.draining else 0,
-        )
-        yield GaugeMetricFamily(
-            "etcdgw_max_connections",
-            "--max-connections: beyond it clients wait in the backlog (0: unlimited)",
-            gw.cfg.max_connections,
-        )
-        yield CounterMetricFamily(
-            "etcdgw_connections_accepted", "client connections accepted", c.accepted
-        )
-        yield GaugeMetricFamily(
-            "etcdgw_connections_active",
-            "client connections open (relayed or dialling)",
-            gw.active_connections(),
-        )
-        yield CounterMetricFamily(
-            "etcdgw_connections_refused",
-            "client connections closed because no endpoint could be reached",
-            c.refused,
-        )
-        yield CounterMetricFamily(
-            "etcdgw_accept_errors",
-            "failed accept() calls (EMFILE, ECONNABORTED, ...)",
-            c.accept_errors,
-        )
-        yield CounterMetricFamily(
-            "etcdgw_connections_finished", "relayed connections that ended", c.finished
-        )
-        yield CounterMetricFamily(
-            "etcdgw_connections_reset",
-            "relayed connections that ended with an error (reset)",
-            c.reset,
-        )
-        sent, received = gw.totals()
-        total_bytes = CounterMetricFamily(
-            "etcdgw_bytes", "bytes relayed, live connections included", labels=["direction"]
-        )
-        total_bytes.add_metric(["to_endpoint"], sent)
-        total_bytes.add_metric(["from_endpoint"], received)
-        yield total_bytes
-        if gw.membership is not None:
-            yield from _member_sync_families(gw.membership)
-        yield from self._endpoint_families()
-
-    def _endpoint_families(self) -> Iterable[Metric]:
-        ep = ["endpoint"]
-        up = GaugeMetricFamily("etcdgw_endpoint_up", "1 when the endpoint accepts dials", labels=ep)
-        healthy = GaugeMetricFamily(
-            "etcdgw_endpoint_healthy", "1 unless health checks took it out", labels=ep
-        )
-        active = GaugeMetricFamily(
-            "etcdgw_endpoint_connections_active", "relayed connections open", labels=ep
-        )
-        total = CounterMetricFamily(
-            "etcdgw_endpoint_connections", "connections relayed to the endpoint", labels=ep
-        )
-        dials = CounterMetricFamily(
-            "etcdgw_endpoint_dial_failures", "failed dials to the endpoint", labels=ep
-        )
-        nbytes = CounterMetricFamily(
-            "etcdgw_endpoint_bytes",
-            "bytes relayed to and from the endpoint, live connections included",
-            labels=["endpoint", "direction"],
-        )
-        checks = CounterMetricFamily(
-            "etcdgw_health_checks", "etcd /health checks by result", labels=["endpoint", "result"]
-        )
-        # A duplicated endpoint (--endpoints=a,a) is one series: sum its counters, and call
-        # it up/healthy only when every copy is. Removed endpoints that still carry live
-        # connections keep their counters but report no state.
-        sums: dict[str, dict[str, int]] = {}
-        state: dict[str, list[bool]] = {}
-        for row in endpoint_rows(self.gw):
-            addr = row["address"]
-            acc = sums.setdefault(addr, dict.fromkeys(_SUMMED, 0))
-            for key in _SUMMED:
-                acc[key] += row[key]
-            if not row["removed"]:
-                st = state.setdefault(addr, [True, True])
-                st[0] = st[0] and row["state"] == "up"
-                st[1] = st[1] and row["healthy"]
-        for addr, acc in sums.items():
-            if addr in state:
-                up.add_metric([addr], 1 if state[addr][0] else 0)
-                healthy.add_metric([addr], 1 if state[addr][1] else 0)
-            active.add_metric([addr], acc["active_connections"])
-            total.add_metric([addr], acc["total_connections"])
-            dials.add_metric([addr], acc["dial_failures"])
-            nbytes.add_metric([addr, "to_endpoint"], acc["bytes_to_endpoint"])
-            nbytes.add_metric([addr, "from_endpoint"], acc["bytes_from_endpoint"])
-            checks.add_metric([addr, "ok"], acc["health_checks_ok"])
-            checks.add_metric([addr, "failed"], acc["health_checks_failed"])
-        return (up, healthy, active, total, dials, nbytes, checks)
-
-
-def _member_sync_families(ms: Membership) -> Iterable[Metric]:
-    syncs = CounterMetricFamily(
-        "etcdgw_member_sync",
-        "member list syncs (--auto-sync-interval) by result: ok, failed (no answer), "
-        "refused (another cluster)",
-        labels=["result"],
-    )
-    syncs.add_metric(["ok"], ms.ok)
-    syncs.add_metric(["failed"], ms.failed)
-    syncs.add_metric(["refused"], ms.refused)
-    last = GaugeMetricFamily(
-        "etcdgw_member_sync_last_success_timestamp_seconds",
-        "time of the last successful member list sync since the Unix epoch (0: none yet)",
-        ms.last_success or 0,
-    )
-    return (syncs, last)
 
 
 # --- the HTTP side ---------------------------------------------------------------------------
@@ -365,13 +106,13 @@ class MetricsServer:
     listener does; start() then serves on the running loop; close() is idempotent.
     """
 
-    def __init__(self, gw: Gateway, addr: str, log: Logger) -> None:
-        self.gw = gw
+    def __init__(self, view: View, addr: str, log: Logger) -> None:
+        self.view = view
         self.addr = addr
         self.log = log
         self.started = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gw, time.time()))
+        self.registry.register(GatewayCollector(view, time.time()))
         # process_* (CPU, memory, open fds): a relay's fd count is worth watching.
         ProcessCollector(registry=self.registry)
         self.sock: socket.socket | None = None
@@ -394,36 +135,13 @@ class MetricsServer:
             ConfigError: `listen tcp <addr>: bind: <reason>` (stderr), as for --listen-addr;
                 `failed to validate metrics address: <addr>` for a malformed address.
         """
+        # The schema's check of --metrics-addr (config.py owns it); the value is then trusted.
+        convert(KEY_BY_NAME["metrics-addr"], self.addr)
+        host, port_text = split_host_port(self.addr)
         try:
-            host, port_text = split_host_port(self.addr)
-            port = parse_port(port_text)
-        except ValueError:
-            raise ConfigError(
-                f"failed to validate metrics address: {self.addr}", stream="stderr"
-            ) from None
-        try:
-            # The kernel's maximum backlog (net.core.somaxconn, 4096 on Linux >= 5.4), as the
-            # relay listeners: a connect flood fills it instead of overflowing a short one.
-            if host in ("", "::"):
-                sock = socket.create_server(
-                    ("", port),
-                    family=socket.AF_INET6,
-                    dualstack_ipv6=True,
-                    backlog=socket.SOMAXCONN,
-                )
-            else:
-                infos = socket.getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-                )
-                family, _, _, _, sockaddr = infos[0]
-                sock = socket.create_server(sockaddr, family=family, backlog=socket.SOMAXCONN)
+            self.sock = bind_tcp(host, int(port_text), self.addr)
         except socket.gaierror:
             raise ConfigError(f"failed to resolve metrics host: {host}", stream="stderr") from None
-        except OSError as e:
-            reason = os.strerror(e.errno).lower() if e.errno else str(e)
-            raise ConfigError(f"listen tcp {self.addr}: bind: {reason}", stream="stderr") from None
-        sock.setblocking(False)
-        self.sock = sock
 
     async def start(self) -> None:
         """Serve on the running loop (bind() first)."""
@@ -432,10 +150,9 @@ class MetricsServer:
         assert self.sock is not None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.fileno(), self._on_accept)
-        name = self.sock.getsockname()
         self.log.info(
             "serving metrics",
-            address=format_addr(name[0], name[1]),
+            address=sock_name(self.sock),
             paths=["/metrics", "/health", "/ready", "/status"],
         )
 
@@ -689,21 +406,21 @@ class MetricsServer:
             return 404, "text/plain; charset=utf-8", b"404 page not found\n"
         if method not in ("GET", "HEAD"):
             return 405, "text/plain; charset=utf-8", b"method not allowed\n"
-        gw = self.gw
+        view = self.view
         if path in ("/metrics", "/status"):
-            gw.collect_now()  # what the relay thread has not reported yet (native accept)
+            view.collect_now()  # what the relay thread has not reported yet (native accept)
         if path == "/metrics":
             return 200, CONTENT_TYPE, generate_latest(self.registry)
         if path == "/health":
             # etcd's own /health shape, so the same probes work against the gateway.
-            if gw.balancer.any_usable():
+            if view.balancer.any_usable():
                 return 200, "application/json", b'{"health":"true"}\n'
             return 503, "application/json", b'{"health":"false","reason":"no usable endpoint"}\n'
         if path == "/ready":
-            if is_ready(gw):
+            if is_ready(view):
                 return 200, "application/json", b'{"ready":"true"}\n'
             return 503, "application/json", b'{"ready":"false"}\n'
-        doc = status_document(gw, self.started)
+        doc = status_document(view, self.started)
         return 200, "application/json", (json.dumps(doc, indent=1) + "\n").encode()
 
 

@@ -32,8 +32,9 @@ import time
 from collections.abc import Callable
 
 from .balancer import Balancer, Remote
-from .config import ZERO_RETRY_DELAY, format_duration
+from .config import ZERO_RETRY_DELAY
 from .dial import OwnAddresses, probe_connect
+from .golang import format_duration
 from .log import Logger
 from .resolver import AddressBook
 from .settings import Settings

@@ -30,7 +30,8 @@ import dns.exception
 import dns.name
 import dns.resolver
 
-from .config import Config, ConfigError, format_addr, go_quote, parse_port, split_host_port
+from .config import Config, ConfigError, format_addr, parse_port, split_host_port
+from .golang import go_quote
 
 __all__ = [
     "LOOKUP_TIMEOUT",

@@ -1,11 +1,12 @@
 """The running gateway: the composition root of its parts, and its lifecycle.
 
-`Gateway` builds the parts, hands each what it uses, and runs the lifecycle (serve, drain
-on the first stop signal, stop at once on the second, tear down exactly once). The parts,
-one concern each:
+`Gateway` builds the parts (wiring.Parts: the same wiring the in-process tests use), and
+runs the lifecycle (serve, drain on the first stop signal, stop at once on the second, tear
+down exactly once). The parts, one concern each:
 
+    wiring.py      Parts: which part gets which collaborators; the teardown order
     settings.py    Settings: the configuration in force (configure() replaces it)
-    table.py       ConnTable: relayed pairs, dials in flight, counters; room() when one ends
+    table.py       ConnTable: relayed pairs, dials in flight, counters; its on_gone hook
     listeners.py   ListenerSet (bind, socket files), TcpOptions (the socket-option rule)
     accept.py      LoopAccept | NativeAccept: who accepts, --max-connections, pauses
     dial.py        Dialer/Dial: connect with --dial-timeout, failover, the all-down fallback
@@ -34,18 +35,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import systemd, upgrade
-from .accept import Acceptor, LoopAccept, NativeAccept
-from .balancer import Balancer
-from .config import Config, Endpoint, format_duration
-from .dial import Dial, Dialer, OwnAddresses, is_local_ip
-from .engine import Report
-from .listeners import LateOptions, ListenerSet, TcpOptions
+from .accept import NativeAccept
+from .config import Config, Endpoint
+from .dial import Dial
+from .golang import format_duration
+from .listeners import ListenerSet
 from .log import Logger
-from .monitor import Monitor
 from .relay import IMPLEMENTATION, Engine, Relay
-from .resolver import AddressBook, AsyncResolver, async_host_resolver
-from .settings import Settings
-from .table import Conn, ConnTable, Counters
+from .resolver import AsyncResolver, async_host_resolver
+from .table import Conn, Counters
+from .wiring import Parts
 
 if TYPE_CHECKING:
     from .membership import Membership
@@ -53,7 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["NATIVE_ACCEPT", "Conn", "Counters", "Gateway"]
 
 # Accept and connect in the Cython engine's relay thread when it can (accept.NativeAccept).
-# False keeps them in the loop; bench/ compares the two (bench/launch.py sets it). Not a flag.
+# False keeps them in the loop; bench/ compares the two (bench/launch.py sets it), and
+# tests/test_server.py runs every test both ways. Not a flag.
 NATIVE_ACCEPT = True
 
 
@@ -70,33 +70,33 @@ class Gateway:
         inherited: Sequence[socket.socket] = (),
         handed: dict[str, socket.socket] | None = None,
     ) -> None:
-        # The configuration in force: configure() replaces it, the parts read it at use.
-        self.settings = Settings(cfg)
         self.log = log
-        self.balancer = Balancer(cfg.endpoints, least=cfg.balance == "least-connections")
-        self.addresses = AddressBook(
+        # The parts (wiring.py, as the in-process tests wire them); relay and acceptor
+        # from run() on.
+        parts = self.parts = Parts(
+            cfg,
+            log,
             resolve if resolve is not None else async_host_resolver(cfg),
-            on_change=self.balancer.changed,
+            on_gone=self._on_gone,
         )
-        self.tcp = TcpOptions()
+        # The configuration in force: configure() replaces it, the parts read it at use.
+        self.settings = parts.settings
+        self.balancer = parts.balancer
+        self.addresses = parts.addresses
+        self.tcp = parts.tcp
+        self.own = parts.own
+        self.monitor = parts.monitor
+        self.table = parts.table
         # handed: a live upgrade's listeners by --listen-addr (upgrade.py)
-        self.listening = ListenerSet(cfg, list(inherited), handed)
-        # Where the gateway itself listens (and serves metrics): never dialled (dial.py).
-        self.own = OwnAddresses(is_local_ip)
-        self.monitor = Monitor(self.balancer, self.settings, log, self.addresses, self.own)
-        self.table = ConnTable(self.balancer, self.monitor, self.settings, log, room=self._room)
+        self.listener_set = ListenerSet(cfg, list(inherited), handed)
         self.engine_cls: type[Engine] = engine_cls if engine_cls is not None else Engine
         self.implementation = IMPLEMENTATION if engine_cls is None else _engine_name(engine_cls)
         self.ready = False
-        # Set by run(): the loop it serves on and the parts that need it.
+        # Set by run(): the loop it serves on.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._relay: Relay | None = None
-        self._acceptor: Acceptor | None = None
-        self._dialer: Dialer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._done: asyncio.Future[None] | None = None
         self._drain_handle: asyncio.TimerHandle | None = None
-        self._late_options: LateOptions | None = None  # the loop's dials: keep-alive once lived
         # SIGHUP: set by app.py (reload, SRV refresh).
         self.on_sighup: Callable[[], None] | None = None
         # Live upgrade (upgrade.py, set by app.py): SIGUSR2; a stop signal it may defer
@@ -115,12 +115,13 @@ class Gateway:
 
     @property
     def relay(self) -> Relay:
-        assert self._relay is not None, "the gateway is not running"
-        return self._relay
+        assert self.parts.relay is not None, "the gateway is not running"
+        return self.parts.relay
 
     @property
-    def listeners(self) -> list[socket.socket]:
-        return self.listening.socks
+    def listen_socks(self) -> list[socket.socket]:
+        """The listening sockets in force (those of listener_set)."""
+        return self.listener_set.socks
 
     # --- read-only views for health.py, membership.py, metrics.py and app.py ---------------
 
@@ -153,8 +154,8 @@ class Gateway:
 
     def bind(self) -> None:
         """Create and bind every listener (ListenerSet.bind), before anything is served."""
-        self.listening.bind()
-        for s in self.listeners:
+        self.listener_set.bind()
+        for s in self.listen_socks:
             if s.family in (socket.AF_INET, socket.AF_INET6):
                 self.own.add(s.getsockname())
 
@@ -164,44 +165,10 @@ class Gateway:
         self._done = self._loop.create_future()
         try:
             loop = self._loop
-            relay = self._relay = Relay(
-                loop,
-                self.table.finished,
-                engine_cls=self.engine_cls,
-                bufsize=self.cfg.buffer_size,
-                on_native=self._on_report if NATIVE_ACCEPT else None,
-            )
-            relay.aggregate = not self.log.enabled("debug")
-            self._late_options = LateOptions(self.tcp, loop)
-            self.table.attach(relay, self._late_options)
-            dialer = self._dialer = Dialer(
-                loop,
-                self.balancer,
-                self.addresses,
-                self.own,
-                self.settings,
-                self.tcp,
-                self.monitor,
-                self.table,
-            )
-            parts = (loop, self.listening, self.table, self.settings, self.tcp, self.log)
-            if relay.native:
-                native = NativeAccept(
-                    *parts,
-                    relay=relay,
-                    dialer=dialer,
-                    balancer=self.balancer,
-                    addresses=self.addresses,
-                    own=self.own,
-                )
-                self._acceptor = native
-                self.balancer.on_change = native.sync
-                self.balancer.delegate = relay.pick  # one round-robin counter
-                native.sync()
-                self.spawn(native.upkeep())
-            else:
-                self._acceptor = LoopAccept(*parts, dialer=dialer)
-            self._acceptor.start()
+            relay = self.parts.attach(loop, self.engine_cls, native_accept=NATIVE_ACCEPT)
+            acceptor = self.parts.accept(loop, self.listener_set)
+            if isinstance(acceptor, NativeAccept):
+                self.spawn(acceptor.upkeep())
             self.spawn(self.monitor.run())
             self._install_signals()
             self.ready = True
@@ -211,10 +178,10 @@ class Gateway:
                 "ready to proxy client requests",
                 endpoints=[r.addr for r in self.balancer.remotes],
                 **{
-                    "listen-addrs": self.listening.names(),
+                    "listen-addrs": self.listener_set.names(),
                     # who accepts and connects clients: the engine's relay thread (native
                     # accept, Cython) or the asyncio loop
-                    "accept": "relay-thread" if self._relay.native else "loop",
+                    "accept": "relay-thread" if relay.native else "loop",
                 },
             )
             await self._done
@@ -263,40 +230,37 @@ class Gateway:
 
     # --- connections ---------------------------------------------------------------------
 
-    def _room(self) -> None:
+    def _on_gone(self) -> None:
         """The table's hook: a connection or a client is gone: finish a drain, or accept
         again below the limit."""
         if self.table.draining:
             if self.table.active_connections() == 0:
                 self._finish()
-        elif self._acceptor is not None:
-            self._acceptor.resume_if_room()
-
-    def _on_report(self, report: Report) -> None:
-        assert isinstance(self._acceptor, NativeAccept)
-        self._acceptor.on_report(report)
+        else:
+            self.parts.resume_accepting()
 
     # --- what metrics and status read ----------------------------------------------------
 
     def totals(self) -> tuple[int, int]:
         """Bytes (client->endpoint, endpoint->client) over all connections, live included."""
-        if self._relay is None:
+        if self.parts.relay is None:
             b = self.counters.bytes_finished
             return b[0], b[1]
-        return self._relay.totals()
+        return self.parts.relay.totals()
 
     def collect_now(self) -> None:
         """Take in what the engine has to report now (started and finished pairs), so
         counters read right after are current (the relay thread batches its reports)."""
-        if self._relay is not None:
-            self._relay.poll()
+        if self.parts.relay is not None:
+            self.parts.relay.poll()
 
     def live_bytes(self) -> dict[int, tuple[int, int]]:
         """Per relayed pair, the bytes moved so far (for per-endpoint status)."""
-        if self._relay is None:
+        relay = self.parts.relay
+        if relay is None:
             return {}
         # (The engine answers stats() for a pair that finished but was not collected yet.)
-        return {pid: self._relay.stats(pid) for pid in self.conns}
+        return {pid: relay.stats(pid) for pid in self.conns}
 
     # --- signals, drain, shutdown ----------------------------------------------------------
 
@@ -327,8 +291,8 @@ class Gateway:
             return
         self.table.draining = True
         self.close_listeners()
-        if self._relay is not None:
-            self._relay.poll()  # clients the engine accepted before it stopped accepting
+        if self.parts.relay is not None:
+            self.parts.relay.poll()  # clients the engine accepted before it stopped accepting
         try:
             systemd.notify("STOPPING=1")
         except OSError:
@@ -357,8 +321,8 @@ class Gateway:
 
     def upgrade_parts(self, extra: dict[str, socket.socket] | None = None) -> upgrade.Parts:
         """What a live upgrade uses of this gateway (either side); once running."""
-        acceptor, dialer = self._acceptor, self._dialer
-        assert acceptor is not None and dialer is not None, "the gateway is not running"
+        acceptor, dialer, relay = self.parts.acceptor, self.parts.dialer, self.parts.relay
+        assert acceptor is not None and dialer is not None and relay is not None, "not running"
 
         def pause() -> None:
             acceptor.held = True
@@ -374,50 +338,41 @@ class Gateway:
         return upgrade.Parts(
             loop=self.loop,
             log=self.log,
-            relay=self.relay,
+            relay=relay,
             table=self.table,
             balancer=self.balancer,
             pause=pause,
             resume=resume,
-            listeners=lambda: list(zip(self.listening.keys, self.listening.socks, strict=True)),
+            listeners=lambda: list(
+                zip(self.listener_set.keys, self.listener_set.socks, strict=True)
+            ),
             redial=redial,
-            dials=lambda: len(self.table.dials) + self.relay.native_pending(),
+            dials=lambda: len(self.table.dials) + relay.native_pending(),
             extra=dict(extra or {}),
         )
 
     def handed_over(self) -> None:
         """A live upgrade handed everything to the successor: close the listener copies
         without unlinking a socket file, and stop (no pair is left to close)."""
-        if self._acceptor is not None:
-            self._acceptor.stop()
-        self.listening.release()
+        if self.parts.acceptor is not None:
+            self.parts.acceptor.stop()
+        self.listener_set.release()
         self._finish()
 
     def close_listeners(self) -> None:
         """Stop accepting and close the listeners (and the socket files still ours)."""
-        if self._acceptor is not None:
-            self._acceptor.stop()
-        self.listening.close()
+        if self.parts.acceptor is not None:
+            self.parts.acceptor.stop()
+        self.listener_set.close()
 
     def _teardown(self) -> None:
         """Close everything this gateway owns, exactly once."""
         self.close_listeners()
-        if self._acceptor is not None:
-            self._acceptor.close()
         if self._drain_handle is not None:
             self._drain_handle.cancel()
-        if self._late_options is not None:
-            self._late_options.close()
-        self.monitor.close()
         for t in list(self._tasks):
             t.cancel()
-        self.addresses.close()
-        self.balancer.on_change = None
-        self.balancer.delegate = None
-        self.table.close()  # dials, then every pair the engine still relays
-        if self._relay is not None:
-            self._relay.close()
-            self._relay = None
+        self.parts.close()  # the acceptor, dials and pairs, the engine
         if self._loop is not None:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 try:

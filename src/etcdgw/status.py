@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from .config import format_addr, split_host_port
+from .goerrors import strerror
 
 __all__ = [
     "BadDocument",
@@ -63,9 +64,9 @@ def run_status(metrics_addr: str, timeout: float) -> int:
         return _fail(f"cannot read {url}: {e.code} {e.reason} (is an etcdgw listening there?)")
     except urllib.error.URLError as e:
         reason = e.reason
-        text = getattr(reason, "strerror", None) or str(reason)
+        text = strerror(reason) if isinstance(reason, OSError) else str(reason)
         return _fail(
-            f"cannot reach the gateway at {url}: {str(text).lower()} "
+            f"cannot reach the gateway at {url}: {text.lower()} "
             "(is it running with this --metrics-addr?)"
         )
     except TimeoutError:

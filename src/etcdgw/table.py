@@ -4,7 +4,7 @@
 relayed pairs (`conns`, by the engine's pair id), the `Dial`s in flight (`dials`), the
 gateway-wide `Counters`, and the few transitions a connection goes through (relayed by the
 loop, started by the relay thread, refused, abandoned, finished). When a connection or a
-client is gone it calls `room`, a hook given at construction (the gateway's: finish a drain,
+client is gone it calls `on_gone`, a hook given at construction (the gateway's: finish a drain,
 or let the acceptor accept again below --max-connections).
 
 Ownership: the table owns both sockets of a pair the loop relays (`Conn.client`,
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .balancer import Balancer, Remote
-from .config import format_duration
 from .dial import Dial
+from .golang import format_duration
 from .listeners import LateOptions
 from .log import Logger
 from .monitor import IMMEDIATE, Monitor
@@ -73,7 +73,7 @@ class ConnTable:
         monitor: told how a pair ended (least-connections' strikes).
         settings: the configuration in force (--tcp-keepalive of the loop's upstreams).
         log: refusals (at most one line a second) and, at debug, each closed connection.
-        room: called when a connection or a client is gone (finish a drain, or accept
+        on_gone: called when a connection or a client is gone (finish a drain, or accept
             again below the limit).
 
     The engine is attached once it runs (`attach`); `finished` is its on_finished callback.
@@ -85,18 +85,18 @@ class ConnTable:
         monitor: Monitor,
         settings: Settings,
         log: Logger,
-        room: Callable[[], None],
+        on_gone: Callable[[], None],
     ) -> None:
         self.balancer = balancer
         self.monitor = monitor
         self.settings = settings
         self.log = log
-        self.room = room
+        self.on_gone = on_gone
         self.conns: dict[int, Conn] = {}
         self.dials: set[Dial] = set()
         self.counters = Counters()
         # Set by the gateway's first stop signal: no new clients come, closings no longer
-        # strike (least-connections), and room() may finish the drain.
+        # strike (least-connections), and on_gone() may finish the drain.
         self.draining = False
         self._relay: Relay | None = None
         self._late: LateOptions | None = None  # the loop's dials: keep-alive once lived
@@ -169,7 +169,7 @@ class ConnTable:
         self.counters.abandoned += 1
         client.close()
         self._let_go(held)
-        self.room()
+        self.on_gone()
 
     def _let_go(self, held: bool) -> None:
         """A client the relay thread handed back (held) is closed: it counts there no more."""
@@ -191,7 +191,7 @@ class ConnTable:
             self._refuse_suppressed = 0
         else:
             self._refuse_suppressed += 1
-        self.room()
+        self.on_gone()
 
     # --- a connection ends ---------------------------------------------------------------
 
@@ -201,14 +201,14 @@ class ConnTable:
         if conn is None:
             return
         self._close_conn(conn, c2u, u2c, err, ended)
-        self.room()
+        self.on_gone()
 
     def finished_short(
         self, remote: Remote, pairs: int, c2u: int, u2c: int, resets: int, silent: int = 0
     ) -> None:
         """Pairs of remote that the relay thread started and finished between two reports
-        (silent: the client sent bytes and the endpoint none). The caller calls room()."""
-        self.balancer.passed(remote, pairs, c2u, u2c)
+        (silent: the client sent bytes and the endpoint none). The caller calls on_gone()."""
+        self.balancer.opened_and_closed(remote, pairs, c2u, u2c)
         if self.balancer.selector.least:
             self.monitor.closed(remote, pairs, silent, u2c > 0)
         c = self.counters
