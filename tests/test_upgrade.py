@@ -497,11 +497,15 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
     from etcdgw import upgrade
     if os.environ.get("UPGRADE_TEST_MODE") == "version":
         upgrade.VERSION = 2  # a newer successor whose protocol the old one does not know
+    if os.environ.get("UPGRADE_TEST_MODE") == "fds":
+        import resource  # a successor whose fd table is nearly full
+        resource.setrlimit(resource.RLIMIT_NOFILE, (80, 80))
     def _adopt(self, parts, msg, fds):
         if os.environ.get("UPGRADE_TEST_MODE") == "die":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(60)
-    upgrade.Successor._adopt = _adopt
+    if os.environ.get("UPGRADE_TEST_MODE") in ("die", "hang"):
+        upgrade.Successor._adopt = _adopt
 """
 
 
@@ -537,6 +541,38 @@ def test_successor_with_an_unknown_protocol_version_is_refused(
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
             assert read_line(c2) == b"b1\n"
         c.close()
+
+
+def test_successor_out_of_fds_old_takes_pairs_back(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """A successor whose fd table cannot take a batch (SCM_RIGHTS truncated: MSG_CTRUNC):
+    it gives up (and drains nothing); the old one takes the batch back and serves all."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            env=sitecustomize_env(tmp_path, "fds"),
+        )
+        clients = []
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(c) == b"b1\n"
+            clients.append(c)
+        g.proc.send_signal(signal.SIGUSR2)
+        rec = record(g, "live upgrade failed; keeping on serving", timeout=30)
+        assert rec["taken-back"] == 126, rec
+        lost = record(
+            g, "live upgrade failed; the old process keeps serving, draining what was taken"
+        )
+        assert "descriptors truncated" in lost["error"], lost
+        for i, c in enumerate(clients):
+            assert echo(c, b"ping %d" % i) == b"ping %d" % i
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+            assert read_line(c2) == b"b1\n"
+        for c in clients:
+            c.close()
 
 
 @pytest.mark.parametrize("mode", ["die", "hang"])
