@@ -85,6 +85,9 @@ class Acceptor:
         self.tcp = tcp
         self.log = log
         self.accepting = False
+        # A live upgrade handed accepting to the successor (upgrade.py): start() does
+        # nothing (a pair's end or a pause's end does not resume it) until released.
+        self.held = False
         self._pause = ACCEPT_PAUSE
         self._pause_handle: asyncio.TimerHandle | None = None
         self._spare_fd = -1
@@ -99,7 +102,7 @@ class Acceptor:
 
     # the rules
     def start(self) -> None:
-        if self.accepting or self.table.draining:
+        if self.accepting or self.table.draining or self.held:
             return
         for s in self.listeners.socks:
             self._listen(s)

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from . import systemd
+from . import systemd, upgrade
 from ._version import __version__
 from .config import Config, ConfigError
 from .log import Logger
@@ -61,7 +61,8 @@ def start(
         signals.report(log)  # SIGUSR1/SIGUSR2/SIGALRM while the command line was read
     run: Running | None = None
     try:
-        run = prepare(cfg, raw_endpoints, log)
+        successor = upgrade.Successor.from_env(log)
+        run = prepare(cfg, raw_endpoints, log, successor)
         factory = new_event_loop if RELAY_SELECTOR else None
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(serve(run, reparse, signals))
@@ -82,8 +83,17 @@ def start(
     return 0
 
 
-def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
+def prepare(
+    cfg: Config,
+    raw_endpoints: Sequence[str],
+    log: Logger,
+    successor: upgrade.Successor | None = None,
+) -> Running:
     """Steps 1-6 up to bound listeners (gateway and metrics).
+
+    successor: this process takes over from a running one (live upgrade): once the
+    configuration is valid, it receives that one's listeners and uses them instead of
+    binding the same addresses.
 
     Raises:
         ConfigError: any start-up failure, with the message to print.
@@ -106,19 +116,33 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
             mode=f"{cfg.listen_unix_mode:04o}",
         )
     cfg = dataclasses.replace(cfg, endpoints=endpoints)
+    handed = successor.listeners() if successor is not None else {}
+    metrics_sock = handed.pop(metrics_key(cfg.metrics_addr), None) if cfg.metrics_addr else None
+    for key in [k for k in handed if k.startswith("metrics ")]:
+        handed.pop(key).close()  # a metrics address the new configuration does not use
     gw = Gateway(
         cfg,
         log,
         inherited=systemd.listen_fds(),
+        handed=handed,
     )
-    gw.bind()
+    try:
+        gw.bind()
+    except BaseException:
+        if metrics_sock is not None:
+            metrics_sock.close()
+        raise
     run = Running(gw)
     try:
         if cfg.metrics_addr:
             from .metrics import MetricsServer
 
             run.metrics = MetricsServer(metrics_view(gw), cfg.metrics_addr, log)
-            run.metrics.bind()
+            if metrics_sock is not None:
+                metrics_sock.setblocking(False)
+                run.metrics.sock = metrics_sock
+            else:
+                run.metrics.bind()
             if run.metrics.sock is not None:
                 gw.own.add(run.metrics.sock.getsockname())
         from .health import HealthChecker
@@ -147,7 +171,39 @@ def prepare(cfg: Config, raw_endpoints: Sequence[str], log: Logger) -> Running:
         raise
     if discovered is not None:
         run.refresher = new_refresher(run, cfg, discovered, log)
+    _live_upgrade(gw, run, successor)
     return run
+
+
+def metrics_key(addr: str) -> str:
+    """How a live upgrade names the metrics listener (listeners go by --listen-addr)."""
+    return f"metrics {addr}"
+
+
+def _live_upgrade(gw: Gateway, run: Running, successor: upgrade.Successor | None) -> None:
+    """SIGUSR2 starts a successor (upgrade.Old), once ready; a successor takes over then."""
+
+    def parts() -> upgrade.Parts | None:
+        if not gw.ready:
+            return None
+        extra = {}
+        if run.metrics is not None and run.metrics.sock is not None:
+            extra[metrics_key(gw.cfg.metrics_addr)] = run.metrics.sock
+        return gw.upgrade_parts(extra)
+
+    old = upgrade.Old(
+        parts,
+        done=gw.handed_over,
+        taking_over=lambda: successor is not None and not successor.done,
+    )
+    gw.on_sigusr2 = old
+    gw.defer_stop = old.defer_stop
+    if successor is not None:
+
+        def take_over() -> None:
+            gw.spawn(successor.serve(gw.upgrade_parts(), gw.stop, gw.listener_set.claim_handed))
+
+        gw.on_ready = take_over
 
 
 def metrics_view(gw: Gateway) -> View:

@@ -358,6 +358,18 @@ class Balancer:
         self.changed()
         return added, removed
 
+    def stranger(self, ep: Endpoint) -> Remote:
+        """A remote for live connections to an endpoint not in the list (a live upgrade's
+        pair whose endpoint the new configuration dropped): removed, as after a reload, so
+        it gets no clients and is pruned once its connections end."""
+        for r in self._removed.values():
+            if (r.endpoint.host, r.endpoint.port) == (ep.host, ep.port):
+                return r
+        r = Remote(ep, removed=True)
+        self._by_tag[r.tag] = r
+        self._removed[r.tag] = r
+        return r
+
     def _revive(self, ep: Endpoint) -> Remote | None:
         for tag, r in self._removed.items():
             if (r.endpoint.host, r.endpoint.port) == (ep.host, ep.port):

@@ -86,7 +86,11 @@ def get_parser() -> argparse.ArgumentParser:
         "start",
         allow_abbrev=False,
         help="start the gateway",
-        description="Start the gateway (the same flags as `etcd gateway start`).",
+        description=(
+            "Start the gateway (the same flags as `etcd gateway start`). SIGUSR2 upgrades it "
+            "live: a new process started with the same command line takes over the "
+            "listeners and every open connection, and this one exits."
+        ),
     )
     add_start_flags(start)
     status = sub.add_parser(

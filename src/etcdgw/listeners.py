@@ -162,10 +162,20 @@ class LateOptions:
 class ListenerSet:
     """The gateway's listening sockets, bound once at start-up and closed once."""
 
-    def __init__(self, cfg: Config, inherited: list[socket.socket] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        inherited: list[socket.socket] | None = None,
+        handed: dict[str, socket.socket] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.socks: list[socket.socket] = []
+        # What each socket listens for: its --listen-addr (a live upgrade matches by it).
+        self.keys: list[str] = []
         self._inherited = list(inherited or ())
+        # A live upgrade's listeners (upgrade.py), by --listen-addr: used instead of binding.
+        self._handed = dict(handed or {})
+        self._handed_files: list[str] = []
         # Unix socket files we created: path -> (st_dev, st_ino) at bind. On close a file is
         # unlinked only if it is still ours: another instance may have replaced it since.
         self._files: dict[str, tuple[int, int]] = {}
@@ -181,19 +191,49 @@ class ListenerSet:
             for s in self._inherited:
                 s.setblocking(False)
                 self.socks.append(s)
+                self.keys.append(sock_name(s))
             return
+        handed, self._handed = self._handed, {}
         try:
             for ls in self.cfg.listen:
-                self.socks.append(self._bind_one(ls))
+                given = handed.pop(ls.addr, None)
+                if given is not None:
+                    given.setblocking(False)
+                    if ls.path is not None:
+                        self._handed_files.append(ls.path)  # claimed once the old one left
+                    self.socks.append(given)
+                else:
+                    self.socks.append(self._bind_one(ls))
+                self.keys.append(ls.addr)
         except BaseException:
             self.close()
             raise
+        finally:
+            for unwanted in handed.values():  # not wanted any more (its socket file stays)
+                unwanted.close()
+
+    def claim_handed(self) -> None:
+        """A live upgrade is complete: the handed unix socket files are ours to unlink."""
+        for path in self._handed_files:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                self._files[path] = (st.st_dev, st.st_ino)
+        self._handed_files = []
+
+    def release(self) -> None:
+        """A live upgrade handed every listener over: close ours, unlink no socket file."""
+        self._files = {}
+        self.close()
 
     def close(self) -> None:
         """Close every listener and unlink the socket files that are still ours."""
         for s in self.socks:
             s.close()
         self.socks = []
+        self.keys = []
         for path, ident in self._files.items():
             _unlink_if(path, ident)
         self._files = {}

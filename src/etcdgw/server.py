@@ -34,7 +34,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import systemd
+from . import systemd, upgrade
 from .accept import NativeAccept
 from .config import Config, Endpoint
 from .dial import Dial
@@ -68,6 +68,7 @@ class Gateway:
         resolve: AsyncResolver | None = None,
         engine_cls: type[Engine] | None = None,
         inherited: Sequence[socket.socket] = (),
+        handed: dict[str, socket.socket] | None = None,
     ) -> None:
         self.log = log
         # The parts (wiring.py, as the in-process tests wire them); relay and acceptor
@@ -86,7 +87,8 @@ class Gateway:
         self.own = parts.own
         self.monitor = parts.monitor
         self.table = parts.table
-        self.listener_set = ListenerSet(cfg, list(inherited))
+        # handed: a live upgrade's listeners by --listen-addr (upgrade.py)
+        self.listener_set = ListenerSet(cfg, list(inherited), handed)
         self.engine_cls: type[Engine] = engine_cls if engine_cls is not None else Engine
         self.implementation = IMPLEMENTATION if engine_cls is None else _engine_name(engine_cls)
         self.ready = False
@@ -97,6 +99,11 @@ class Gateway:
         self._drain_handle: asyncio.TimerHandle | None = None
         # SIGHUP: set by app.py (reload, SRV refresh).
         self.on_sighup: Callable[[], None] | None = None
+        # Live upgrade (upgrade.py, set by app.py): SIGUSR2; a stop signal it may defer
+        # (True: deferred); run once the gateway is ready (a successor's hand-over).
+        self.on_sigusr2: Callable[[], None] | None = None
+        self.defer_stop: Callable[[Callable[[], None]], bool] | None = None
+        self.on_ready: Callable[[], None] | None = None
         # --auto-sync-interval: the membership.Membership that follows the member list (set
         # by app.py; read by metrics for its counters).
         self.membership: Membership | None = None
@@ -165,6 +172,8 @@ class Gateway:
             self.spawn(self.monitor.run())
             self._install_signals()
             self.ready = True
+            if self.on_ready is not None:
+                self.on_ready()
             self.log.info(
                 "ready to proxy client requests",
                 endpoints=[r.addr for r in self.balancer.remotes],
@@ -261,6 +270,8 @@ class Gateway:
             loop.add_signal_handler(signal.SIGTERM, self.stop)
             loop.add_signal_handler(signal.SIGINT, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            if self.on_sigusr2 is not None:
+                loop.add_signal_handler(signal.SIGUSR2, self.on_sigusr2)
         except (RuntimeError, ValueError):
             pass  # not the main thread (tests run gateways in threads): no signals there
 
@@ -271,6 +282,8 @@ class Gateway:
     def stop(self) -> None:
         """First call: drain (stop accepting, wait up to --drain-timeout). Second: stop now."""
         if self._done is None or self._done.done():
+            return
+        if self.defer_stop is not None and self.defer_stop(self.stop):
             return
         if self.table.draining:
             self.log.warn("second stop signal; closing all connections now")
@@ -304,6 +317,48 @@ class Gateway:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    # --- live upgrade (upgrade.py) --------------------------------------------------------
+
+    def upgrade_parts(self, extra: dict[str, socket.socket] | None = None) -> upgrade.Parts:
+        """What a live upgrade uses of this gateway (either side); once running."""
+        acceptor, dialer, relay = self.parts.acceptor, self.parts.dialer, self.parts.relay
+        assert acceptor is not None and dialer is not None and relay is not None, "not running"
+
+        def pause() -> None:
+            acceptor.held = True
+            acceptor.stop()
+
+        def resume() -> None:
+            acceptor.held = False
+            acceptor.start()
+
+        def redial(client: socket.socket) -> None:
+            dialer.dial(client)
+
+        return upgrade.Parts(
+            loop=self.loop,
+            log=self.log,
+            relay=relay,
+            table=self.table,
+            balancer=self.balancer,
+            pause=pause,
+            resume=resume,
+            listeners=lambda: list(
+                zip(self.listener_set.keys, self.listener_set.socks, strict=True)
+            ),
+            redial=redial,
+            dials=lambda: len(self.table.dials) + relay.native_pending(),
+            extra=dict(extra or {}),
+        )
+
+    def handed_over(self) -> None:
+        """A live upgrade handed everything to the successor: close the listener copies
+        without unlinking a socket file, and stop (no pair is left to close)."""
+        if self.parts.acceptor is not None:
+            self.parts.acceptor.stop()
+        self.listener_set.release()
+        self._finish()
+
     def close_listeners(self) -> None:
         """Stop accepting and close the listeners (and the socket files still ours)."""
         if self.parts.acceptor is not None:
@@ -322,6 +377,13 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 try:
                     self._loop.remove_signal_handler(sig)
+                except (RuntimeError, ValueError):
+                    pass
+            if self.on_sigusr2 is not None:
+                try:
+                    if self._loop.remove_signal_handler(signal.SIGUSR2):
+                        # Its default action ends the process: from here on it means nothing.
+                        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
                 except (RuntimeError, ValueError):
                     pass
 

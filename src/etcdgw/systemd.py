@@ -99,8 +99,8 @@ class StartupSignals:
     that were there before.
 
     SIGUSR1, SIGUSR2 and SIGALRM (IGNORED) stay with this object for the whole run: their
-    default action ends the process, and etcdgw gives them no meaning (yet: SIGUSR2 is
-    nginx's binary upgrade, kept for a live upgrade). Each is ignored with one warning. The
+    default action ends the process, and etcdgw gives them no meaning (SIGUSR2 has one once
+    the gateway is ready: the live upgrade, upgrade.py). Each is ignored with one warning. The
     handler only notes the signal: the line is logged by report(), on the loop once it runs
     (at most one line per signal a second, with a count), else at the next step of start-up
     or shutdown: logging from inside a signal handler could re-enter a write to stderr it
@@ -111,7 +111,7 @@ class StartupSignals:
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     IGNORED = {
         signal.SIGUSR1: "SIGUSR1 (reopen logs) is not needed: etcdgw logs to stderr; ignored",
-        signal.SIGUSR2: "SIGUSR2 (live upgrade) is not supported by this version; ignored",
+        signal.SIGUSR2: "SIGUSR2 (live upgrade) before the gateway is ready; ignored",
         signal.SIGALRM: "SIGALRM is not used by etcdgw; ignored",
     }
     REPORT_EVERY = 1.0  # seconds between two report lines on the loop (a signal storm)

@@ -141,6 +141,22 @@ class ConnTable:
         if self._late is not None:
             self._late.add(upstream, self.settings.cfg.tcp_keepalive)
 
+    def adopted(
+        self, pid: int, client: socket.socket, upstream: socket.socket, remote: Remote
+    ) -> None:
+        """A pair the engine adopted (live upgrade, upgrade.py): the table owns both sockets,
+        as for start_relay."""
+        self.conns[pid] = Conn(client, upstream, remote)
+        self.balancer.opened(remote)
+
+    def forget(self, pid: int) -> Conn | None:
+        """A pair the engine handed out (detach, live upgrade): no longer ours to count or
+        close; its sockets (None for the relay thread's own) are the caller's."""
+        conn = self.conns.pop(pid, None)
+        if conn is not None:
+            conn.remote.connections_active -= 1
+        return conn
+
     def started_native(self, pid: int, remote: Remote) -> None:
         """The relay thread accepted and connected a pair (it owns the sockets)."""
         self.conns[pid] = Conn(None, None, remote)
