@@ -15,8 +15,10 @@ down exactly once). The parts, one concern each:
     resolver.py    AddressBook: host names on the connect path (stale-while-revalidate)
     relay.py       Relay: the engine (Cython or pure twin) driven from the loop
 
-None of them knows the Gateway: health.py, membership.py, metrics.py and app.py still take
-it, and read the parts through it (the read-only properties below keep their names).
+None of them knows the Gateway, nor do health.py, membership.py and metrics.py (they get
+their collaborators from app.py; metrics a view.View) or upgrade.py (upgrade.Parts). Only
+app.py imports this module (tests/test_import_graph.py); running.py sees the gateway
+through its `Lifecycle` protocol.
 
 Ownership of file descriptors: the ListenerSet owns the listeners; the ConnTable owns every
 socket of a pair the loop relays (it hands the integers to the engine, and closes both once
@@ -37,19 +39,17 @@ from typing import TYPE_CHECKING, Any
 from . import systemd, upgrade
 from .accept import NativeAccept
 from .config import Config, Endpoint
-from .dial import Dial
 from .golang import format_duration
 from .listeners import ListenerSet
 from .log import Logger
 from .relay import IMPLEMENTATION, Engine, Relay
 from .resolver import AsyncResolver, async_host_resolver
-from .table import Conn, Counters
 from .wiring import Parts
 
 if TYPE_CHECKING:
     from .membership import Membership
 
-__all__ = ["NATIVE_ACCEPT", "Conn", "Counters", "Gateway"]
+__all__ = ["NATIVE_ACCEPT", "Gateway"]
 
 # Accept and connect in the Cython engine's relay thread when it can (accept.NativeAccept).
 # False keeps them in the loop; bench/ compares the two (bench/launch.py sets it), and
@@ -123,32 +123,10 @@ class Gateway:
         """The listening sockets in force (those of listener_set)."""
         return self.listener_set.socks
 
-    # --- read-only views for health.py, membership.py, metrics.py and app.py ---------------
-
     @property
     def cfg(self) -> Config:
         """The configuration in force (Settings.cfg; configure() replaces it)."""
         return self.settings.cfg
-
-    @property
-    def conns(self) -> dict[int, Conn]:
-        return self.table.conns
-
-    @property
-    def dials(self) -> set[Dial]:
-        return self.table.dials
-
-    @property
-    def counters(self) -> Counters:
-        return self.table.counters
-
-    @property
-    def draining(self) -> bool:
-        """A stop signal was received: no new clients."""
-        return self.table.draining
-
-    def active_connections(self) -> int:
-        return self.table.active_connections()
 
     # --- start-up and serving ------------------------------------------------------------
 
@@ -244,7 +222,7 @@ class Gateway:
     def totals(self) -> tuple[int, int]:
         """Bytes (client->endpoint, endpoint->client) over all connections, live included."""
         if self.parts.relay is None:
-            b = self.counters.bytes_finished
+            b = self.table.counters.bytes_finished
             return b[0], b[1]
         return self.parts.relay.totals()
 
@@ -260,7 +238,7 @@ class Gateway:
         if relay is None:
             return {}
         # (The engine answers stats() for a pair that finished but was not collected yet.)
-        return {pid: relay.stats(pid) for pid in self.conns}
+        return {pid: relay.stats(pid) for pid in self.table.conns}
 
     # --- signals, drain, shutdown ----------------------------------------------------------
 
@@ -298,7 +276,7 @@ class Gateway:
         except OSError:
             pass
         timeout = self.cfg.drain_timeout
-        n = self.active_connections()
+        n = self.table.active_connections()
         self.log.info(
             "stopping; draining connections",
             connections=n,
@@ -310,7 +288,9 @@ class Gateway:
         self._drain_handle = self.loop.call_later(timeout, self._drain_deadline)
 
     def _drain_deadline(self) -> None:
-        self.log.warn("drain timeout; closing remaining connections", connections=len(self.conns))
+        self.log.warn(
+            "drain timeout; closing remaining connections", connections=len(self.table.conns)
+        )
         self._finish()
 
     def _finish(self) -> None:
