@@ -29,8 +29,8 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport (
-    EAGAIN, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ENOTCONN,
-    ETIMEDOUT, errno,
+    EAGAIN, EBADF, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL, EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    ENOTCONN, ENOTSOCK, ETIMEDOUT, errno,
 )
 from libc.signal cimport SIG_DFL, SIGPIPE
 from libc.stdlib cimport calloc, free, malloc, realloc
