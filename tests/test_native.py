@@ -191,6 +191,15 @@ def test_priority_then_weights(native: Native, backends: list[Backend]) -> None:
     native.wait("finished", n)
 
 
+def test_pick_leaves_out_the_excluded_tags(native: Native) -> None:
+    native.targets(*[(t, "127.0.0.1", 1, 0, 0, True) for t in (1, 2, 3)])
+    e = native.engine
+    assert [e.pick({1, 2}) for _ in range(3)] == [3, 3, 3]
+    assert e.pick([1, 2, 3]) == -1
+    assert e.pick((2, 3, "not a tag", 1 << 70)) == 1  # what cannot be a tag matches none
+    assert sorted(e.pick() for _ in range(3)) == [1, 2, 3]  # and none stays left out
+
+
 def test_failed_dial_hands_the_client_back(native: Native, backends: list[Backend]) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
