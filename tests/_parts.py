@@ -203,8 +203,12 @@ class Parts(wiring.Parts):
         return [r for r in self.records() if r["msg"] == msg]
 
     def close(self) -> None:
-        """As Gateway._teardown: the listener, every part once (wiring.Parts.close), the
-        loop last."""
+        """As Gateway._teardown: stop accepting, then close the listener (as
+        Gateway.close_listeners), every part once (wiring.Parts.close), the loop last."""
+        if self.acceptor is not None:
+            # Before the listener closes: the relay thread must let go of its fd first
+            # (Engine.unlisten), which stop() does only while the listener set still has it.
+            self.acceptor.stop()
         if self.listener_set is not None:
             self.listener_set.close()
         super().close()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
+import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -188,6 +191,15 @@ def test_priority_then_weights(native: Native, backends: list[Backend]) -> None:
     native.wait("finished", n)
 
 
+def test_pick_leaves_out_the_excluded_tags(native: Native) -> None:
+    native.targets(*[(t, "127.0.0.1", 1, 0, 0, True) for t in (1, 2, 3)])
+    e = native.engine
+    assert [e.pick({1, 2}) for _ in range(3)] == [3, 3, 3]
+    assert e.pick([1, 2, 3]) == -1
+    assert e.pick((2, 3, "not a tag", 1 << 70)) == 1  # what cannot be a tag matches none
+    assert sorted(e.pick() for _ in range(3)) == [1, 2, 3]  # and none stays left out
+
+
 def test_failed_dial_hands_the_client_back(native: Native, backends: list[Backend]) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -284,6 +296,79 @@ def test_unlisten_stops_accepting(native: Native, backends: list[Backend]) -> No
     for s in (c1, c2, a.accept(), a.accept()):
         s.close()
     native.wait("finished", 2)
+
+
+# A listener closed (or shut down) while the engine still accepts on it, the relay thread
+# left at --max-connections with the listener ready: when a pair ends, the thread tries
+# accept4() on it. It retried for ever, the engine lock held, and the loop's next call
+# (collect(), remove()...) waited for the lock for ever, the GIL released: nothing, not even
+# pytest-timeout, could end it (tests/test_accept_unit.py's teardown hung so). Run in a
+# child process, so that the hang is a failure and not the end of the test run.
+DEAD_LISTENER = """
+import json, socket, sys, time
+import etcdgw._relay as _relay
+from etcdgw.engine import RelaySettings, Target
+
+backend = socket.create_server(("127.0.0.1", 0))
+backend.settimeout(5)
+lsock = socket.create_server(("127.0.0.1", 0))
+lsock.setblocking(False)
+fd = lsock.fileno()
+engine = _relay.Engine()
+engine.set_targets(
+    [Target(1, socket.AF_INET, "127.0.0.1", backend.getsockname()[1], 0, 0, True)],
+    RelaySettings(sockopts=[], dial_timeout=5.0, limit=1),
+)
+engine.listen(fd, True)
+c1 = socket.create_connection(lsock.getsockname(), timeout=5)
+s1, _ = backend.accept()
+c2 = socket.create_connection(lsock.getsockname(), timeout=5)  # at the limit: the backlog
+time.sleep(0.2)  # the thread saw c2's edge and left the listener ready
+first = engine.collect()
+if sys.argv[1] == "closed":
+    lsock.close()
+else:
+    lsock.shutdown(socket.SHUT_RD)
+c1.close()  # the pair ends: room under the limit, the thread tries the dead listener
+s1.close()
+finished, errors, deadline = [], 0, time.monotonic() + 5
+while not finished and time.monotonic() < deadline:
+    time.sleep(0.01)
+    r = engine.collect()  # before the fix: waits for the lock for ever
+    finished += r.finished
+    errors += r.accept_errors
+time.sleep(0.3)
+later = engine.collect()  # no more tries on the dead listener meanwhile
+engine.unlisten(fd)
+engine.close()
+lsock.close()
+for s in (c2, backend):
+    s.close()
+print(json.dumps([len(first.started), len(finished), errors, later.accepted, later.accept_errors]))
+"""
+
+
+@pytest.mark.parametrize("how", ["closed", "shut"])
+def test_a_dead_listener_does_not_hold_the_lock(how: str) -> None:
+    import etcdgw
+
+    src = os.path.dirname(os.path.dirname(etcdgw.__file__))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", DEAD_LISTENER, how],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": src},
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("collect() waited 30 s for the engine lock: the thread spins on accept4()")
+    assert out.returncode == 0, out.stderr
+    started, finished, errors, accepted, later_errors = json.loads(out.stdout)
+    assert (started, finished) == (1, 1)
+    assert errors >= 1  # the failed accept4() was counted, and given up
+    assert (accepted, later_errors) == (0, 0)
 
 
 def test_reset_is_passed_on_and_remove_closes(native: Native, backends: list[Backend]) -> None:

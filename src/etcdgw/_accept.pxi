@@ -25,6 +25,7 @@ cdef void _accept_all(Core *c) noexcept nogil:
             if c.limit and c.nlive + c.nconnecting + c.nheld >= c.limit:
                 return  # --max-connections: clients wait in the backlog (ready stays set)
             cfd = accept4(lst.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            k += 1  # every try counts, failed ones too: this runs under the lock, bounded
             if cfd < 0:
                 e = errno
                 if e == EAGAIN:
@@ -36,9 +37,14 @@ cdef void _accept_all(Core *c) noexcept nogil:
                         lst.paused = 1
                         lst.reported = 0
                         lst.err = e
+                    elif e == EBADF or e == EINVAL or e == ENOTSOCK:
+                        # No listening socket behind the fd any more (closed, or shut down,
+                        # without unlisten()): every try would fail alike. It was retried
+                        # forever here, the lock held, and the loop's next call waited for
+                        # the lock forever. Not ready until an edge (or listen()) says so.
+                        lst.ready = 0
                     # else ECONNABORTED, EPROTO, EPERM...: that one client is gone
                 continue
-            k += 1
             c.accepted += 1
             _tune(c, lst, cfd)
             _dial(c, cfd)

@@ -310,5 +310,5 @@ cdef class Engine:
     cdef _check_open(self)
     cdef void _lock(self) noexcept
     cdef void _unlock(self) noexcept
-    cdef Pair *_lookup(self, pair_id, bint finished=*) except NULL
+    cdef Pair *_lookup(self, uint64_t pid, bint finished=*) noexcept
     cdef void _close(self) noexcept

@@ -29,8 +29,8 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport (
-    EAGAIN, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, ENOTCONN,
-    ETIMEDOUT, errno,
+    EAGAIN, EBADF, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL, EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    ENOTCONN, ENOTSOCK, ETIMEDOUT, errno,
 )
 from libc.signal cimport SIG_DFL, SIGPIPE
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -82,6 +82,13 @@ cdef inline void _free(Core *c, void *buf) noexcept nogil:
         free(buf)
     else:
         PyMem_RawFree(buf)
+
+
+cdef inline uint64_t _pair_id(pair_id):
+    """pair_id as the table's key; 0 (no pair's) when it cannot be one."""
+    if isinstance(pair_id, int) and 0 < pair_id < 1 << 63:
+        return pair_id
+    return 0
 
 
 cdef bint _sigpipe_kills() noexcept:
@@ -593,10 +600,11 @@ cdef class Engine:
     def _selection_state(self) -> tuple[int, int]:
         """(round-robin counter, xorshift64* state) of the thread's choices, so a test can
         start a balancer.Selector from the same state; not an API."""
+        cdef uint64_t rr, rng
         self._lock()
-        result = (self.c.rr, self.c.rng)
+        rr, rng = self.c.rr, self.c.rng
         self._unlock()
-        return result
+        return (rr, rng)
 
     def pick(self, exclude=()) -> int:
         """The tag of the target for the next client, or -1: the relay thread's own choice.
@@ -605,24 +613,40 @@ cdef class Engine:
         dial failed over) and the thread's share one round-robin counter. exclude: tags this
         client was already sent to; they count as unusable for this one pick.
         """
-        cdef int i
-        cdef uint8_t *saved
+        cdef int i, j
+        cdef uint8_t *saved = NULL
+        cdef int64_t *ex = NULL
+        cdef int64_t tag
+        cdef Py_ssize_t nex = 0
         self._check_native()
-        tags = frozenset(exclude)
+        # Python only before the lock (see _lock): the tags as C numbers, the room to save
+        # the flags in (ntargets changes only in set_targets(), on this thread).
+        tags = [t for t in frozenset(exclude) if isinstance(t, int) and -(1 << 63) <= t < 1 << 63]
+        if tags:
+            ex = <int64_t *>malloc(len(tags) * sizeof(int64_t))
+            saved = <uint8_t *>malloc(self.c.ntargets + 1)
+            if ex == NULL or saved == NULL:
+                free(ex)
+                free(saved)
+                raise MemoryError()
+            for t in tags:
+                ex[nex] = t
+                nex += 1
         self._lock()
-        saved = <uint8_t *>malloc(self.c.ntargets + 1) if tags else NULL
-        if saved != NULL:
+        if nex:
             for i in range(self.c.ntargets):
                 saved[i] = self.c.targets[i].usable
-                if self.c.targets[i].tag in tags:
-                    self.c.targets[i].usable = 0
+                for j in range(nex):
+                    if self.c.targets[i].tag == ex[j]:
+                        self.c.targets[i].usable = 0
         i = _pick(&self.c)
         tag = self.c.targets[i].tag if i >= 0 else -1
-        if saved != NULL:
+        if nex:
             for i in range(self.c.ntargets):
                 self.c.targets[i].usable = saved[i]
-            free(saved)
         self._unlock()
+        free(ex)
+        free(saved)
         return tag
 
     cdef _check_native(self):
@@ -641,19 +665,21 @@ cdef class Engine:
         Threaded: the thread is between batches while this holds the lock, and it ignores
         events of pairs that are gone, so it never touches these fds again.
         """
+        cdef uint64_t pid = _pair_id(pair_id), c2u = 0, u2c = 0
         cdef Pair *p
         self._lock()
-        try:
-            p = self._lookup(pair_id)
+        p = self._lookup(pid)
+        if p != NULL:
             _detach(&self.c, p)
             _untrack(&self.c, p)
-            result = Finished(p.id, p.dir[0].moved, p.dir[1].moved, 0)
+            c2u, u2c = p.dir[0].moved, p.dir[1].moved
             if p.owned:  # the engine's own pair: closed here (FIN, not a reset)
                 _close_fds(p, 0)
-            _release(&self.c, p.id & ((1 << SLOT_BITS) - 1))
-        finally:
-            self._unlock()
-        return result
+            _release(&self.c, pid & ((1 << SLOT_BITS) - 1))
+        self._unlock()
+        if p == NULL:
+            raise KeyError(pair_id)
+        return Finished(pid, c2u, u2c, 0)
 
     def detach(self, limit: int) -> list[Handed]:
         """Take up to `limit` live pairs out, open, with their state (engine.RelayEngine.detach).
@@ -786,14 +812,16 @@ cdef class Engine:
 
         Also for a pair that finished and was not collected yet (its final counts).
         """
+        cdef uint64_t c2u = 0, u2c = 0
         cdef Pair *p
         self._lock()
-        try:
-            p = self._lookup(pair_id, True)
-            result = (p.dir[0].moved, p.dir[1].moved)
-        finally:
-            self._unlock()
-        return result
+        p = self._lookup(_pair_id(pair_id), True)
+        if p != NULL:
+            c2u, u2c = p.dir[0].moved, p.dir[1].moved
+        self._unlock()
+        if p == NULL:
+            raise KeyError(pair_id)
+        return (c2u, u2c)
 
     def totals(self) -> tuple[int, int]:
         """The same two counts summed over every pair this engine ever relayed."""
@@ -840,7 +868,11 @@ cdef class Engine:
 
     cdef void _lock(self) noexcept:
         # The thread may hold the lock for one batch (at most RUN_BUFS * bufsize bytes):
-        # wait for it without the GIL, so other Python threads are not held up.
+        # wait for it without the GIL, so other Python threads are not held up. The mutex
+        # is not recursive: between _lock() and _unlock() no Python objects are made where
+        # it can be helped (an allocation may run the GC, and a finalizer that called the
+        # engine would wait for this lock for ever), and nothing may wait or spin (the
+        # relay thread's batches are bounded: _accept_all() counts every accept4()).
         if self.c.running and pthread_mutex_trylock(&self.c.lock) != 0:
             with nogil:
                 pthread_mutex_lock(&self.c.lock)
@@ -849,20 +881,19 @@ cdef class Engine:
         if self.c.running:
             pthread_mutex_unlock(&self.c.lock)
 
-    cdef Pair *_lookup(self, pair_id, bint finished=False) except NULL:
-        # Pairs the caller has not been told about (fresh) are unknown to it; finished
-        # ones (not collected yet) still answer stats().
-        cdef uint64_t pid, slot
+    cdef Pair *_lookup(self, uint64_t pid, bint finished=False) noexcept:
+        # The live pair with this id, or NULL; C only, called under the lock. Pairs the
+        # caller has not been told about (fresh) are unknown to it; finished ones (not
+        # collected yet) still answer stats().
+        cdef uint64_t slot = pid & ((1 << SLOT_BITS) - 1)
         cdef Pair *p
-        if isinstance(pair_id, int) and 0 < pair_id < 1 << 63:
-            pid = pair_id
-            slot = pid & ((1 << SLOT_BITS) - 1)
-            if slot < <uint64_t>self.c.cap:
-                p = &self.c.pairs[slot]
-                if p.id == pid and not p.fresh and (
-                        p.state == LIVE or (finished and p.state == FINISHED)):
-                    return p
-        raise KeyError(pair_id)
+        if pid == 0 or slot >= <uint64_t>self.c.cap:
+            return NULL
+        p = &self.c.pairs[slot]
+        if p.id == pid and not p.fresh and (
+                p.state == LIVE or (finished and p.state == FINISHED)):
+            return p
+        return NULL
 
     cdef void _close(self) noexcept:
         cdef int32_t i
