@@ -243,3 +243,53 @@ def test_no_accepting_while_draining(make: Make, clients: Clients) -> None:
         s = clients.connect(parts)
         assert not acceptor.accepting and nothing_comes(parts, s)
         assert parts.table.counters.accepted == 0 and a.accepted == 0
+
+
+def stop_reaches_a_listener_closed_first(parts: Parts, clients: Clients) -> None:
+    """The listener set is closed before the acceptor stops (any caller's order), while a
+    client waits at --max-connections (the listener stays ready): stop() still unregisters
+    the fd it started on, so when a pair ends and there is room again, a new listening
+    socket that got the same number keeps its clients (the relay thread took them)."""
+    parts.start_accepting()
+    assert parts.listener_set is not None and parts.acceptor is not None
+    first = clients.connect(parts)
+    assert parts.read_line(first) == b"a\n"  # relayed: the limit is reached
+    clients.connect(parts)  # waits in the backlog: the listener is ready, the limit is hit
+    parts.idle(0.2)
+    fd = parts.listener_set.socks[0].fileno()
+    parts.call(parts.listener_set.close)
+    parts.call(parts.acceptor.stop)
+    other = socket.socket()
+    try:
+        other.bind(("127.0.0.1", 0))
+        other.listen(8)
+        if other.fileno() != fd:
+            os.dup2(other.fileno(), fd)  # the same number, as a busy process would reuse it
+            other.close()
+            other = socket.socket(fileno=fd)
+        client = socket.create_connection(other.getsockname(), timeout=5)
+        try:
+            first.close()  # room again: an engine still listening on fd accepts now
+            parts.idle(0.5)
+            other.settimeout(2)
+            got, _ = other.accept()  # still in our backlog: nobody else took it
+            got.close()
+        finally:
+            client.close()
+    finally:
+        other.close()
+
+
+def test_loop_accept_stop_reaches_a_listener_closed_first(make: Make, clients: Clients) -> None:
+    with TagServer("a") as a:
+        parts = make([ep(a.port)], max_connections=1)
+        stop_reaches_a_listener_closed_first(parts, clients)
+
+
+@pytest.mark.c_extension
+def test_native_accept_stop_reaches_a_listener_closed_first(
+    make_native: Make, clients: Clients
+) -> None:
+    with TagServer("a") as a:
+        parts = make_native([ep(a.port)], max_connections=1)
+        stop_reaches_a_listener_closed_first(parts, clients)

@@ -85,6 +85,7 @@ class Acceptor:
         self.tcp = tcp
         self.log = log
         self.accepting = False
+        self._listening: list[int] = []  # the fds start() listens on, for stop()
         # A live upgrade handed accepting to the successor (upgrade.py): start() does
         # nothing (a pair's end or a pause's end does not resume it) until released.
         self.held = False
@@ -97,13 +98,16 @@ class Acceptor:
     def _listen(self, lsock: socket.socket) -> None:
         raise NotImplementedError
 
-    def _unlisten(self, lsock: socket.socket) -> None:
+    def _unlisten(self, fd: int) -> None:
         raise NotImplementedError
 
     # the rules
     def start(self) -> None:
         if self.accepting or self.table.draining or self.held:
             return
+        # The fds are remembered: stop() must reach the ones it started even if the
+        # listener set was closed first (the engine would go on accepting on the number).
+        self._listening = [s.fileno() for s in self.listeners.socks]
         for s in self.listeners.socks:
             self._listen(s)
         self.accepting = True
@@ -111,11 +115,12 @@ class Acceptor:
     def stop(self) -> None:
         if not self.accepting:
             return
-        for s in self.listeners.socks:
+        for fd in self._listening:
             try:
-                self._unlisten(s)
-            except (ValueError, OSError):
-                pass  # closed already
+                self._unlisten(fd)
+            except (ValueError, OSError, KeyError):
+                pass  # not registered any more
+        self._listening = []
         self.accepting = False
 
     def full(self) -> bool:
@@ -219,8 +224,8 @@ class LoopAccept(Acceptor):
             self.tcp.tune_listener(lsock, self.settings.cfg.tcp_keepalive)
         self.loop.add_reader(lsock.fileno(), self._on_accept, lsock)
 
-    def _unlisten(self, lsock: socket.socket) -> None:
-        self.loop.remove_reader(lsock.fileno())
+    def _unlisten(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
 
     def _on_accept(self, lsock: socket.socket) -> None:
         tcp = self.tcp
@@ -289,8 +294,8 @@ class NativeAccept(Acceptor):
             self.tcp.tune_listener(lsock, self.settings.cfg.tcp_keepalive)
         self.relay.listen(lsock.fileno(), tcp)
 
-    def _unlisten(self, lsock: socket.socket) -> None:
-        self.relay.unlisten(lsock.fileno())
+    def _unlisten(self, fd: int) -> None:
+        self.relay.unlisten(fd)
 
     # --- the one sync point -------------------------------------------------------------
 
