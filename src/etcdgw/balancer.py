@@ -253,10 +253,30 @@ class Balancer:
         if self.on_change is not None:
             self.on_change()
 
-    def mark_down(self, remote: Remote, error: str, now: float) -> bool:
-        """Record a failed dial. Returns True if the remote was active until now."""
+    def dial_failed(self, remote: Remote, error: str) -> None:
+        """Record a failed dial that changes no state (--health-check=none)."""
         remote.dial_failures += 1
         remote.last_error = error
+
+    def note_error(self, remote: Remote, error: str) -> None:
+        """The last error seen for remote (a failed re-probe), shown by /status."""
+        remote.last_error = error
+
+    def strike(self, remote: Remote) -> int:
+        """One more failed fresh connection (least-connections); the strikes so far."""
+        remote.strikes += 1
+        return remote.strikes
+
+    def clear_strikes(self, remote: Remote) -> None:
+        remote.strikes = 0
+
+    def dialing(self, remote: Remote, n: int) -> None:
+        """n more (or, negative, fewer) clients being connected to remote (Remote.live)."""
+        remote.dialing += n
+
+    def mark_down(self, remote: Remote, error: str, now: float) -> bool:
+        """Record a failed dial. Returns True if the remote was active until now."""
+        self.dial_failed(remote, error)
         if not remote.active:
             return False
         remote.active = False
@@ -309,6 +329,10 @@ class Balancer:
         remote.connections_active -= 1
         remote.bytes_to_endpoint += c2u
         remote.bytes_from_endpoint += u2c
+
+    def handed_out(self, remote: Remote) -> None:
+        """A live connection to remote left this process (a live upgrade's hand-over)."""
+        remote.connections_active -= 1
 
     def opened_and_closed(self, remote: Remote, n: int, c2u: int, u2c: int) -> None:
         """n connections to remote opened and closed between two looks (native accept)."""

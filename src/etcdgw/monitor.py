@@ -93,8 +93,7 @@ class Monitor:
     def dial_failed(self, remote: Remote, error: str) -> None:
         now = self.clock()
         if not self.probing:
-            remote.dial_failures += 1
-            remote.last_error = error
+            self.balancer.dial_failed(remote, error)
             self.strike(remote, error)
             if self._may_log(remote):
                 self.log.warn(
@@ -115,7 +114,7 @@ class Monitor:
         """pairs of remote's connections ended: silent of them at once with no byte from it
         (the client had sent some); answered: at least one received bytes from it."""
         if answered:
-            remote.strikes = 0
+            self.balancer.clear_strikes(remote)
         elif silent:
             self.strike(remote, "closed the connection at once without answering")
 
@@ -123,10 +122,10 @@ class Monitor:
         """A fresh connection to remote failed: least-connections sets it aside a while."""
         if not self.balancer.selector.least or remote.removed:
             return
-        remote.strikes += 1
+        strikes = self.balancer.strike(remote)
         if remote.aside:
             return  # a client picked before it was set aside: the pause runs already
-        pause = min(ASIDE_MIN * 2 ** min(remote.strikes - 1, 16), ASIDE_MAX)
+        pause = min(ASIDE_MIN * 2 ** min(strikes - 1, 16), ASIDE_MAX)
         self.balancer.set_aside(remote, True)
         old = self._aside.pop(remote, None)
         if old is not None:
@@ -195,7 +194,7 @@ class Monitor:
             # probe_connect's OSError(errno, text) carries Go's text; str() would put
             # Python's "[Errno 111] " before it.
             error = e.strerror if e.strerror else str(e)
-            remote.last_error = error
+            self.balancer.note_error(remote, error)
             self.log.warn(
                 "failed to activate endpoint (stay inactive for another interval)",
                 address=remote.addr,

@@ -154,7 +154,7 @@ class ConnTable:
         close; its sockets (None for the relay thread's own) are the caller's."""
         conn = self.conns.pop(pid, None)
         if conn is not None:
-            conn.remote.connections_active -= 1
+            self.balancer.handed_out(conn.remote)
         return conn
 
     def started_native(self, pid: int, remote: Remote) -> None:
