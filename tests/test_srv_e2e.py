@@ -7,7 +7,12 @@ bytes untouched. A refresh follows the records when dnsmasq is restarted with ot
 
 from __future__ import annotations
 
+import json
+import signal
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from _dns import Dnsmasq, SrvHost
 from _etcd import EtcdCluster, etcdctl
@@ -132,3 +137,34 @@ def test_srv_record_pointing_at_gateway_refused(relay_impl: str, dnsmasq: Dnsmas
     assert g.proc.wait(30) == 1
     g.stop()
     assert "should not resolve to the gateway listen addr" in g.stdout
+
+
+def test_srv_endpoints_stay_srv_in_status_across_a_reload(
+    gateway: Start, dnsmasq: Dnsmasq, etcd_tls_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """A SIGHUP reload that keeps the SRV settings keeps the refresher, and the endpoints it
+    passes on keep their origin: /status says `srv`, not `flag` (hostile review of issue 19)."""
+    cluster = etcd_tls_cluster
+    dnsmasq.restart(srv=ssl_records(cluster, [0, 1]), hosts=host_records(cluster))
+    mport = free_tcp_port()
+    conf = tmp_path / "gw.yaml"
+    conf.write_text(
+        f"discovery-srv: {DOMAIN}\n"
+        f"discovery-dns: {dnsmasq.addr}\n"
+        f"trusted-ca-file: {cluster.ca_file}\n"
+        f"listen-addr: 127.0.0.1:{free_tcp_port()}\n"
+        f"metrics-addr: 127.0.0.1:{mport}\n"
+    )
+    g = gateway(f"--config-file={conf}")
+    g.wait_ready()
+
+    def sources() -> dict[str, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/status", timeout=5) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+        return {e["address"]: e["source"] for e in doc["endpoints"] if not e["removed"]}
+
+    want = {f"{cluster.server_names[i]}:{cluster.members[i].client_port}": "srv" for i in (0, 1)}
+    assert sources() == want
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_log("reloaded configuration")
+    assert sources() == want

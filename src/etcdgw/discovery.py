@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -416,8 +417,9 @@ class Refresher:
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
-        """The current good set (empty while still on the --endpoints fall-back)."""
-        return self._current
+        """The current good set (empty while still on the --endpoints fall-back), stamped
+        `srv` for /status whoever passes it on (a reload that keeps the refresher too)."""
+        return tuple(dataclasses.replace(ep, source="srv") for ep in self._current)
 
     def refresh_now(self) -> None:
         """Wake run() to refresh at once (SIGHUP). Call from the event loop's thread."""
