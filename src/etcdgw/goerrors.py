@@ -8,6 +8,7 @@ timeout as `dial tcp 127.0.0.1:2379: i/o timeout`.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -15,6 +16,15 @@ __all__ = ["IO_TIMEOUT", "NO_ADDRESS", "connect_failed", "dial_failed", "strerro
 
 IO_TIMEOUT = "i/o timeout"  # Go's os.ErrDeadlineExceeded text
 NO_ADDRESS = "no address"  # a host name that resolved to nothing dialable
+
+# OSError subclasses raised without an errno (asyncio's transports: "Connection lost"),
+# read as the errno they stand for, so one failure reads one way whoever raised it.
+_ERRNO_OF: dict[type[OSError], int] = {
+    ConnectionResetError: errno.ECONNRESET,
+    ConnectionRefusedError: errno.ECONNREFUSED,
+    ConnectionAbortedError: errno.ECONNABORTED,
+    BrokenPipeError: errno.EPIPE,
+}
 
 
 def strerror(e: BaseException | int) -> str:
@@ -31,6 +41,8 @@ def strerror(e: BaseException | int) -> str:
             return os.strerror(e.errno).lower()
         if e.strerror:
             return str(e.strerror).lower()
+        if type(e) in _ERRNO_OF:
+            return os.strerror(_ERRNO_OF[type(e)]).lower()
     return str(e) or type(e).__name__
 
 
