@@ -757,3 +757,31 @@ def test_hostile_health_answers_are_cheap() -> None:
     print(f"RELIABILITY hostile /health x6 ({IMPL}): cpu {share:.1%} of a core, rss {rss} KiB")
     assert code == 0
     assert share < 0.15, share
+
+
+def test_reload_refuses_health_tls_files_start_up_refuses(relay_impl: str, tmp_path: Path) -> None:
+    """A reload to a --health-cert-file that start-up refuses fails as start-up does, in one
+    line, and keeps the running configuration (it said `reloaded configuration` before:
+    hostile review of issue 19, D2, pre-existing)."""
+    conf = tmp_path / "gw.yaml"
+    port = free_tcp_port()
+    garbage = tmp_path / "not-a-cert.pem"
+    garbage.write_text("not a certificate\n")
+    with TagServer("one") as one:
+        conf.write_text(f"endpoints: [{one.addr}]\nhealth-check: etcd\n")
+        g = GatewayProc(
+            ["start", f"--config-file={conf}", f"--listen-addr=127.0.0.1:{port}"], relay_impl
+        )
+        try:
+            g.wait_ready()
+            conf.write_text(
+                f"endpoints: [{one.addr}]\nhealth-check: etcd\n"
+                f"health-cert-file: {garbage}\nhealth-key-file: {garbage}\n"
+            )
+            g.proc.send_signal(signal.SIGHUP)
+            rec = g.wait_log("reload failed; keeping the running configuration", timeout=10)
+            assert rec["error"].startswith(f"failed to load --health-cert-file {garbage}: ")
+            assert "reloaded configuration" not in g.messages()
+            assert relay_once(port)[0] == b"one\n"
+        finally:
+            assert g.stop() == 0

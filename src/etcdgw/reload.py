@@ -133,6 +133,12 @@ class Reloader:
         from . import resolver
 
         new, raw = self.reparse()
+        if new.health_check == "etcd":
+            # The files start-up would refuse fail the reload the same way (one line), not a
+            # "reloaded configuration" followed by checks that keep the previous ones.
+            from .health import tls_context
+
+            tls_context(new)
         same_discovery = all(getattr(new, f) == getattr(running, f) for f in _DISCOVERY_FIELDS)
         refresher = self.run.refresher
         if new.discovery_srv and same_discovery and has_refresher and refresher is not None:
