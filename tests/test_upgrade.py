@@ -506,6 +506,12 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
         time.sleep(60)
     if os.environ.get("UPGRADE_TEST_MODE") in ("die", "hang"):
         upgrade.Successor._adopt = _adopt
+    if os.environ.get("UPGRADE_TEST_MODE") == "stall-done":
+        main_now = upgrade.Successor._main_now
+        def _stalled(self, log):  # stalls (as SIGSTOP would) between DONE and its last ACK
+            time.sleep(upgrade.MESSAGE_DEADLINE + 2)
+            return main_now(self, log)
+        upgrade.Successor._main_now = _stalled
 """
 
 
@@ -602,6 +608,41 @@ def test_successor_fails_mid_handover_old_takes_pairs_back(
             c.close()
 
 
+def test_successor_stalling_after_done_still_takes_over(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """DONE commits the hand-over: a successor that stalls past the old one's message
+    deadline before its last ACK is still the one serving; the old one exits (it does not
+    resume, so the unix socket file is never unlinked under a listener)."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        path = str(tmp_path / "gw.sock")
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            f"--listen-addr=unix://{path}",
+            env=sitecustomize_env(tmp_path, "stall-done"),
+        )
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        g.proc.send_signal(signal.SIGUSR2)
+        assert g.proc.wait(30) == 0, "\n".join(g.lines)
+        done = record(g, "live upgrade done; exiting")
+        assert done["acknowledged"] is False and done["pairs"] == 1, done
+        assert "live upgrade failed; keeping on serving" not in g.messages()
+        pid = successors.add(int(record(g, "live upgrade: took over", timeout=20)["pid"]))
+        assert echo(c, b"after") == b"after"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+            assert read_line(c2) == b"b1\n"
+        with socket.socket(socket.AF_UNIX) as u:
+            u.settimeout(10)
+            u.connect(path)
+            assert read_line(u) == b"b1\n"
+        c.close()
+        assert successors.stop(pid) == 0
+        assert not os.path.exists(path)  # the successor claimed the file at DONE
+
+
 # --- systemd: the main PID follows the successor --------------------------------------------
 
 
@@ -630,8 +671,10 @@ def test_systemd_hears_mainpid_then_ready_from_the_successor(
         c = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert read_line(c) == b"b1\n"
         pid = upgrade(g, successors)
-        # The successor says nothing until it holds everything; the old one says nothing.
-        assert next_message() == (pid, f"MAINPID={pid}\nREADY=1")
+        # The successor says nothing until it holds everything (DONE); at DONE the old one,
+        # still the main PID, names the successor too (either order).
+        got = {next_message(), next_message()}
+        assert got == {(g.pid, f"MAINPID={pid}"), (pid, f"MAINPID={pid}\nREADY=1")}, got
         assert echo(c, b"x") == b"x"
         c.close()
         assert successors.stop(pid) == 0

@@ -17,16 +17,19 @@ sequence (docs/architecture.md "Live upgrade" says who owns each fd at each step
                                            <-   PAIRS {pairs} + fds (detach(<=126))
     adopt each pair, then ACK              ->   close its copies of the batch
                                                 ... until no pair is left
-                                           <-   DONE {}
+                                           <-   DONE {}   (committed: MAINPID=<successor>)
+    claim the unix socket files,
     MAINPID=<pid> READY=1 (systemd);
     ACK                                    ->   close its listener copies (no unlink), exit 0
+                                                (without the ACK too, past MESSAGE_DEADLINE)
 
 Failure is safe: until the old one has an ACK for a batch it keeps every fd of it open (the
 successor got duplicates), so on EOF, garbage, a version it does not know, or a deadline
 it takes the batch back (re-adopts it in its engine), kills a successor that may still hold
-the unacknowledged batch, resumes accepting, and logs one line. A successor that loses the
-channel before DONE stops accepting and drains what it adopted (it never told systemd it is
-the main process: until DONE its $NOTIFY_SOCKET is put aside).
+the unacknowledged batch, resumes accepting, and logs one line. Once DONE is sent the
+hand-over is committed: the old one never serves again, whatever the successor does next.
+A successor that loses the channel before DONE stops accepting and drains what it adopted
+(it never told systemd it is the main process: until DONE its $NOTIFY_SOCKET is put aside).
 
 Both processes check SO_PEERCRED: only a process of the same user takes over.
 """
@@ -351,7 +354,8 @@ class Old:
             env = dict(os.environ)
             env.update(self.env or {})
             env[ENV_FD] = str(theirs.fileno())
-            # The successor tells systemd itself, once it is the main process (DONE).
+            # The successor tells systemd itself, once it is the main process (DONE); so
+            # does this one, at DONE (_committed).
             log.info("SIGUSR2: starting a successor for a live upgrade", argv=self.argv)
             proc = subprocess.Popen(
                 self.argv,
@@ -368,11 +372,14 @@ class Old:
             await self._failed(parts, state, f"internal error: {e!r}", proc)
         else:
             self.handed_over = True
+            assert proc is not None
+            acked = await self._committed(parts, ours, proc)
             log.info(
                 "live upgrade done; exiting",
-                successor=proc.pid if proc else 0,
+                successor=proc.pid,
                 pairs=state.pairs,
                 seconds=round(time.monotonic() - t0, 3),
+                acknowledged=acked,
             )
             self._done()
         finally:
@@ -441,9 +448,36 @@ class Old:
                     u.close()
             state.pairs += len(batch.items)
             await asyncio.sleep(0)  # let the loop breathe between batches
+        if state.proc is not None and state.proc.poll() is not None:
+            raise ProtocolError(f"successor exited ({state.proc.returncode}) before DONE")
         await asyncio.to_thread(send_msg, sock, {"type": "DONE"})
-        ack, afds = await asyncio.to_thread(expect, sock, "ACK", 4096)
+        # DONE is sent: the hand-over is committed. The successor holds every pair and, on
+        # reading DONE, claims the unix socket files and the main PID: whatever it does
+        # next (a stall, a crash), this process never serves again (_committed).
+
+    async def _committed(
+        self, parts: Parts, sock: socket.socket, proc: subprocess.Popen[bytes]
+    ) -> bool:
+        """After DONE: systemd's main PID is the successor's (told by this process, the main
+        PID until now: NotifyAccess=main is enough); then the successor's last ACK is
+        waited for (MESSAGE_DEADLINE), only to say whether it came. Either way this process
+        exits next, closing its listener copies without unlinking a file."""
+        try:
+            systemd.notify(f"MAINPID={proc.pid}")
+        except OSError as e:
+            parts.log.warn("failed to notify systemd of the new main process", error=str(e))
+        sock.settimeout(MESSAGE_DEADLINE)
+        try:
+            _, afds = await asyncio.to_thread(expect, sock, "ACK", 4096)
+        except ProtocolError as e:
+            parts.log.warn(
+                "live upgrade: no final ACK from the successor; it holds everything now",
+                error=str(e),
+                successor=proc.pid,
+            )
+            return False
         _close_all(afds)
+        return True
 
     def _detach(self, parts: Parts) -> _Batch | None:
         handed = parts.relay.detach(PAIRS_PER_BATCH)
@@ -648,10 +682,16 @@ class Successor:
             while True:
                 msg, fds = await asyncio.to_thread(recv_msg, sock)
                 if msg["type"] == "DONE":
+                    # Committed: the old process exits whatever happens next, so from here
+                    # this process owns the service (the files, the main PID) for good.
                     _close_all(fds)
+                    self.done = True
                     on_main()
                     self._main_now(log)
-                    await asyncio.to_thread(send_msg, sock, {"type": "ACK"})
+                    try:
+                        await asyncio.to_thread(send_msg, sock, {"type": "ACK"})
+                    except ProtocolError:
+                        pass  # the old one did not wait (it need not)
                     break
                 if msg["type"] != "PAIRS":
                     _close_all(fds)
