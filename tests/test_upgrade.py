@@ -506,6 +506,8 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
         time.sleep(60)
     if os.environ.get("UPGRADE_TEST_MODE") in ("die", "hang"):
         upgrade.Successor._adopt = _adopt
+    if os.environ.get("UPGRADE_TEST_MODE") == "usr2-early":
+        os.kill(os.getpid(), signal.SIGUSR2)  # before etcdgw installed any handler
     if os.environ.get("UPGRADE_TEST_MODE") == "stall-done":
         main_now = upgrade.Successor._main_now
         def _stalled(self, log):  # stalls (as SIGSTOP would) between DONE and its last ACK
@@ -641,6 +643,76 @@ def test_successor_stalling_after_done_still_takes_over(
         c.close()
         assert successors.stop(pid) == 0
         assert not os.path.exists(path)  # the successor claimed the file at DONE
+
+
+def test_sigusr2_reaching_the_successor_before_its_handlers_is_ignored(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """`systemctl kill -s USR2` signals every process of the unit: a successor still in
+    Python's start-up (no handler yet) is spawned with SIGUSR2 ignored, so it lives on."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            env=sitecustomize_env(tmp_path, "usr2-early"),
+        )
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        pid = upgrade(g, successors)
+        assert echo(c, b"x") == b"x"
+        c.close()
+        assert successors.stop(pid) == 0
+
+
+def test_successor_ignores_a_package_planted_in_the_working_directory(
+    relay_impl: str, successors: Successors, tmp_path: Path
+) -> None:
+    """`python -m etcdgw` puts the working directory first on sys.path: an `etcdgw`
+    package planted there (a world-writable cwd) would run as the service user with the
+    hand-over channel. The successor is started with -P (no unsafe path): the planted code
+    never runs, and the upgrade completes."""
+    from _gateway import engine_env
+
+    cwd = tmp_path / "cwd"
+    planted = cwd / "etcdgw"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "hijacked"
+    code = f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+    (planted / "__init__.py").write_text(code)
+    (planted / "__main__.py").write_text(code)
+    log = tmp_path / "gw.log"
+    with TagServer("b1") as backend, open(log, "w") as out:
+        port = free_tcp_port()
+        old = subprocess.Popen(
+            [sys.executable, "-P", "-m", "etcdgw", "start"]
+            + [f"--endpoints={backend.addr}", f"--listen-addr=127.0.0.1:{port}"],
+            cwd=cwd,
+            env=engine_env(relay_impl),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+        try:
+            wait_for(lambda: "successfully notified init daemon" in log.read_text(), 20)
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(c) == b"b1\n"
+            old.send_signal(signal.SIGUSR2)
+            assert old.wait(30) == 0, log.read_text()
+            took = wait_for(
+                lambda: [json.loads(x) for x in log.read_text().splitlines() if "took over" in x],
+                10,
+            )
+            pid = successors.add(int(took[0]["pid"]))
+            assert echo(c, b"x") == b"x"
+            c.close()
+            assert not marker.exists(), marker.read_text()
+            assert successors.stop(pid) == 0
+        finally:
+            if old.poll() is None:
+                old.kill()
+                old.wait()
+    assert not marker.exists()
 
 
 # --- systemd: the main PID follows the successor --------------------------------------------

@@ -304,7 +304,10 @@ class Old:
         # (`systemctl kill -s USR2` signals every process of the unit, successor included).
         self._taking_over = taking_over
         if argv is None:
-            argv = [sys.executable, "-m", "etcdgw", *sys.argv[1:]]
+            # -P (Python 3.11): no unsafe path first on sys.path. `-m` would put the working
+            # directory there, and an `etcdgw` package another user planted in a
+            # world-writable one would run as this user, with the hand-over channel.
+            argv = [sys.executable, "-P", "-m", "etcdgw", *sys.argv[1:]]
         self.argv = list(argv)
         self.env = env
         self.busy = False
@@ -357,12 +360,7 @@ class Old:
             # The successor tells systemd itself, once it is the main process (DONE); so
             # does this one, at DONE (_committed).
             log.info("SIGUSR2: starting a successor for a live upgrade", argv=self.argv)
-            proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
-                env=env,
-            )
+            proc = _spawn(self.argv, env, theirs.fileno())
             theirs.close()
             state.proc = proc
             await self._handover(parts, ours, state)
@@ -544,6 +542,21 @@ class Old:
             exit=proc.poll() if proc is not None else None,
             **{"handed-pairs": state.pairs, "taken-back": readopted},
         )
+
+
+def _spawn(argv: list[str], env: dict[str, str], fd: int) -> subprocess.Popen[bytes]:
+    """Start the successor with SIGUSR2 ignored (SIG_IGN survives exec): until its own
+    handlers are installed, a SIGUSR2 (`systemctl kill` signals the whole unit) would end it
+    by the default action. cli.main's start-up handlers take over from there."""
+    try:
+        prev = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    except ValueError:  # not the main thread (tests run gateways in threads)
+        prev = None
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(fd,), env=env)
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGUSR2, prev)
 
 
 async def _reap(proc: subprocess.Popen[bytes]) -> None:
