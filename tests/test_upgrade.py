@@ -902,6 +902,36 @@ def test_sigterm_during_upgrade_waits_for_its_end(launch: Start, successors: Suc
         assert successors.stop(pid) == 0
 
 
+def test_clients_being_dialled_are_dialled_again_by_the_successor(
+    launch: Start, successors: Successors
+) -> None:
+    """Clients whose dial to a silent member (its SYNs dropped) is still in flight past the
+    old one's 3 s wait are handed alone (they sent nothing the gateway consumed): the
+    successor dials them again, and every client reaches the live member."""
+    from _gateway import silent_listener
+
+    silent, fillers = silent_listener()
+    with silent, TagServer("b1") as backend:
+        port = free_tcp_port()
+        sp = silent.getsockname()[1]
+        g = launch(
+            f"--endpoints=127.0.0.1:{sp},{backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--dial-timeout=5s",
+        )
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+        time.sleep(0.3)  # round-robin: some of them are being dialled to the silent member
+        pid = upgrade(g, successors)
+        for c in clients:
+            assert read_line(c) == b"b1\n"
+            assert echo(c, b"x") == b"x"
+            c.close()
+        assert "live upgrade: clients still being dialled are closed" not in g.messages()
+        assert successors.stop(pid) == 0
+    for f in fillers:
+        f.close()
+
+
 def test_upgrade_applies_new_listen_addresses(
     launch: Start, successors: Successors, tmp_path: Path
 ) -> None:

@@ -254,6 +254,7 @@ class Parts:
     extra: other listening sockets handed over by key (the metrics listener).
     redial: dial a client again (its dial had not finished: it sent nothing we consumed).
     dials: how many clients are being dialled (loop dials and the relay thread's).
+    take_dials: stop at most n of the loop's dials and give up their clients, open.
     """
 
     loop: asyncio.AbstractEventLoop
@@ -266,6 +267,7 @@ class Parts:
     listeners: Callable[[], list[tuple[str, socket.socket]]]
     redial: Callable[[socket.socket], None]
     dials: Callable[[], int]
+    take_dials: Callable[[int], list[socket.socket]]
     extra: dict[str, socket.socket] = field(default_factory=dict)
 
 
@@ -414,7 +416,8 @@ class Old:
         parts.pause()
         state.paused = True
         # The clients being dialled become pairs (or detach() hands the relay thread's alone);
-        # a dial that takes longer than DIALS_WAIT stays here and is closed at exit.
+        # a loop dial that takes longer than DIALS_WAIT is stopped and its client handed
+        # alone (it sent nothing we consumed): the successor dials it again.
         dials_until = time.monotonic() + DIALS_WAIT
         while True:
             if time.monotonic() > deadline:
@@ -425,6 +428,8 @@ class Old:
                 if parts.dials() and time.monotonic() < dials_until:
                     await asyncio.sleep(0.005)
                     continue
+                batch = _clients_alone(parts.take_dials(MAX_FDS))
+            if batch is None:
                 if parts.dials():
                     parts.log.warn(
                         "live upgrade: clients still being dialled are closed",
@@ -557,6 +562,18 @@ def _spawn(argv: list[str], env: dict[str, str], fd: int) -> subprocess.Popen[by
     finally:
         if prev is not None:
             signal.signal(signal.SIGUSR2, prev)
+
+
+def _clients_alone(clients: list[socket.socket]) -> _Batch | None:
+    """A batch of clients whose dial had not finished, handed without an upstream."""
+    if not clients:
+        return None
+    return _Batch(
+        [
+            (Handed(-1, c.fileno(), -1, -1, 0, 0, False, False, b"", b""), None, c, None)
+            for c in clients
+        ]
+    )
 
 
 async def _reap(proc: subprocess.Popen[bytes]) -> None:
