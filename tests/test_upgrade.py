@@ -506,6 +506,12 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
         time.sleep(60)
     if os.environ.get("UPGRADE_TEST_MODE") in ("die", "hang"):
         upgrade.Successor._adopt = _adopt
+    if os.environ.get("UPGRADE_TEST_MODE") == "slow-adopt":
+        adopt = upgrade.Successor._adopt
+        def _slow(self, parts, msg, fds):  # each batch 1.5 s: past the old's 1 s deadline
+            time.sleep(1.5)
+            return adopt(self, parts, msg, fds)
+        upgrade.Successor._adopt = _slow
     if os.environ.get("UPGRADE_TEST_MODE") == "usr2-early":
         os.kill(os.getpid(), signal.SIGUSR2)  # before etcdgw installed any handler
     if os.environ.get("UPGRADE_TEST_MODE") == "stall-done":
@@ -514,6 +520,10 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
             time.sleep(upgrade.MESSAGE_DEADLINE + 2)
             return main_now(self, log)
         upgrade.Successor._main_now = _stalled
+elif os.environ.get("UPGRADE_TEST_MODE") == "slow-adopt":  # the old process
+    from etcdgw import upgrade
+    upgrade.HANDOVER_DEADLINE = 1.0
+    upgrade.REAP_AFTER_READY = 1.0
 """
 
 
@@ -713,6 +723,38 @@ def test_successor_ignores_a_package_planted_in_the_working_directory(
                 old.kill()
                 old.wait()
     assert not marker.exists()
+
+
+def test_failed_successor_drains_what_it_acknowledged_for_its_drain_timeout(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """The hand-over deadline passes after the successor acknowledged a batch: the old one
+    keeps the rest and serves; the successor drains its batch for its own --drain-timeout
+    (told in READY), not killed at the old one's floor (REAP_AFTER_READY, 1 s here)."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--drain-timeout=6s",
+            env=sitecustomize_env(tmp_path, "slow-adopt"),
+        )
+        clients = []
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(c) == b"b1\n"
+            clients.append(c)
+        g.proc.send_signal(signal.SIGUSR2)
+        rec = record(g, "live upgrade failed; keeping on serving", timeout=30)
+        assert rec["handed-pairs"] == 126 and rec["taken-back"] == 0, rec
+        pid = successors.add(int(rec["successor"]))
+        time.sleep(3)  # past the old floor of 1 s, within the successor's 6 s drain
+        for i, c in enumerate(clients):
+            assert echo(c, b"ping %d" % i) == b"ping %d" % i
+        assert "live upgrade: killing the failed successor" not in " ".join(g.messages())
+        assert reap(pid, 20) == 0  # it ends by itself once drained
+        for c in clients:
+            c.close()
 
 
 # --- systemd: the main PID follows the successor --------------------------------------------

@@ -333,6 +333,7 @@ class Gateway:
             take_dials=take_dials,
             dials=lambda: len(self.table.dials) + relay.native_pending(),
             extra=dict(extra or {}),
+            drain_timeout=lambda: self.cfg.drain_timeout,
         )
 
     def handed_over(self) -> None:

@@ -82,6 +82,7 @@ START_DEADLINE = 10.0  # spawn -> READY (imports, config, discovery, binding)
 HANDOVER_DEADLINE = 10.0  # READY -> DONE acknowledged
 MESSAGE_DEADLINE = 5.0  # any one message
 REAP_AFTER_READY = 120.0  # a successor that failed after READY drains, then exits
+REAP_MARGIN = 30.0  # ... within its --drain-timeout (told in READY) and this margin
 DIALS_WAIT = 3.0  # how long the old waits for its dials in flight before handing pairs
 
 _LEN = struct.Struct("!I")
@@ -269,6 +270,7 @@ class Parts:
     dials: Callable[[], int]
     take_dials: Callable[[int], list[socket.socket]]
     extra: dict[str, socket.socket] = field(default_factory=dict)
+    drain_timeout: Callable[[], float] = lambda: 0.0
 
 
 # --- the old side --------------------------------------------------------------------------------
@@ -410,6 +412,9 @@ class Old:
         ready, fds = await asyncio.to_thread(expect, sock, "READY", 4096)
         _close_all(fds)
         state.ready = True
+        drain = ready.get("drain")
+        if isinstance(drain, int | float) and not isinstance(drain, bool) and drain >= 0:
+            state.drain = min(float(drain), 365 * 86400.0)
         deadline = time.monotonic() + HANDOVER_DEADLINE
         sock.settimeout(MESSAGE_DEADLINE)
         # Both processes accept for a moment (one kernel queue: no connect is refused).
@@ -538,7 +543,8 @@ class Old:
         if state.paused:
             parts.resume()
         if proc is not None and proc.poll() is None:
-            task = parts.loop.create_task(_reap(proc))
+            after = max(REAP_AFTER_READY, state.drain + REAP_MARGIN)
+            task = parts.loop.create_task(_reap(proc, after, parts.log))
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
         parts.log.error(
             "live upgrade failed; keeping on serving",
@@ -576,15 +582,21 @@ def _clients_alone(clients: list[socket.socket]) -> _Batch | None:
     )
 
 
-async def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """A successor that failed after READY: it drains what it adopted (at most
-    --drain-timeout) and exits by itself; waited for (no zombie), killed past
+async def _reap(proc: subprocess.Popen[bytes], after: float, log: Logger) -> None:
+    """A successor that failed after READY: it drains what it adopted (at most its
+    --drain-timeout, told in READY) and exits by itself; waited for (no zombie), killed
+    (one line) only past `after`: that drain timeout plus REAP_MARGIN, at least
     REAP_AFTER_READY."""
     try:
-        await asyncio.to_thread(proc.wait, REAP_AFTER_READY)
+        await asyncio.to_thread(proc.wait, after)
         return
     except subprocess.TimeoutExpired:
         pass
+    log.warn(
+        "live upgrade: killing the failed successor, still running past its drain timeout",
+        successor=proc.pid,
+        waited=round(after, 1),
+    )
     try:
         proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(proc.wait, 5)
@@ -599,6 +611,7 @@ class _OldState:
     paused: bool = False
     ready: bool = False
     pairs: int = 0
+    drain: float = 0.0  # the successor's --drain-timeout (READY)
 
 
 def _send_error(sock: socket.socket, reason: str) -> None:
@@ -707,7 +720,8 @@ class Successor:
         t0 = time.monotonic()
         try:
             sock.settimeout(MESSAGE_DEADLINE)
-            await asyncio.to_thread(send_msg, sock, {"type": "READY", "pid": os.getpid()})
+            ready = {"type": "READY", "pid": os.getpid(), "drain": parts.drain_timeout()}
+            await asyncio.to_thread(send_msg, sock, ready)
             sock.settimeout(HANDOVER_DEADLINE + MESSAGE_DEADLINE)
             while True:
                 msg, fds = await asyncio.to_thread(recv_msg, sock)
