@@ -974,6 +974,68 @@ def test_clients_being_dialled_are_dialled_again_by_the_successor(
         f.close()
 
 
+def test_socket_activated_listener_is_handed_as_inherited(
+    relay_impl: str, successors: Successors, tmp_path: Path
+) -> None:
+    """Socket activation (LISTEN_FDS) then SIGUSR2: the successor takes systemd's listener
+    as inherited, under its name, and binds nothing of its own (not the default
+    127.0.0.1:23790); the next upgrade hands it on again."""
+    from _gateway import engine_env
+
+    lst = socket.create_server(("127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    fd = lst.fileno()
+    log = tmp_path / "gw.log"
+
+    def child_setup() -> None:
+        os.dup2(fd, 3)
+        os.set_inheritable(3, True)
+
+    env = engine_env(relay_impl)
+    env["LISTEN_FDS"] = "1"
+    with TagServer("act") as backend, open(log, "w") as out:
+        old = subprocess.Popen(
+            ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" -m etcdgw start "$1"',
+             sys.executable, f"--endpoints={backend.addr}"],
+            env=env, preexec_fn=child_setup, pass_fds=tuple({fd, 3}),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        )  # fmt: skip
+        lst.close()
+        pids: list[int] = []
+        try:
+            wait_for(lambda: "successfully notified init daemon" in log.read_text(), 20)
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(c) == b"act\n"
+            for n in range(2):  # twice: the successor hands it on under the same key
+                target = old.pid if n == 0 else pids[-1]
+                os.kill(target, signal.SIGUSR2)
+                if n == 0:
+                    assert old.wait(30) == 0, log.read_text()
+                else:
+                    assert reap(target, 30) == 0, log.read_text()
+
+                def took(n: int = n) -> list[dict[str, Any]] | None:
+                    recs = [json.loads(x) for x in log.read_text().splitlines() if "took over" in x]
+                    return recs if len(recs) > n else None
+
+                pids.append(successors.add(int(wait_for(took, 10)[n]["pid"])))
+                assert echo(c, b"x%d" % n) == b"x%d" % n
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+                    assert read_line(c2) == b"act\n"
+            c.close()
+            ready = [
+                json.loads(x)
+                for x in log.read_text().splitlines()
+                if '"listen-addrs"' in x and x.startswith("{")
+            ]
+            assert ready and all(r["listen-addrs"] == [f"127.0.0.1:{port}"] for r in ready), ready
+            assert successors.stop(pids[-1]) == 0
+        finally:
+            if old.poll() is None:
+                old.kill()
+                old.wait()
+
+
 def test_upgrade_applies_new_listen_addresses(
     launch: Start, successors: Successors, tmp_path: Path
 ) -> None:

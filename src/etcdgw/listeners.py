@@ -20,6 +20,7 @@ from .config import Config, ConfigError, Listen, format_addr
 from .goerrors import strerror
 
 __all__ = [
+    "ACTIVATED",
     "LATE_OPTIONS_AFTER",
     "LateOptions",
     "ListenerSet",
@@ -29,6 +30,10 @@ __all__ = [
 ]
 
 SockOpt = tuple[int, int, int]
+
+# The key (ListenerSet.keys) of a listener systemd passed (socket activation): a live upgrade
+# hands it to the successor under this prefix, which takes it as inherited, not bound.
+ACTIVATED = "systemd "
 
 # Keep-alive options go on an upstream socket once its connection has lived this long (the
 # shortest --tcp-keepalive: they cannot matter sooner, and short connections save 5 calls).
@@ -170,7 +175,8 @@ class ListenerSet:
     ) -> None:
         self.cfg = cfg
         self.socks: list[socket.socket] = []
-        # What each socket listens for: its --listen-addr (a live upgrade matches by it).
+        # What each socket listens for: its --listen-addr (a live upgrade matches by it), or
+        # ACTIVATED + its name for systemd's.
         self.keys: list[str] = []
         self._inherited = list(inherited or ())
         # A live upgrade's listeners (upgrade.py), by --listen-addr: used instead of binding.
@@ -191,7 +197,7 @@ class ListenerSet:
             for s in self._inherited:
                 s.setblocking(False)
                 self.socks.append(s)
-                self.keys.append(sock_name(s))
+                self.keys.append(ACTIVATED + sock_name(s))
             return
         handed, self._handed = self._handed, {}
         try:
