@@ -675,6 +675,52 @@ def test_sigusr2_reaching_the_successor_before_its_handlers_is_ignored(
         assert successors.stop(pid) == 0
 
 
+def test_sigusr2_as_pid_1_is_refused(relay_impl: str, tmp_path: Path) -> None:
+    """etcdgw as PID 1 of a PID namespace (a container without an init): its exit after a
+    hand-over would make the kernel kill the successor, so SIGUSR2 is refused, one line."""
+    from _gateway import engine_env, tool
+
+    log = tmp_path / "gw.log"
+    with TagServer("b1") as backend, open(log, "w") as out:
+        port = free_tcp_port()
+        ns = subprocess.Popen(
+            [tool("unshare"), "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
+            + [sys.executable, "-m", "etcdgw", "start"]
+            + [f"--endpoints={backend.addr}", f"--listen-addr=127.0.0.1:{port}"],
+            env=engine_env(relay_impl),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+        inner = 0
+        try:
+            wait_for(lambda: "successfully notified init daemon" in log.read_text(), 20)
+            (inner,) = [
+                int(p)
+                for t in os.listdir(f"/proc/{ns.pid}/task")
+                for p in Path(f"/proc/{ns.pid}/task/{t}/children").read_text().split()
+            ]
+            assert f"NSpid:\t{inner}\t1" in Path(f"/proc/{inner}/status").read_text()
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(c) == b"b1\n"
+            os.kill(inner, signal.SIGUSR2)
+            wait_for(lambda: "SIGUSR2 as PID 1" in log.read_text(), 10)
+            time.sleep(0.5)
+            text = log.read_text()
+            assert "starting a successor" not in text and "live upgrade done" not in text, text
+            assert ns.poll() is None
+            assert echo(c, b"x") == b"x"
+            c.close()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+                assert read_line(c2) == b"b1\n"
+            os.kill(inner, signal.SIGTERM)  # unshare itself does not pass SIGTERM on
+            assert ns.wait(15) == 0, log.read_text()
+        finally:
+            if ns.poll() is None:
+                ns.kill()  # --kill-child: the gateway goes with it
+                ns.wait(15)
+
+
 def test_successor_ignores_a_package_planted_in_the_working_directory(
     relay_impl: str, successors: Successors, tmp_path: Path
 ) -> None:

@@ -333,6 +333,17 @@ class Old:
             return
         if self.handed_over:
             return
+        if os.getpid() == 1:
+            # PID 1 of its PID namespace (a container without an init): when it exits after
+            # the hand-over, the kernel kills every process of the namespace, the successor
+            # with all it took over.
+            parts.log.warn(
+                "SIGUSR2 as PID 1 (no init process): a live upgrade would end with this "
+                "process and the kernel would kill the successor; ignored. Run etcdgw under "
+                "an init (docker run --init, tini)",
+                signal="SIGUSR2",
+            )
+            return
         if parts.table.draining:
             parts.log.warn("SIGUSR2 while stopping; ignored", signal="SIGUSR2")
             return
