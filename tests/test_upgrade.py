@@ -1110,6 +1110,43 @@ def test_upgrade_applies_new_listen_addresses(
         assert successors.stop(pid) == 0
 
 
+def test_upgrade_applies_unix_mode_and_unlinks_a_dropped_unix_listener(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """The new configuration changes --listen-unix-mode (0666 -> 0600) and drops one unix
+    listener: the handed socket file gets the new mode (never unlinked: the same inode), and
+    the dropped one's file is unlinked once the successor took over."""
+    with TagServer("b1") as backend:
+        ua, ub = str(tmp_path / "ua.sock"), str(tmp_path / "ub.sock")
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [unix://{ua}, unix://{ub}]\n"
+            "listen-unix-mode: '0666'\n"
+        )
+        g = launch(f"--config-file={cfg}")
+        assert os.stat(ub).st_mode & 0o777 == 0o666
+        ino = os.stat(ub).st_ino
+        u = socket.socket(socket.AF_UNIX)
+        u.settimeout(10)
+        u.connect(ua)
+        assert read_line(u) == b"b1\n"
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [unix://{ub}]\nlisten-unix-mode: '0600'\n"
+        )
+        pid = upgrade(g, successors)
+        assert os.stat(ub).st_mode & 0o777 == 0o600
+        assert os.stat(ub).st_ino == ino
+        assert not os.path.exists(ua)
+        assert echo(u, b"x") == b"x"  # its pair was handed all the same
+        with socket.socket(socket.AF_UNIX) as u2:
+            u2.settimeout(10)
+            u2.connect(ub)
+            assert read_line(u2) == b"b1\n"
+        u.close()
+        assert successors.stop(pid) == 0
+        assert not os.path.exists(ub)
+
+
 # --- 6. 9,000 idle pairs (the figures: bench/upgrade.py, RELIABILITY.md) ---------------------
 
 
