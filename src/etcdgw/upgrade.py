@@ -31,7 +31,13 @@ hand-over is committed: the old one never serves again, whatever the successor d
 A successor that loses the channel before DONE stops accepting and drains what it adopted
 (it never told systemd it is the main process: until DONE its $NOTIFY_SOCKET is put aside).
 
-Both processes check SO_PEERCRED: only a process of the same user takes over.
+Who may take over: only the child this process starts. The channel is a socketpair (no
+name: nothing can connect to it); its end is passed to that child alone (pass_fds; every
+other descriptor is close-on-exec) and $ETCDGW_UPGRADE_FD is removed from the successor's
+environment once read. SO_PEERCRED cannot add to that: on a socketpair it reports the
+process that created the pair at both ends (the old one), so the old side has nothing to
+check; the successor reads it only to learn (and log) the old one's pid, and refuses a
+channel created by another user.
 """
 
 from __future__ import annotations
@@ -184,7 +190,8 @@ def check_version(msg: dict[str, Any]) -> None:
 
 
 def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
+    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED): the
+    one that connected, or for a socketpair the one that created it (at both ends)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
     pid, uid, gid = _CRED.unpack(raw)
     return pid, uid, gid
@@ -406,7 +413,7 @@ class Old:
 
     async def _handover(self, parts: Parts, sock: socket.socket, state: _OldState) -> None:
         sock.settimeout(START_DEADLINE)
-        check_peer(sock)
+        # No SO_PEERCRED check here: on a socketpair it names this process (module doc).
         hello, fds = await asyncio.to_thread(expect, sock, "HELLO", 4096)
         _close_all(fds)
         if hello.get("version") != VERSION:
