@@ -53,6 +53,15 @@ def test_socketpair_peercred_names_its_creator_at_both_ends() -> None:
         assert upgrade.peer_cred(a)[0] == os.getpid()  # ours: ourselves, not the child
 
 
+def test_deeply_nested_json_is_a_protocol_error() -> None:
+    a, b = pair()
+    with a, b:
+        body = b"[" * 100_000
+        a.sendall(struct.pack("!I", len(body)) + body)
+        with pytest.raises(ProtocolError, match="nested too deeply"):
+            recv_msg(b)
+
+
 def test_message_with_descriptors_round_trip() -> None:
     a, b = pair()
     r, w = os.pipe()

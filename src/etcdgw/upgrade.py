@@ -160,6 +160,8 @@ def recv_msg(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, A
             msg = json.loads(body)
         except ValueError:
             raise ProtocolError("malformed message (not JSON)") from None
+        except RecursionError:  # e.g. 4,000 `[`: the peer's fault, not an internal error
+            raise ProtocolError("malformed message (nested too deeply)") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError("malformed message (no type)")
         return msg, fds
