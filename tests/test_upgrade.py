@@ -803,6 +803,47 @@ def test_failed_successor_drains_what_it_acknowledged_for_its_drain_timeout(
             c.close()
 
 
+def test_old_keeps_accepting_until_the_successor_first_answers(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """A successor that hangs on its first batch, right after READY: the old one stops
+    accepting only at the first ACK, so new clients are served during the 5 s message
+    deadline (not left in the kernel queue); then it kills the successor and serves all."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            env=sitecustomize_env(tmp_path, "hang"),
+        )
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        g.proc.send_signal(signal.SIGUSR2)
+        record(g, "SIGUSR2: starting a successor for a live upgrade")
+        wait_for(lambda: len(successors.orphans()) or _children(g.pid), 10)
+        time.sleep(1.0)  # READY sent, the first batch on its way: the successor hangs
+        slowest = 0.0
+        for _ in range(10):
+            t = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+                c2.settimeout(10)
+                assert read_line(c2) == b"b1\n"
+            slowest = max(slowest, time.monotonic() - t)
+            time.sleep(0.2)
+        assert slowest < 1.0, slowest
+        rec = record(g, "live upgrade failed; keeping on serving", timeout=30)
+        assert rec["taken-back"] == 1, rec
+        assert echo(c, b"x") == b"x"
+        c.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        out += [int(x) for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    return out
+
+
 # --- systemd: the main PID follows the successor --------------------------------------------
 
 

@@ -12,10 +12,11 @@ sequence (docs/architecture.md "Live upgrade" says who owns each fd at each step
                                            <-   LISTENERS {version, keys} + listener fds
     bind what is new, close what is not
     wanted, accept on the handed ones
-    READY                                  ->   stop accepting (listeners kept open)
+    READY                                  ->
+                                           <-   PAIRS {pairs} + fds (detach(<=126); [])
+    adopt each pair, then ACK              ->   close its copies of the batch; the first:
+                                                stop accepting (listeners kept open),
                                                 wait for the dials in flight
-                                           <-   PAIRS {pairs} + fds (detach(<=126))
-    adopt each pair, then ACK              ->   close its copies of the batch
                                                 ... until no pair is left
                                            <-   DONE {}   (committed: MAINPID=<successor>)
     claim the unix socket files,
@@ -437,19 +438,22 @@ class Old:
             state.drain = min(float(drain), 365 * 86400.0)
         deadline = time.monotonic() + HANDOVER_DEADLINE
         sock.settimeout(MESSAGE_DEADLINE)
-        # Both processes accept for a moment (one kernel queue: no connect is refused).
-        parts.pause()
-        state.paused = True
-        # The clients being dialled become pairs (or detach() hands the relay thread's alone);
-        # a loop dial that takes longer than DIALS_WAIT is stopped and its client handed
-        # alone (it sent nothing we consumed): the successor dials it again.
-        dials_until = time.monotonic() + DIALS_WAIT
+        # Both processes accept (one kernel queue: no connect is refused) until the first
+        # ACK proves the successor alive: one that hangs right after READY leaves this one
+        # accepting. With no pair to hand, an empty PAIRS is that probe.
+        dials_until = 0.0
         while True:
             if time.monotonic() > deadline:
                 raise ProtocolError("hand-over deadline passed")
             parts.relay.poll()  # report what started, failed or finished before detaching
             batch = self._detach(parts)
-            if batch is None:
+            if not state.paused:
+                batch = batch or _Batch([])
+            elif batch is None:
+                # The clients being dialled become pairs (or detach() hands the relay
+                # thread's alone); a loop dial that takes longer than DIALS_WAIT is stopped
+                # and its client handed alone (it sent nothing we consumed): the successor
+                # dials it again.
                 if parts.dials() and time.monotonic() < dials_until:
                     await asyncio.sleep(0.005)
                     continue
@@ -475,6 +479,10 @@ class Old:
                 if u is not None:
                     u.close()
             state.pairs += len(batch.items)
+            if not state.paused:  # the successor answers: it alone accepts from now on
+                parts.pause()
+                state.paused = True
+                dials_until = time.monotonic() + DIALS_WAIT
             await asyncio.sleep(0)  # let the loop breathe between batches
         if state.proc is not None and state.proc.poll() is not None:
             raise ProtocolError(f"successor exited ({state.proc.returncode}) before DONE")
