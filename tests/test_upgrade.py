@@ -837,6 +837,33 @@ def test_old_keeps_accepting_until_the_successor_first_answers(
         c.close()
 
 
+def test_sigterm_during_a_failing_upgrade_says_it_stops(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """SIGTERM during a hand-over that then fails: the one line says the old one stops
+    (drains), not that it keeps on serving (review #13)."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--drain-timeout=1s",
+            env=sitecustomize_env(tmp_path, "hang"),
+        )
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        g.proc.send_signal(signal.SIGUSR2)
+        record(g, "SIGUSR2: starting a successor for a live upgrade")
+        time.sleep(1.0)
+        g.proc.send_signal(signal.SIGTERM)
+        assert g.proc.wait(30) == 0, "\n".join(g.lines)
+        rec = record(g, "live upgrade failed; stopping as asked during it (draining)")
+        assert rec["taken-back"] == 1, rec
+        assert "live upgrade failed; keeping on serving" not in g.messages()
+        record(g, "stopping; draining connections")
+        c.close()
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for t in os.listdir(f"/proc/{pid}/task"):

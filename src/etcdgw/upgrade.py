@@ -575,7 +575,9 @@ class Old:
             task = parts.loop.create_task(_reap(proc, after, parts.log))
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
         parts.log.error(
-            "live upgrade failed; keeping on serving",
+            "live upgrade failed; keeping on serving"
+            if self.stop_deferred is None
+            else "live upgrade failed; stopping as asked during it (draining)",
             error=why,
             successor=proc.pid if proc is not None else 0,
             exit=proc.poll() if proc is not None else None,
