@@ -483,7 +483,9 @@ def test_streams_and_connects_during_upgrade(launch: Start, successors: Successo
         streams.check()
         assert conn.failures == [] and conn.ok > 0
         took = record(g, "live upgrade: took over")
-        assert took["pairs"] == n, took  # every stream was live at the hand-over
+        # Every stream was live at the hand-over; so may be a few of the connect loop's
+        # (the old one accepts until the first ACK: those are handed too).
+        assert n <= took["pairs"] <= n + 10, took
         assert successors.stop(pid) == 0
 
 
