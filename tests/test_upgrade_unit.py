@@ -28,6 +28,40 @@ def test_peer_check_uses_so_peercred() -> None:
             check_peer(a, os.geteuid() + 1)
 
 
+def test_socketpair_peercred_names_its_creator_at_both_ends() -> None:
+    """Why the old side checks no SO_PEERCRED: on a socketpair both ends report the process
+    that created it, whoever holds the other end (here a child); the successor reads it to
+    learn the old one's pid."""
+    import subprocess
+    import sys
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    code = (
+        "import socket, struct, sys; s = socket.socket(fileno=int(sys.argv[1]));"
+        "print(struct.unpack('3i', s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])"
+    )
+    with a, b:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(b.fileno())],
+            pass_fds=(b.fileno(),),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        assert int(out.stdout) == os.getpid()  # the child's end: the creator, the old one
+        assert upgrade.peer_cred(a)[0] == os.getpid()  # ours: ourselves, not the child
+
+
+def test_deeply_nested_json_is_a_protocol_error() -> None:
+    a, b = pair()
+    with a, b:
+        body = b"[" * 100_000
+        a.sendall(struct.pack("!I", len(body)) + body)
+        with pytest.raises(ProtocolError, match="nested too deeply"):
+            recv_msg(b)
+
+
 def test_message_with_descriptors_round_trip() -> None:
     a, b = pair()
     r, w = os.pipe()

@@ -100,6 +100,7 @@ def prepare(
     """
     from . import discovery, resolver
     from .dial import is_local_ip
+    from .listeners import ACTIVATED
     from .server import Gateway
 
     endpoints, discovered = resolve_endpoints(cfg, raw_endpoints, log)
@@ -120,10 +121,19 @@ def prepare(
     metrics_sock = handed.pop(metrics_key(cfg.metrics_addr), None) if cfg.metrics_addr else None
     for key in [k for k in handed if k.startswith("metrics ")]:
         handed.pop(key).close()  # a metrics address the new configuration does not use
+    inherited = systemd.listen_fds()
+    # Listeners the old process took from systemd (socket activation) are taken the same
+    # way: as inherited, whatever --listen-addr says.
+    activated = [handed.pop(k) for k in [k for k in handed if k.startswith(ACTIVATED)]]
+    if inherited:
+        for s in activated:
+            s.close()
+    else:
+        inherited = activated
     gw = Gateway(
         cfg,
         log,
-        inherited=systemd.listen_fds(),
+        inherited=inherited,
         handed=handed,
     )
     try:

@@ -115,6 +115,8 @@ class Table(Protocol):
 
     def abandoned(self, client: socket.socket, held: bool = False) -> None: ...
 
+    def handed_dial(self, held: bool = False) -> None: ...
+
 
 class Verdict(Protocol):
     """What a dial's outcome means for its remote (monitor.Monitor)."""
@@ -403,6 +405,27 @@ class Dial:
         self._set_remote(None)
         dr.verdict.dial_succeeded(remote)
         dr.table.start_relay(self.client, sock, remote, self.held)
+
+    def hand_over(self) -> socket.socket:
+        """Live upgrade (upgrade.py): stop dialling and give the client up, open; it has sent
+        nothing we consumed, so the successor dials it again from scratch."""
+        self._stop()
+        self.dr.table.dials.discard(self)
+        self.dr.table.handed_dial(self.held)
+        return self.client
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.sock is not None:
+            self.dr.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        self._set_remote(None)
 
     def abort(self) -> None:
         """Shutdown: give up this client now."""

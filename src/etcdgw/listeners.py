@@ -20,6 +20,7 @@ from .config import Config, ConfigError, Listen, format_addr
 from .goerrors import strerror
 
 __all__ = [
+    "ACTIVATED",
     "LATE_OPTIONS_AFTER",
     "LateOptions",
     "ListenerSet",
@@ -29,6 +30,10 @@ __all__ = [
 ]
 
 SockOpt = tuple[int, int, int]
+
+# The key (ListenerSet.keys) of a listener systemd passed (socket activation): a live upgrade
+# hands it to the successor under this prefix, which takes it as inherited, not bound.
+ACTIVATED = "systemd "
 
 # Keep-alive options go on an upstream socket once its connection has lived this long (the
 # shortest --tcp-keepalive: they cannot matter sooner, and short connections save 5 calls).
@@ -170,12 +175,16 @@ class ListenerSet:
     ) -> None:
         self.cfg = cfg
         self.socks: list[socket.socket] = []
-        # What each socket listens for: its --listen-addr (a live upgrade matches by it).
+        # What each socket listens for: its --listen-addr (a live upgrade matches by it), or
+        # ACTIVATED + its name for systemd's.
         self.keys: list[str] = []
         self._inherited = list(inherited or ())
         # A live upgrade's listeners (upgrade.py), by --listen-addr: used instead of binding.
         self._handed = dict(handed or {})
         self._handed_files: list[str] = []
+        # Unix socket files of handed listeners the new configuration dropped: path ->
+        # (st_dev, st_ino); ours to unlink once the hand-over is complete (claim_handed).
+        self._dropped_files: dict[str, tuple[int, int]] = {}
         # Unix socket files we created: path -> (st_dev, st_ino) at bind. On close a file is
         # unlinked only if it is still ours: another instance may have replaced it since.
         self._files: dict[str, tuple[int, int]] = {}
@@ -191,7 +200,7 @@ class ListenerSet:
             for s in self._inherited:
                 s.setblocking(False)
                 self.socks.append(s)
-                self.keys.append(sock_name(s))
+                self.keys.append(ACTIVATED + sock_name(s))
             return
         handed, self._handed = self._handed, {}
         try:
@@ -200,6 +209,14 @@ class ListenerSet:
                 if given is not None:
                     given.setblocking(False)
                     if ls.path is not None:
+                        try:  # the configured mode, which may have changed since
+                            _set_mode(ls.path, self.cfg.listen_unix_mode)
+                        except (OSError, _Replaced) as e:
+                            given.close()
+                            reason = str(e) if isinstance(e, _Replaced) else strerror(e)
+                            raise ConfigError(
+                                f"listen unix {ls.path}: {reason}", stream="stderr"
+                            ) from None
                         self._handed_files.append(ls.path)  # claimed once the old one left
                     self.socks.append(given)
                 else:
@@ -209,8 +226,24 @@ class ListenerSet:
             self.close()
             raise
         finally:
-            for unwanted in handed.values():  # not wanted any more (its socket file stays)
+            for unwanted in handed.values():  # not wanted any more
+                self._note_dropped(unwanted)
                 unwanted.close()
+
+    def _note_dropped(self, sock: socket.socket) -> None:
+        """A handed unix listener the configuration dropped: its file (still the old
+        process's until the hand-over completes) is unlinked by claim_handed()."""
+        if sock.family != socket.AF_UNIX:
+            return
+        try:
+            path = sock.getsockname()
+            if not isinstance(path, str) or not path or path.startswith("\0"):
+                return  # abstract or unnamed: no file
+            st = os.lstat(path)
+        except OSError:
+            return
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
+            self._dropped_files[path] = (st.st_dev, st.st_ino)
 
     def claim_handed(self) -> None:
         """A live upgrade is complete: the handed unix socket files are ours to unlink."""
@@ -222,6 +255,9 @@ class ListenerSet:
             if stat.S_ISSOCK(st.st_mode):
                 self._files[path] = (st.st_dev, st.st_ino)
         self._handed_files = []
+        for path, ident in self._dropped_files.items():
+            _unlink_if(path, ident)  # nobody listens there any more
+        self._dropped_files = {}
 
     def release(self) -> None:
         """A live upgrade handed every listener over: close ours, unlink no socket file."""
@@ -330,6 +366,32 @@ def _claim(path: str, mode: int) -> tuple[int, int]:
                 raise _Replaced("cannot set its mode: /proc/self/fd is not available") from None
             raise
         return ident
+    finally:
+        os.close(fd)
+
+
+def _set_mode(path: str, mode: int) -> None:
+    """Give a handed listener's socket file the configured mode, the way _claim does (O_PATH
+    | O_NOFOLLOW, our socket with one link, chmod through /proc/self/fd); never unlinks it
+    (the old process still serves on it).
+
+    Raises:
+        _Replaced: the path no longer names our socket file.
+        OSError: the chmod failed.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _Replaced("handed socket file removed") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise _Replaced(f"handed socket file replaced by {_kind(st)}")
+        if stat.S_IMODE(st.st_mode) != mode:
+            try:
+                os.chmod(f"/proc/self/fd/{fd}", mode)
+            except FileNotFoundError:
+                raise _Replaced("cannot set its mode: /proc/self/fd is not available") from None
     finally:
         os.close(fd)
 

@@ -315,6 +315,9 @@ class Gateway:
         def redial(client: socket.socket) -> None:
             dialer.dial(client)
 
+        def take_dials(n: int) -> list[socket.socket]:
+            return [d.hand_over() for d in list(self.table.dials)[:n]]
+
         return upgrade.Parts(
             loop=self.loop,
             log=self.log,
@@ -327,8 +330,10 @@ class Gateway:
                 zip(self.listener_set.keys, self.listener_set.socks, strict=True)
             ),
             redial=redial,
+            take_dials=take_dials,
             dials=lambda: len(self.table.dials) + relay.native_pending(),
             extra=dict(extra or {}),
+            drain_timeout=lambda: self.cfg.drain_timeout,
         )
 
     def handed_over(self) -> None:

@@ -171,6 +171,12 @@ class ConnTable:
         self._let_go(held)
         self.on_gone()
 
+    def handed_dial(self, held: bool = False) -> None:
+        """A dial's client was handed to a live upgrade's successor (Dial.hand_over): not
+        ours to count any more (its socket is the caller's)."""
+        self._let_go(held)
+        self.on_gone()
+
     def _let_go(self, held: bool) -> None:
         """A client the relay thread handed back (held) is closed: it counts there no more."""
         if held and self._relay is not None:

@@ -12,23 +12,33 @@ sequence (docs/architecture.md "Live upgrade" says who owns each fd at each step
                                            <-   LISTENERS {version, keys} + listener fds
     bind what is new, close what is not
     wanted, accept on the handed ones
-    READY                                  ->   stop accepting (listeners kept open)
+    READY                                  ->
+                                           <-   PAIRS {pairs} + fds (detach(<=126); [])
+    adopt each pair, then ACK              ->   close its copies of the batch; the first:
+                                                stop accepting (listeners kept open),
                                                 wait for the dials in flight
-                                           <-   PAIRS {pairs} + fds (detach(<=126))
-    adopt each pair, then ACK              ->   close its copies of the batch
                                                 ... until no pair is left
-                                           <-   DONE {}
+                                           <-   DONE {}   (committed: MAINPID=<successor>)
+    claim the unix socket files,
     MAINPID=<pid> READY=1 (systemd);
     ACK                                    ->   close its listener copies (no unlink), exit 0
+                                                (without the ACK too, past MESSAGE_DEADLINE)
 
 Failure is safe: until the old one has an ACK for a batch it keeps every fd of it open (the
 successor got duplicates), so on EOF, garbage, a version it does not know, or a deadline
 it takes the batch back (re-adopts it in its engine), kills a successor that may still hold
-the unacknowledged batch, resumes accepting, and logs one line. A successor that loses the
-channel before DONE stops accepting and drains what it adopted (it never told systemd it is
-the main process: until DONE its $NOTIFY_SOCKET is put aside).
+the unacknowledged batch, resumes accepting, and logs one line. Once DONE is sent the
+hand-over is committed: the old one never serves again, whatever the successor does next.
+A successor that loses the channel before DONE stops accepting and drains what it adopted
+(it never told systemd it is the main process: until DONE its $NOTIFY_SOCKET is put aside).
 
-Both processes check SO_PEERCRED: only a process of the same user takes over.
+Who may take over: only the child this process starts. The channel is a socketpair (no
+name: nothing can connect to it); its end is passed to that child alone (pass_fds; every
+other descriptor is close-on-exec) and $ETCDGW_UPGRADE_FD is removed from the successor's
+environment once read. SO_PEERCRED cannot add to that: on a socketpair it reports the
+process that created the pair at both ends (the old one), so the old side has nothing to
+check; the successor reads it only to learn (and log) the old one's pid, and refuses a
+channel created by another user.
 """
 
 from __future__ import annotations
@@ -79,6 +89,7 @@ START_DEADLINE = 10.0  # spawn -> READY (imports, config, discovery, binding)
 HANDOVER_DEADLINE = 10.0  # READY -> DONE acknowledged
 MESSAGE_DEADLINE = 5.0  # any one message
 REAP_AFTER_READY = 120.0  # a successor that failed after READY drains, then exits
+REAP_MARGIN = 30.0  # ... within its --drain-timeout (told in READY) and this margin
 DIALS_WAIT = 3.0  # how long the old waits for its dials in flight before handing pairs
 
 _LEN = struct.Struct("!I")
@@ -150,6 +161,8 @@ def recv_msg(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, A
             msg = json.loads(body)
         except ValueError:
             raise ProtocolError("malformed message (not JSON)") from None
+        except RecursionError:  # e.g. 4,000 `[`: the peer's fault, not an internal error
+            raise ProtocolError("malformed message (nested too deeply)") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError("malformed message (no type)")
         return msg, fds
@@ -180,7 +193,8 @@ def check_version(msg: dict[str, Any]) -> None:
 
 
 def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
+    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED): the
+    one that connected, or for a socketpair the one that created it (at both ends)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
     pid, uid, gid = _CRED.unpack(raw)
     return pid, uid, gid
@@ -251,6 +265,7 @@ class Parts:
     extra: other listening sockets handed over by key (the metrics listener).
     redial: dial a client again (its dial had not finished: it sent nothing we consumed).
     dials: how many clients are being dialled (loop dials and the relay thread's).
+    take_dials: stop at most n of the loop's dials and give up their clients, open.
     """
 
     loop: asyncio.AbstractEventLoop
@@ -263,7 +278,9 @@ class Parts:
     listeners: Callable[[], list[tuple[str, socket.socket]]]
     redial: Callable[[socket.socket], None]
     dials: Callable[[], int]
+    take_dials: Callable[[int], list[socket.socket]]
     extra: dict[str, socket.socket] = field(default_factory=dict)
+    drain_timeout: Callable[[], float] = lambda: 0.0
 
 
 # --- the old side --------------------------------------------------------------------------------
@@ -301,7 +318,10 @@ class Old:
         # (`systemctl kill -s USR2` signals every process of the unit, successor included).
         self._taking_over = taking_over
         if argv is None:
-            argv = [sys.executable, "-m", "etcdgw", *sys.argv[1:]]
+            # -P (Python 3.11): no unsafe path first on sys.path. `-m` would put the working
+            # directory there, and an `etcdgw` package another user planted in a
+            # world-writable one would run as this user, with the hand-over channel.
+            argv = [sys.executable, "-P", "-m", "etcdgw", *sys.argv[1:]]
         self.argv = list(argv)
         self.env = env
         self.busy = False
@@ -322,6 +342,17 @@ class Old:
             )
             return
         if self.handed_over:
+            return
+        if os.getpid() == 1:
+            # PID 1 of its PID namespace (a container without an init): when it exits after
+            # the hand-over, the kernel kills every process of the namespace, the successor
+            # with all it took over.
+            parts.log.warn(
+                "SIGUSR2 as PID 1 (no init process): a live upgrade would end with this "
+                "process and the kernel would kill the successor; ignored. Run etcdgw under "
+                "an init (docker run --init, tini)",
+                signal="SIGUSR2",
+            )
             return
         if parts.table.draining:
             parts.log.warn("SIGUSR2 while stopping; ignored", signal="SIGUSR2")
@@ -351,14 +382,10 @@ class Old:
             env = dict(os.environ)
             env.update(self.env or {})
             env[ENV_FD] = str(theirs.fileno())
-            # The successor tells systemd itself, once it is the main process (DONE).
+            # The successor tells systemd itself, once it is the main process (DONE); so
+            # does this one, at DONE (_committed).
             log.info("SIGUSR2: starting a successor for a live upgrade", argv=self.argv)
-            proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
-                env=env,
-            )
+            proc = _spawn(self.argv, env, theirs.fileno())
             theirs.close()
             state.proc = proc
             await self._handover(parts, ours, state)
@@ -368,11 +395,14 @@ class Old:
             await self._failed(parts, state, f"internal error: {e!r}", proc)
         else:
             self.handed_over = True
+            assert proc is not None
+            acked = await self._committed(parts, ours, proc)
             log.info(
                 "live upgrade done; exiting",
-                successor=proc.pid if proc else 0,
+                successor=proc.pid,
                 pairs=state.pairs,
                 seconds=round(time.monotonic() - t0, 3),
+                acknowledged=acked,
             )
             self._done()
         finally:
@@ -386,7 +416,7 @@ class Old:
 
     async def _handover(self, parts: Parts, sock: socket.socket, state: _OldState) -> None:
         sock.settimeout(START_DEADLINE)
-        check_peer(sock)
+        # No SO_PEERCRED check here: on a socketpair it names this process (module doc).
         hello, fds = await asyncio.to_thread(expect, sock, "HELLO", 4096)
         _close_all(fds)
         if hello.get("version") != VERSION:
@@ -403,23 +433,32 @@ class Old:
         ready, fds = await asyncio.to_thread(expect, sock, "READY", 4096)
         _close_all(fds)
         state.ready = True
+        drain = ready.get("drain")
+        if isinstance(drain, int | float) and not isinstance(drain, bool) and drain >= 0:
+            state.drain = min(float(drain), 365 * 86400.0)
         deadline = time.monotonic() + HANDOVER_DEADLINE
         sock.settimeout(MESSAGE_DEADLINE)
-        # Both processes accept for a moment (one kernel queue: no connect is refused).
-        parts.pause()
-        state.paused = True
-        # The clients being dialled become pairs (or detach() hands the relay thread's alone);
-        # a dial that takes longer than DIALS_WAIT stays here and is closed at exit.
-        dials_until = time.monotonic() + DIALS_WAIT
+        # Both processes accept (one kernel queue: no connect is refused) until the first
+        # ACK proves the successor alive: one that hangs right after READY leaves this one
+        # accepting. With no pair to hand, an empty PAIRS is that probe.
+        dials_until = 0.0
         while True:
             if time.monotonic() > deadline:
                 raise ProtocolError("hand-over deadline passed")
             parts.relay.poll()  # report what started, failed or finished before detaching
             batch = self._detach(parts)
-            if batch is None:
+            if not state.paused:
+                batch = batch or _Batch([])
+            elif batch is None:
+                # The clients being dialled become pairs (or detach() hands the relay
+                # thread's alone); a loop dial that takes longer than DIALS_WAIT is stopped
+                # and its client handed alone (it sent nothing we consumed): the successor
+                # dials it again.
                 if parts.dials() and time.monotonic() < dials_until:
                     await asyncio.sleep(0.005)
                     continue
+                batch = _clients_alone(parts.take_dials(MAX_FDS))
+            if batch is None:
                 if parts.dials():
                     parts.log.warn(
                         "live upgrade: clients still being dialled are closed",
@@ -440,10 +479,41 @@ class Old:
                 if u is not None:
                     u.close()
             state.pairs += len(batch.items)
+            if not state.paused:  # the successor answers: it alone accepts from now on
+                parts.pause()
+                state.paused = True
+                dials_until = time.monotonic() + DIALS_WAIT
             await asyncio.sleep(0)  # let the loop breathe between batches
+        if state.proc is not None and state.proc.poll() is not None:
+            raise ProtocolError(f"successor exited ({state.proc.returncode}) before DONE")
         await asyncio.to_thread(send_msg, sock, {"type": "DONE"})
-        ack, afds = await asyncio.to_thread(expect, sock, "ACK", 4096)
+        # DONE is sent: the hand-over is committed. The successor holds every pair and, on
+        # reading DONE, claims the unix socket files and the main PID: whatever it does
+        # next (a stall, a crash), this process never serves again (_committed).
+
+    async def _committed(
+        self, parts: Parts, sock: socket.socket, proc: subprocess.Popen[bytes]
+    ) -> bool:
+        """After DONE: systemd's main PID is the successor's (told by this process, the main
+        PID until now: NotifyAccess=main is enough); then the successor's last ACK is
+        waited for (MESSAGE_DEADLINE), only to say whether it came. Either way this process
+        exits next, closing its listener copies without unlinking a file."""
+        try:
+            systemd.notify(f"MAINPID={proc.pid}")
+        except OSError as e:
+            parts.log.warn("failed to notify systemd of the new main process", error=str(e))
+        sock.settimeout(MESSAGE_DEADLINE)
+        try:
+            _, afds = await asyncio.to_thread(expect, sock, "ACK", 4096)
+        except ProtocolError as e:
+            parts.log.warn(
+                "live upgrade: no final ACK from the successor; it holds everything now",
+                error=str(e),
+                successor=proc.pid,
+            )
+            return False
         _close_all(afds)
+        return True
 
     def _detach(self, parts: Parts) -> _Batch | None:
         handed = parts.relay.detach(PAIRS_PER_BATCH)
@@ -501,10 +571,13 @@ class Old:
         if state.paused:
             parts.resume()
         if proc is not None and proc.poll() is None:
-            task = parts.loop.create_task(_reap(proc))
+            after = max(REAP_AFTER_READY, state.drain + REAP_MARGIN)
+            task = parts.loop.create_task(_reap(proc, after, parts.log))
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
         parts.log.error(
-            "live upgrade failed; keeping on serving",
+            "live upgrade failed; keeping on serving"
+            if self.stop_deferred is None
+            else "live upgrade failed; stopping as asked during it (draining)",
             error=why,
             successor=proc.pid if proc is not None else 0,
             exit=proc.poll() if proc is not None else None,
@@ -512,15 +585,48 @@ class Old:
         )
 
 
-async def _reap(proc: subprocess.Popen[bytes]) -> None:
-    """A successor that failed after READY: it drains what it adopted (at most
-    --drain-timeout) and exits by itself; waited for (no zombie), killed past
+def _spawn(argv: list[str], env: dict[str, str], fd: int) -> subprocess.Popen[bytes]:
+    """Start the successor with SIGUSR2 ignored (SIG_IGN survives exec): until its own
+    handlers are installed, a SIGUSR2 (`systemctl kill` signals the whole unit) would end it
+    by the default action. cli.main's start-up handlers take over from there."""
+    try:
+        prev = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    except ValueError:  # not the main thread (tests run gateways in threads)
+        prev = None
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(fd,), env=env)
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGUSR2, prev)
+
+
+def _clients_alone(clients: list[socket.socket]) -> _Batch | None:
+    """A batch of clients whose dial had not finished, handed without an upstream."""
+    if not clients:
+        return None
+    return _Batch(
+        [
+            (Handed(-1, c.fileno(), -1, -1, 0, 0, False, False, b"", b""), None, c, None)
+            for c in clients
+        ]
+    )
+
+
+async def _reap(proc: subprocess.Popen[bytes], after: float, log: Logger) -> None:
+    """A successor that failed after READY: it drains what it adopted (at most its
+    --drain-timeout, told in READY) and exits by itself; waited for (no zombie), killed
+    (one line) only past `after`: that drain timeout plus REAP_MARGIN, at least
     REAP_AFTER_READY."""
     try:
-        await asyncio.to_thread(proc.wait, REAP_AFTER_READY)
+        await asyncio.to_thread(proc.wait, after)
         return
     except subprocess.TimeoutExpired:
         pass
+    log.warn(
+        "live upgrade: killing the failed successor, still running past its drain timeout",
+        successor=proc.pid,
+        waited=round(after, 1),
+    )
     try:
         proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(proc.wait, 5)
@@ -535,6 +641,7 @@ class _OldState:
     paused: bool = False
     ready: bool = False
     pairs: int = 0
+    drain: float = 0.0  # the successor's --drain-timeout (READY)
 
 
 def _send_error(sock: socket.socket, reason: str) -> None:
@@ -643,15 +750,22 @@ class Successor:
         t0 = time.monotonic()
         try:
             sock.settimeout(MESSAGE_DEADLINE)
-            await asyncio.to_thread(send_msg, sock, {"type": "READY", "pid": os.getpid()})
+            ready = {"type": "READY", "pid": os.getpid(), "drain": parts.drain_timeout()}
+            await asyncio.to_thread(send_msg, sock, ready)
             sock.settimeout(HANDOVER_DEADLINE + MESSAGE_DEADLINE)
             while True:
                 msg, fds = await asyncio.to_thread(recv_msg, sock)
                 if msg["type"] == "DONE":
+                    # Committed: the old process exits whatever happens next, so from here
+                    # this process owns the service (the files, the main PID) for good.
                     _close_all(fds)
+                    self.done = True
                     on_main()
                     self._main_now(log)
-                    await asyncio.to_thread(send_msg, sock, {"type": "ACK"})
+                    try:
+                        await asyncio.to_thread(send_msg, sock, {"type": "ACK"})
+                    except ProtocolError:
+                        pass  # the old one did not wait (it need not)
                     break
                 if msg["type"] != "PAIRS":
                     _close_all(fds)
