@@ -271,11 +271,12 @@ class Dial:
 
     def _set_remote(self, remote: Remote | None) -> None:
         # A client being connected counts for least-connections (Remote.live).
+        balancer = self.dr.balancer
         if self.remote is not None:
-            self.remote.dialing -= 1
+            balancer.dialing(self.remote, -1)
         self.remote = remote
         if remote is not None:
-            remote.dialing += 1
+            balancer.dialing(remote, 1)
 
     def dial_remote(self, remote: Remote) -> None:
         """Dial remote (each of its addresses in turn, within one --dial-timeout)."""
