@@ -308,6 +308,7 @@ cdef class Engine:
     cdef bint _reserve(self, Py_ssize_t n) noexcept
     cdef _check_native(self)
     cdef _check_open(self)
+    cdef int _register(self, Pair *p, int64_t tag) noexcept
     cdef void _lock(self) noexcept
     cdef void _unlock(self) noexcept
     cdef Pair *_lookup(self, uint64_t pid, bint finished=*) noexcept

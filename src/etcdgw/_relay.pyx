@@ -173,9 +173,9 @@ cdef class Engine:
         counts in its live connections (least-connections); -1: none.
         """
         cdef int cfd = client_fd, ufd = upstream_fd, err
+        cdef int64_t ctag = tag  # converted (or refused) before the lock
         cdef int32_t slot
         cdef Pair *p
-        cdef epoll_event ev
         self._check_open()
         self._lock()
         try:
@@ -185,25 +185,9 @@ cdef class Engine:
             p = &self.c.pairs[slot]
             p.dir[0].src = p.dir[1].dst = cfd
             p.dir[0].dst = p.dir[1].src = ufd
-            # Registered once: ET means no epoll_ctl per event; an fd that is already
-            # readable reports at the next epoll_wait, so bytes sent before add() are not
-            # lost. (The relay thread may see the event at once, but handles it only once
-            # it gets the lock, when the pair is complete.)
-            ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
-            ev.data.u64 = p.id << 1
-            if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, cfd, &ev) == 0:
-                ev.data.u64 = (p.id << 1) | 1
-                if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, ufd, &ev) == 0:
-                    p.state = LIVE
-                    self.c.nlive += 1
-                    if tag >= 0:
-                        p.tag = tag
-                        _track(&self.c, p)
-                    return p.id
-                err = errno
-                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, cfd, NULL)
-            else:
-                err = errno
+            err = self._register(p, ctag)
+            if err == 0:
+                return p.id
             _release(&self.c, slot)
         finally:
             self._unlock()
@@ -741,7 +725,6 @@ cdef class Engine:
         cdef int cfd = h.client_fd, ufd = h.upstream_fd, err, i
         cdef int32_t slot
         cdef Pair *p
-        cdef epoll_event ev
         cdef bytes data
         cdef uint64_t one = 1
         # Every field converted (or refused) before the lock: nothing below can raise but
@@ -780,25 +763,13 @@ cdef class Engine:
                     p.dir[i].end = <uint32_t>len(data)
                 # No event may come for these (an idle destination, an EOF read already).
                 p.dir[i].ready = p.dir[i].buf != NULL or p.dir[i].eof
-            ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
-            ev.data.u64 = p.id << 1
-            if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, cfd, &ev) == 0:
-                ev.data.u64 = (p.id << 1) | 1
-                if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, ufd, &ev) == 0:
-                    p.state = LIVE
-                    self.c.nlive += 1
-                    if tag >= 0:
-                        p.tag = tag
-                        _track(&self.c, p)
-                    if p.dir[0].ready or p.dir[1].ready:
-                        _enqueue(&self.c, p)
-                    if self.c.threaded:
-                        write(self.c.wake_fd, &one, sizeof(one))
-                    return p.id
-                err = errno
-                epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, cfd, NULL)
-            else:
-                err = errno
+            err = self._register(p, tag)
+            if err == 0:
+                if p.dir[0].ready or p.dir[1].ready:
+                    _enqueue(&self.c, p)
+                if self.c.threaded:
+                    write(self.c.wake_fd, &one, sizeof(one))
+                return p.id
             for i in range(2):
                 _free(&self.c, p.dir[i].buf)
                 p.dir[i].buf = NULL
@@ -861,6 +832,33 @@ cdef class Engine:
         return self.c.epfd
 
     # -- helpers (GIL held) --
+
+    cdef int _register(self, Pair *p, int64_t tag) noexcept:
+        """A new pair's two fds into epoll, then live (and counted for its target); 0, or
+        the errno that refused it (nothing registered then). Under the lock.
+
+        Registered once: ET means no epoll_ctl per event; an fd that is already readable
+        reports at the next epoll_wait, so bytes sent before add() are not lost. (The relay
+        thread may see the event at once, but handles it only once it gets the lock, when
+        the pair is complete.)
+        """
+        cdef epoll_event ev
+        cdef int err
+        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET  # EPOLLOUT once needed (_arm_out)
+        ev.data.u64 = p.id << 1
+        if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, p.dir[0].src, &ev) != 0:
+            return errno
+        ev.data.u64 = (p.id << 1) | 1
+        if epoll_ctl(self.c.epfd, EPOLL_CTL_ADD, p.dir[1].src, &ev) != 0:
+            err = errno
+            epoll_ctl(self.c.epfd, EPOLL_CTL_DEL, p.dir[0].src, NULL)
+            return err
+        p.state = LIVE
+        self.c.nlive += 1
+        if tag >= 0:
+            p.tag = tag
+            _track(&self.c, p)
+        return 0
 
     cdef _check_open(self):
         if self.c.epfd < 0:
