@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import pytest
 
 __all__ = [
+    "Sockets",
+    "sockets",
     "GatewayProc",
     "TagServer",
     "connect",
@@ -350,3 +352,34 @@ def error_lines(text: str) -> list[str]:
                 continue
         keep.append(line)
     return keep
+
+
+# (client app, engine's client end, engine's upstream end, upstream app)
+Sockets = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
+
+
+@pytest.fixture
+def sockets(no_fd_leak: None) -> Iterator[Callable[[str], Sockets]]:
+    """A factory of connected quads for engine tests: `unix` (socketpairs) or `tcp`
+    (loopback); the engine's two ends non-blocking; all closed at the end."""
+    made: list[socket.socket] = []
+
+    def connected(kind: str) -> tuple[socket.socket, socket.socket]:
+        if kind == "unix":
+            return socket.socketpair()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            a = socket.create_connection(listener.getsockname())
+            b, _ = listener.accept()
+        return a, b
+
+    def make(kind: str = "unix") -> Sockets:
+        client, down = connected(kind)
+        up, upstream = connected(kind)
+        for s in (down, up):
+            s.setblocking(False)
+        made.extend((client, down, up, upstream))
+        return client, down, up, upstream
+
+    yield make
+    for s in made:
+        s.close()

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import pytest
 
-from _gateway import silent_listener
+from _gateway import Sockets, silent_listener
 from etcdgw import _relay_py
 from etcdgw.engine import Finished, Handed, RelaySettings, Started, Target
 from etcdgw.relay import Engine, Relay, new_event_loop
@@ -55,35 +55,6 @@ def engines(no_fd_leak: None) -> Iterator[Callable[..., Any]]:
     yield make
     for e in made:
         e.close()
-
-
-Quad = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
-
-
-@pytest.fixture
-def sockets(no_fd_leak: None) -> Iterator[Callable[[str], Quad]]:
-    """(client app, engine's client end, engine's upstream end, upstream app)."""
-    made: list[socket.socket] = []
-
-    def connected(transport: str) -> tuple[socket.socket, socket.socket]:
-        if transport == "unix":
-            return socket.socketpair()
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            a = socket.create_connection(listener.getsockname())
-            b, _ = listener.accept()
-        return a, b
-
-    def make(transport: str = "unix") -> Quad:
-        client, down = connected(transport)
-        up, upstream = connected(transport)
-        for s in (down, up):
-            s.setblocking(False)
-        made.extend((client, down, up, upstream))
-        return client, down, up, upstream
-
-    yield make
-    for s in made:
-        s.close()
 
 
 class Peer:
@@ -190,7 +161,7 @@ def registered(engine: Any) -> set[int]:
     return {fd for fd in fds if "eventfd" not in os.readlink(f"/proc/self/fd/{fd}")}
 
 
-def small_buffers(quad: Quad) -> Quad:
+def small_buffers(quad: Sockets) -> Sockets:
     """Loopback TCP would buffer megabytes in the kernel: keep the bytes in the engine."""
     client, down, up, upstream = quad
     for s in (client, upstream):

@@ -29,7 +29,6 @@ from etcdgw.engine import BUFSIZE, Finished
 from etcdgw.relay import Relay, new_event_loop
 
 Core = tuple[int, int, int, int]  # a Finished record without `ended` (see core())
-Sockets = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
 RESET = {errno.ECONNRESET, errno.EPIPE}  # EPIPE: a RST that follows the peer's FIN
 
 
@@ -161,32 +160,6 @@ def new_engine(engine_cls: Any, no_fd_leak: None) -> Iterator[Callable[..., Any]
 def engine(new_engine: Callable[..., Any]) -> Any:
     """Return an engine with the default buffer size."""
     return new_engine()
-
-
-@pytest.fixture
-def sockets(no_fd_leak: None) -> Iterator[Callable[[str], Sockets]]:
-    """Return a factory of (client app, engine client, engine upstream, upstream app)."""
-    made: list[socket.socket] = []
-
-    def connected(kind: str) -> tuple[socket.socket, socket.socket]:
-        if kind == "unix":
-            return socket.socketpair()
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            a = socket.create_connection(listener.getsockname())
-            b, _ = listener.accept()
-        return a, b
-
-    def make(kind: str = "unix") -> Sockets:
-        client, down = connected(kind)
-        up, upstream = connected(kind)
-        for s in (down, up):
-            s.setblocking(False)
-        made.extend((client, down, up, upstream))
-        return client, down, up, upstream
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def reset(sock: socket.socket) -> None:
