@@ -1090,6 +1090,37 @@ def test_clients_being_dialled_are_dialled_again_by_the_successor(
         f.close()
 
 
+def test_more_than_a_batch_of_pairs_of_clients_being_dialled_are_handed_over(
+    launch: Start, successors: Successors
+) -> None:
+    """Second review, D1: more clients being dialled at SIGUSR2 than PAIRS_PER_BATCH (126;
+    one fd each, so up to 253 fit one message): the successor accepts such a batch (it
+    refused any list longer than 126, and the upgrade always failed), dials them again,
+    and every client reaches the live member."""
+    from _gateway import silent_listener
+
+    silent, fillers = silent_listener()
+    with silent, TagServer("b1") as backend:
+        port = free_tcp_port()
+        sp = silent.getsockname()[1]
+        g = launch(
+            f"--endpoints=127.0.0.1:{sp},{backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--dial-timeout=10s",
+        )
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=40) for _ in range(400)]
+        time.sleep(0.5)  # round-robin: about 200 of them are being dialled to the silent member
+        pid = upgrade(g, successors)
+        for c in clients:
+            assert read_line(c) == b"b1\n"
+            assert echo(c, b"x") == b"x"
+            c.close()
+        assert "live upgrade: clients still being dialled are closed" not in g.messages()
+        assert successors.stop(pid) == 0
+    for f in fillers:
+        f.close()
+
+
 def test_socket_activated_listener_is_handed_as_inherited(
     relay_impl: str, successors: Successors, tmp_path: Path
 ) -> None:

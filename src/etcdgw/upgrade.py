@@ -70,6 +70,7 @@ __all__ = [
     "ENV_FD",
     "MAX_FDS",
     "PAIRS_PER_BATCH",
+    "RECORDS_PER_BATCH",
     "VERSION",
     "Old",
     "Parts",
@@ -84,6 +85,9 @@ VERSION = 1
 ENV_FD = "ETCDGW_UPGRADE_FD"  # the successor's end of the channel (an inherited fd)
 MAX_FDS = 253  # SCM_MAX_FD: the most descriptors one message may carry
 PAIRS_PER_BATCH = MAX_FDS // 2  # 126 pairs, two fds each
+# The most records one PAIRS message may carry, on both sides: a record has one fd (a client
+# handed alone) or two, and the rule is fds per message <= MAX_FDS.
+RECORDS_PER_BATCH = MAX_FDS
 MAX_MESSAGE = 64 << 20  # a batch's carried bytes, base64: 126 pairs x 2 buffers fit easily
 START_DEADLINE = 10.0  # spawn -> READY (imports, config, discovery, binding)
 HANDOVER_DEADLINE = 10.0  # READY -> DONE acknowledged
@@ -457,7 +461,7 @@ class Old:
                 if parts.dials() and time.monotonic() < dials_until:
                     await asyncio.sleep(0.005)
                     continue
-                batch = _clients_alone(parts.take_dials(MAX_FDS))
+                batch = _clients_alone(parts.take_dials(RECORDS_PER_BATCH))
             if batch is None:
                 if parts.dials():
                     parts.log.warn(
@@ -807,7 +811,7 @@ class Successor:
         nothing adopted and every fd closed)."""
         recs = msg.get("pairs")
         try:
-            if not isinstance(recs, list) or len(recs) > PAIRS_PER_BATCH:
+            if not isinstance(recs, list) or len(recs) > RECORDS_PER_BATCH:
                 raise ProtocolError("malformed PAIRS message")
             want = sum(2 if isinstance(r, dict) and r.get("up") else 1 for r in recs)
             if want != len(fds):
