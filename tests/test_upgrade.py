@@ -805,6 +805,52 @@ def test_failed_successor_drains_what_it_acknowledged_for_its_drain_timeout(
             c.close()
 
 
+def test_old_exits_promptly_on_sigterm_while_a_failed_successor_drains(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """Second review, D6: after a hand-over that failed with a batch acknowledged, the old
+    one waits for the successor's drain (--drain-timeout=100s: up to 130 s) before reaping
+    it; a SIGTERM meanwhile ends the old one within its own drain, not after that wait
+    (before: Runner.close joined an executor thread blocked in Popen.wait)."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--drain-timeout=100s",
+            env=sitecustomize_env(tmp_path, "slow-adopt"),
+        )
+        clients = []
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(c) == b"b1\n"
+            clients.append(c)
+        g.proc.send_signal(signal.SIGUSR2)
+        rec = record(g, "live upgrade failed; keeping on serving", timeout=30)
+        assert rec["handed-pairs"] == 126, rec
+        pid = successors.add(int(rec["successor"]))
+        # The old one's own pairs end (its drain is then immediate); the successor's stay
+        # open, so it keeps draining and the old one's reaper keeps waiting.
+        theirs = {rport for lport, rport, _ in tcp_conns(pid) if lport == port}
+        assert len(theirs) == 126, theirs
+        for c in clients:
+            if c.getsockname()[1] not in theirs:
+                c.close()
+        time.sleep(0.5)
+        t = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = g.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the old one still runs 15 s after SIGTERM") from None
+        assert rc == 0, "\n".join(g.lines)
+        assert time.monotonic() - t < 15
+        assert "live upgrade: killing the failed successor" not in " ".join(g.messages())
+        for c in clients:
+            c.close()
+        assert successors.stop(pid) == 0
+
+
 def test_old_keeps_accepting_until_the_successor_first_answers(
     launch: Start, successors: Successors, tmp_path: Path
 ) -> None:

@@ -94,6 +94,7 @@ HANDOVER_DEADLINE = 10.0  # READY -> DONE acknowledged
 MESSAGE_DEADLINE = 5.0  # any one message
 REAP_AFTER_READY = 120.0  # a successor that failed after READY drains, then exits
 REAP_MARGIN = 30.0  # ... within its --drain-timeout (told in READY) and this margin
+REAP_POLL = 0.2  # how often the old one looks whether a failed successor exited
 DIALS_WAIT = 3.0  # how long the old waits for its dials in flight before handing pairs
 
 _LEN = struct.Struct("!I")
@@ -620,12 +621,16 @@ async def _reap(proc: subprocess.Popen[bytes], after: float, log: Logger) -> Non
     """A successor that failed after READY: it drains what it adopted (at most its
     --drain-timeout, told in READY) and exits by itself; waited for (no zombie), killed
     (one line) only past `after`: that drain timeout plus REAP_MARGIN, at least
-    REAP_AFTER_READY."""
-    try:
-        await asyncio.to_thread(proc.wait, after)
+    REAP_AFTER_READY. Polled from the loop (no executor thread: Runner.close would join one
+    blocked in Popen.wait, and a SIGTERM to this process would wait for it); cancelled when
+    this process stops, leaving the successor to end its drain by itself."""
+    end = time.monotonic() + after
+    while proc.poll() is None:
+        if time.monotonic() > end:
+            break
+        await asyncio.sleep(REAP_POLL)
+    else:
         return
-    except subprocess.TimeoutExpired:
-        pass
     log.warn(
         "live upgrade: killing the failed successor, still running past its drain timeout",
         successor=proc.pid,
@@ -633,9 +638,11 @@ async def _reap(proc: subprocess.Popen[bytes], after: float, log: Logger) -> Non
     )
     try:
         proc.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(proc.wait, 5)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    except OSError:
+        return
+    end = time.monotonic() + 5.0
+    while proc.poll() is None and time.monotonic() < end:
+        await asyncio.sleep(REAP_POLL)
 
 
 @dataclass
