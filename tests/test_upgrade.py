@@ -1294,6 +1294,48 @@ def test_upgrade_applies_unix_mode_and_unlinks_a_dropped_unix_listener(
         assert not os.path.exists(ub)
 
 
+def test_unix_socket_files_another_process_put_at_the_paths_are_left_alone(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """Second review, D5: before SIGUSR2 another process of the same user moves both of
+    the gateway's socket files aside and binds sockets of its own at the paths; the new
+    configuration drops ua.sock, keeps ub.sock and asks 0600. The successor knows the old
+    one's files by (st_dev, st_ino) (LISTENERS): it neither chmods nor unlinks the foreign
+    ones, at DONE or when it stops (before: unlinked ua.sock at DONE, chmodded ub.sock 0600
+    and unlinked it at stop)."""
+    with TagServer("b1") as backend:
+        ua, ub = str(tmp_path / "ua.sock"), str(tmp_path / "ub.sock")
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [unix://{ua}, unix://{ub}]\n"
+            "listen-unix-mode: '0666'\n"
+        )
+        g = launch(f"--config-file={cfg}")
+        foreign = []
+        for path in (ua, ub):
+            os.rename(path, path + ".moved")
+            f = socket.socket(socket.AF_UNIX)
+            f.bind(path)
+            f.listen()
+            os.chmod(path, 0o644)
+            foreign.append((path, f, os.stat(path).st_ino))
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [unix://{ub}]\nlisten-unix-mode: '0600'\n"
+        )
+        pid = upgrade(g, successors)
+        for path, _, ino in foreign:
+            st = os.stat(path)
+            assert (st.st_ino, st.st_mode & 0o777) == (ino, 0o644), path
+        with socket.socket(socket.AF_UNIX) as u:  # the handed listener still serves
+            u.settimeout(10)
+            u.connect(ub + ".moved")
+            assert read_line(u) == b"b1\n"
+        assert successors.stop(pid) == 0
+        for path, f, ino in foreign:
+            assert os.stat(path).st_ino == ino, path
+            f.close()
+
+
 # --- 6. 9,000 idle pairs (the figures: bench/upgrade.py, RELIABILITY.md) ---------------------
 
 

@@ -135,6 +135,7 @@ def prepare(
         log,
         inherited=inherited,
         handed=handed,
+        handed_files=successor.files if successor is not None else None,
     )
     try:
         gw.bind()

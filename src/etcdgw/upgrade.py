@@ -268,6 +268,7 @@ class Parts:
     pause/resume: stop accepting on the listeners (they stay open) / accept again.
     listeners: (key, socket) of every listener: the key is its --listen-addr.
     extra: other listening sockets handed over by key (the metrics listener).
+    files: the unix socket files this process owns, by path: (st_dev, st_ino).
     redial: dial a client again (its dial had not finished: it sent nothing we consumed).
     dials: how many clients are being dialled (loop dials and the relay thread's).
     take_dials: stop at most n of the loop's dials and give up their clients, open.
@@ -286,6 +287,8 @@ class Parts:
     take_dials: Callable[[int], list[socket.socket]]
     extra: dict[str, socket.socket] = field(default_factory=dict)
     drain_timeout: Callable[[], float] = lambda: 0.0
+    # The unix socket files this process owns: path -> (st_dev, st_ino) recorded at bind.
+    files: Callable[[], dict[str, tuple[int, int]]] = dict
 
 
 # --- the old side --------------------------------------------------------------------------------
@@ -432,7 +435,16 @@ class Old:
         keys = [k for k, _ in listeners] + list(parts.extra)
         lfds = [s.fileno() for _, s in listeners] + [s.fileno() for s in parts.extra.values()]
         sock.settimeout(MESSAGE_DEADLINE)
-        msg = {"type": "LISTENERS", "version": VERSION, "pid": os.getpid(), "keys": keys}
+        # The socket files it owns, by inode: the successor chmods or unlinks a file only
+        # while it is still that one (not one another process put at the path since).
+        files = [[p, dev, ino] for p, (dev, ino) in parts.files().items()]
+        msg = {
+            "type": "LISTENERS",
+            "version": VERSION,
+            "pid": os.getpid(),
+            "keys": keys,
+            "files": files,
+        }
         await asyncio.to_thread(send_msg, sock, msg, lfds)
         sock.settimeout(START_DEADLINE)
         ready, fds = await asyncio.to_thread(expect, sock, "READY", 4096)
@@ -681,6 +693,8 @@ class Successor:
         self._notify = os.environ.pop("NOTIFY_SOCKET", None)
         self.pairs = 0
         self.done = False  # the hand-over ended (taken over, or failed)
+        # The old process's unix socket files (LISTENERS): path -> (st_dev, st_ino).
+        self.files: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def from_env(cls, log: Logger) -> Successor | None:
@@ -724,6 +738,7 @@ class Successor:
                     or not all(isinstance(k, str) for k in keys)
                 ):
                     raise ProtocolError("listener keys do not match the descriptors")
+                self.files = _files(msg.get("files", []))
                 socks = {}
                 for k, fd in zip(keys, fds, strict=True):
                     s = socket.socket(fileno=fd)
@@ -896,6 +911,23 @@ def _remote_for(balancer: Balancer, r: dict[str, Any]) -> Remote:
                 return rem
         return balancer.stranger(Endpoint(host, port))
     return balancer.stranger(Endpoint("unknown", 0))
+
+
+def _files(raw: Any) -> dict[str, tuple[int, int]]:
+    """LISTENERS' `files`: [[path, st_dev, st_ino], ...]."""
+    if not isinstance(raw, list) or len(raw) > 4096:
+        raise ProtocolError("malformed listener files")
+    out = {}
+    for f in raw:
+        if (
+            not isinstance(f, list)
+            or len(f) != 3
+            or not isinstance(f[0], str)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in f[1:])
+        ):
+            raise ProtocolError("malformed listener files")
+        out[f[0]] = (f[1], f[2])
+    return out
 
 
 def _listening(s: socket.socket) -> bool:
