@@ -522,6 +522,10 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
             time.sleep(upgrade.MESSAGE_DEADLINE + 2)
             return main_now(self, log)
         upgrade.Successor._main_now = _stalled
+    if os.environ.get("UPGRADE_TEST_MODE") == "die-done":
+        def _die(self, log):  # dies right after reading DONE, before its last ACK
+            os.kill(os.getpid(), signal.SIGKILL)
+        upgrade.Successor._main_now = _die
 elif os.environ.get("UPGRADE_TEST_MODE") == "slow-adopt":  # the old process
     from etcdgw import upgrade
     upgrade.HANDOVER_DEADLINE = 1.0
@@ -920,6 +924,50 @@ def _children(pid: int) -> list[int]:
 
 
 # --- systemd: the main PID follows the successor --------------------------------------------
+
+
+def test_successor_dying_after_done_the_old_one_serves_again(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """Second review, D2: the successor dies right after reading DONE (no final ACK). The
+    old one, which still holds every listener, takes the service back: one error line
+    saying the handed pairs are lost, new TCP and unix clients served, and a later SIGTERM
+    exits 0 and removes its socket file (before: it exited 0 saying the successor held
+    everything, and nobody served)."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        us = str(tmp_path / "gw.sock")
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            f"--listen-addr=unix://{us}",
+            env=sitecustomize_env(tmp_path, "die-done"),
+        )
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        g.proc.send_signal(signal.SIGUSR2)
+        rec = record(
+            g,
+            "live upgrade failed: the successor died after DONE; serving again, "
+            "the pairs it had taken over are lost",
+        )
+        assert rec["lost-pairs"] == 1 and rec["exit"] == -signal.SIGKILL, rec
+        time.sleep(0.5)
+        assert g.proc.poll() is None, "\n".join(g.lines)
+        assert "live upgrade done; exiting" not in g.messages()
+        assert [r["msg"] for r in g.records() if r.get("level") == "error"] == [rec["msg"]]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+            c2.settimeout(10)
+            assert read_line(c2) == b"b1\n"
+            assert echo(c2, b"x") == b"x"
+        with socket.socket(socket.AF_UNIX) as u:
+            u.settimeout(10)
+            u.connect(us)
+            assert read_line(u) == b"b1\n"
+        c.close()
+        g.proc.send_signal(signal.SIGTERM)
+        assert g.proc.wait(30) == 0, "\n".join(g.lines)
+        assert not os.path.exists(us)
 
 
 def test_systemd_hears_mainpid_then_ready_from_the_successor(

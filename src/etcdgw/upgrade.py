@@ -22,7 +22,9 @@ sequence (docs/architecture.md "Live upgrade" says who owns each fd at each step
     claim the unix socket files,
     MAINPID=<pid> READY=1 (systemd);
     ACK                                    ->   close its listener copies (no unlink), exit 0
-                                                (without the ACK too, past MESSAGE_DEADLINE)
+                                                (without the ACK too, past MESSAGE_DEADLINE;
+                                                but a successor dead without it: MAINPID=
+                                                <own pid>, accept again, one error line)
 
 Failure is safe: until the old one has an ACK for a batch it keeps every fd of it open (the
 successor got duplicates), so on EOF, garbage, a version it does not know, or a deadline
@@ -94,6 +96,7 @@ HANDOVER_DEADLINE = 10.0  # READY -> DONE acknowledged
 MESSAGE_DEADLINE = 5.0  # any one message
 REAP_AFTER_READY = 120.0  # a successor that failed after READY drains, then exits
 REAP_MARGIN = 30.0  # ... within its --drain-timeout (told in READY) and this margin
+DEAD_WAIT = 1.0  # after EOF instead of the last ACK: how long the old looks for an exit
 REAP_POLL = 0.2  # how often the old one looks whether a failed successor exited
 DIALS_WAIT = 3.0  # how long the old waits for its dials in flight before handing pairs
 
@@ -405,14 +408,18 @@ class Old:
             self.handed_over = True
             assert proc is not None
             acked = await self._committed(parts, ours, proc)
-            log.info(
-                "live upgrade done; exiting",
-                successor=proc.pid,
-                pairs=state.pairs,
-                seconds=round(time.monotonic() - t0, 3),
-                acknowledged=acked,
-            )
-            self._done()
+            if acked is None:
+                self.handed_over = False
+                self._resume_after_dead(parts, state, proc)
+            else:
+                log.info(
+                    "live upgrade done; exiting",
+                    successor=proc.pid,
+                    pairs=state.pairs,
+                    seconds=round(time.monotonic() - t0, 3),
+                    acknowledged=acked,
+                )
+                self._done()
         finally:
             ours.close()
             if theirs.fileno() >= 0:
@@ -505,16 +512,19 @@ class Old:
             raise ProtocolError(f"successor exited ({state.proc.returncode}) before DONE")
         await asyncio.to_thread(send_msg, sock, {"type": "DONE"})
         # DONE is sent: the hand-over is committed. The successor holds every pair and, on
-        # reading DONE, claims the unix socket files and the main PID: whatever it does
-        # next (a stall, a crash), this process never serves again (_committed).
+        # reading DONE, claims the unix socket files and the main PID: if it stalls, this
+        # process never serves again; only if it dies before its last ACK (nobody would
+        # serve) does this one take the service back (_committed).
 
     async def _committed(
         self, parts: Parts, sock: socket.socket, proc: subprocess.Popen[bytes]
-    ) -> bool:
+    ) -> bool | None:
         """After DONE: systemd's main PID is the successor's (told by this process, the main
         PID until now: NotifyAccess=main is enough); then the successor's last ACK is
-        waited for (MESSAGE_DEADLINE), only to say whether it came. Either way this process
-        exits next, closing its listener copies without unlinking a file."""
+        waited for (MESSAGE_DEADLINE), only to say whether it came: True, or False (this
+        process exits next, closing its listener copies without unlinking a file). None: no
+        ACK and the successor is dead (it died on reading DONE): nobody else serves, and
+        this process still holds every listener, so it takes the service back."""
         try:
             systemd.notify(f"MAINPID={proc.pid}")
         except OSError as e:
@@ -523,6 +533,13 @@ class Old:
         try:
             _, afds = await asyncio.to_thread(expect, sock, "ACK", 4096)
         except ProtocolError as e:
+            # EOF can come a moment before the successor's exit status (its fds close
+            # first): look for DEAD_WAIT. A successor that only stalls (alive) keeps all.
+            end = time.monotonic() + DEAD_WAIT
+            while proc.poll() is None and time.monotonic() < end:
+                await asyncio.sleep(0.01)
+            if proc.poll() is not None:
+                return None
             parts.log.warn(
                 "live upgrade: no final ACK from the successor; it holds everything now",
                 error=str(e),
@@ -531,6 +548,29 @@ class Old:
             return False
         _close_all(afds)
         return True
+
+    def _resume_after_dead(
+        self, parts: Parts, state: _OldState, proc: subprocess.Popen[bytes]
+    ) -> None:
+        """The successor died between DONE and its last ACK: main PID back to this process,
+        accept again on the listeners it never closed; the pairs it had handed are lost."""
+        try:
+            systemd.notify(f"MAINPID={os.getpid()}")
+        except OSError as e:
+            parts.log.warn("failed to notify systemd of the main process", error=str(e))
+        if state.paused:
+            parts.resume()
+            state.paused = False
+        parts.log.error(
+            "live upgrade failed: the successor died after DONE; serving again, "
+            "the pairs it had taken over are lost"
+            if self.stop_deferred is None
+            else "live upgrade failed: the successor died after DONE; the pairs it had "
+            "taken over are lost; stopping as asked during it (draining)",
+            successor=proc.pid,
+            exit=proc.returncode,
+            **{"lost-pairs": state.pairs},
+        )
 
     def _detach(self, parts: Parts) -> _Batch | None:
         handed = parts.relay.detach(PAIRS_PER_BATCH)
