@@ -106,6 +106,9 @@ class Gateway:
         self.on_sigusr2: Callable[[], None] | None = None
         self.defer_stop: Callable[[Callable[[], None]], bool] | None = None
         self.on_ready: Callable[[], None] | None = None
+        # A live upgrade's successor: accept nothing until it proved alive (its first ACK;
+        # upgrade.Successor.serve resumes accepting).
+        self.hold_accept = False
         # --auto-sync-interval: the membership.Membership that follows the member list (set
         # by app.py; read by metrics for its counters).
         self.membership: Membership | None = None
@@ -146,7 +149,7 @@ class Gateway:
         try:
             loop = self._loop
             relay = self.parts.attach(loop, self.engine_cls, native_accept=NATIVE_ACCEPT)
-            acceptor = self.parts.accept(loop, self.listener_set)
+            acceptor = self.parts.accept(loop, self.listener_set, held=self.hold_accept)
             if isinstance(acceptor, NativeAccept):
                 self.spawn(acceptor.upkeep())
             self.spawn(self.monitor.run())

@@ -11,10 +11,11 @@ sequence (docs/architecture.md "Live upgrade" says who owns each fd at each step
     HELLO {version, pid}                   ->
                                            <-   LISTENERS {version, keys} + listener fds
     bind what is new, close what is not
-    wanted, accept on the handed ones
+    wanted (not accepting yet)
     READY                                  ->
                                            <-   PAIRS {pairs} + fds (detach(<=126); [])
-    adopt each pair, then ACK              ->   close its copies of the batch; the first:
+    adopt each pair, then ACK; the first:
+    accept on the listeners                ->   close its copies of the batch; the first:
                                                 stop accepting (listeners kept open),
                                                 wait for the dials in flight
                                                 ... until no pair is left
@@ -819,12 +820,15 @@ class Successor:
             ready = {"type": "READY", "pid": os.getpid(), "drain": parts.drain_timeout()}
             await asyncio.to_thread(send_msg, sock, ready)
             sock.settimeout(HANDOVER_DEADLINE + MESSAGE_DEADLINE)
+            accepting = False
             while True:
                 msg, fds = await asyncio.to_thread(recv_msg, sock)
                 if msg["type"] == "DONE":
                     # Committed: the old process exits whatever happens next, so from here
                     # this process owns the service (the files, the main PID) for good.
                     _close_all(fds)
+                    if not accepting:  # (an old one that sent no PAIRS at all)
+                        parts.resume()
                     self.done = True
                     on_main()
                     self._main_now(log)
@@ -839,6 +843,11 @@ class Successor:
                 n = self._adopt(parts, msg, fds)
                 await asyncio.to_thread(send_msg, sock, {"type": "ACK", "n": n})
                 self.pairs += n
+                if not accepting:
+                    # Accepting only now that an ACK proved this process alive (the old one
+                    # accepts until it reads it): one that hangs before takes no client.
+                    parts.resume()
+                    accepting = True
         except ProtocolError as e:
             log.error(
                 "live upgrade failed; the old process keeps serving, draining what was taken",
