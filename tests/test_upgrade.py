@@ -522,6 +522,10 @@ if os.environ.get("ETCDGW_UPGRADE_FD"):
             time.sleep(upgrade.MESSAGE_DEADLINE + 2)
             return main_now(self, log)
         upgrade.Successor._main_now = _stalled
+    if os.environ.get("UPGRADE_TEST_MODE") == "die-done":
+        def _die(self, log):  # dies right after reading DONE, before its last ACK
+            os.kill(os.getpid(), signal.SIGKILL)
+        upgrade.Successor._main_now = _die
 elif os.environ.get("UPGRADE_TEST_MODE") == "slow-adopt":  # the old process
     from etcdgw import upgrade
     upgrade.HANDOVER_DEADLINE = 1.0
@@ -805,12 +809,61 @@ def test_failed_successor_drains_what_it_acknowledged_for_its_drain_timeout(
             c.close()
 
 
+def test_old_exits_promptly_on_sigterm_while_a_failed_successor_drains(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """Second review, D6: after a hand-over that failed with a batch acknowledged, the old
+    one waits for the successor's drain (--drain-timeout=100s: up to 130 s) before reaping
+    it; a SIGTERM meanwhile ends the old one within its own drain, not after that wait
+    (before: Runner.close joined an executor thread blocked in Popen.wait)."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--drain-timeout=100s",
+            env=sitecustomize_env(tmp_path, "slow-adopt"),
+        )
+        clients = []
+        for _ in range(200):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(c) == b"b1\n"
+            clients.append(c)
+        g.proc.send_signal(signal.SIGUSR2)
+        rec = record(g, "live upgrade failed; keeping on serving", timeout=30)
+        assert rec["handed-pairs"] == 126, rec
+        pid = successors.add(int(rec["successor"]))
+        # The old one's own pairs end (its drain is then immediate); the successor's stay
+        # open, so it keeps draining and the old one's reaper keeps waiting.
+        theirs = {rport for lport, rport, _ in tcp_conns(pid) if lport == port}
+        assert len(theirs) == 126, theirs
+        for c in clients:
+            if c.getsockname()[1] not in theirs:
+                c.close()
+        time.sleep(0.5)
+        t = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = g.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the old one still runs 15 s after SIGTERM") from None
+        assert rc == 0, "\n".join(g.lines)
+        assert time.monotonic() - t < 15
+        assert "live upgrade: killing the failed successor" not in " ".join(g.messages())
+        for c in clients:
+            c.close()
+        assert successors.stop(pid) == 0
+
+
 def test_old_keeps_accepting_until_the_successor_first_answers(
     launch: Start, successors: Successors, tmp_path: Path
 ) -> None:
     """A successor that hangs on its first batch, right after READY: the old one stops
     accepting only at the first ACK, so new clients are served during the 5 s message
-    deadline (not left in the kernel queue); then it kills the successor and serves all."""
+    deadline (not left in the kernel queue); then it kills the successor and serves all.
+    Second review, D4: the successor accepts only once it sent its first ACK, so every
+    client accepted meanwhile is the old one's and lives on after the successor is killed
+    (before, Cython: its relay thread accepted from READY on, and those clients died)."""
     with TagServer("b1") as backend:
         port = free_tcp_port()
         g = launch(
@@ -825,18 +878,28 @@ def test_old_keeps_accepting_until_the_successor_first_answers(
         wait_for(lambda: len(successors.orphans()) or _children(g.pid), 10)
         time.sleep(1.0)  # READY sent, the first batch on its way: the successor hangs
         slowest = 0.0
-        for _ in range(10):
+        kept = []
+        for _ in range(20):
             t = time.monotonic()
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
-                c2.settimeout(10)
-                assert read_line(c2) == b"b1\n"
+            c2 = socket.create_connection(("127.0.0.1", port), timeout=10)
+            c2.settimeout(10)
+            kept.append(c2)
+            assert read_line(c2) == b"b1\n"
             slowest = max(slowest, time.monotonic() - t)
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert slowest < 1.0, slowest
         rec = record(g, "live upgrade failed; keeping on serving", timeout=30)
         assert rec["taken-back"] == 1, rec
         assert echo(c, b"x") == b"x"
         c.close()
+        lost = 0
+        for c2 in kept:
+            try:
+                lost += echo(c2, b"y") != b"y"
+            except OSError:
+                lost += 1
+            c2.close()
+        assert lost == 0, f"{lost} of {len(kept)} clients accepted during the hand-over lost"
 
 
 def test_sigterm_during_a_failing_upgrade_says_it_stops(
@@ -874,6 +937,50 @@ def _children(pid: int) -> list[int]:
 
 
 # --- systemd: the main PID follows the successor --------------------------------------------
+
+
+def test_successor_dying_after_done_the_old_one_serves_again(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """Second review, D2: the successor dies right after reading DONE (no final ACK). The
+    old one, which still holds every listener, takes the service back: one error line
+    saying the handed pairs are lost, new TCP and unix clients served, and a later SIGTERM
+    exits 0 and removes its socket file (before: it exited 0 saying the successor held
+    everything, and nobody served)."""
+    with TagServer("b1") as backend:
+        port = free_tcp_port()
+        us = str(tmp_path / "gw.sock")
+        g = launch(
+            f"--endpoints={backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            f"--listen-addr=unix://{us}",
+            env=sitecustomize_env(tmp_path, "die-done"),
+        )
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(c) == b"b1\n"
+        g.proc.send_signal(signal.SIGUSR2)
+        rec = record(
+            g,
+            "live upgrade failed: the successor died after DONE; serving again, "
+            "the pairs it had taken over are lost",
+        )
+        assert rec["lost-pairs"] == 1 and rec["exit"] == -signal.SIGKILL, rec
+        time.sleep(0.5)
+        assert g.proc.poll() is None, "\n".join(g.lines)
+        assert "live upgrade done; exiting" not in g.messages()
+        assert [r["msg"] for r in g.records() if r.get("level") == "error"] == [rec["msg"]]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c2:
+            c2.settimeout(10)
+            assert read_line(c2) == b"b1\n"
+            assert echo(c2, b"x") == b"x"
+        with socket.socket(socket.AF_UNIX) as u:
+            u.settimeout(10)
+            u.connect(us)
+            assert read_line(u) == b"b1\n"
+        c.close()
+        g.proc.send_signal(signal.SIGTERM)
+        assert g.proc.wait(30) == 0, "\n".join(g.lines)
+        assert not os.path.exists(us)
 
 
 def test_systemd_hears_mainpid_then_ready_from_the_successor(
@@ -1090,6 +1197,37 @@ def test_clients_being_dialled_are_dialled_again_by_the_successor(
         f.close()
 
 
+def test_more_than_a_batch_of_pairs_of_clients_being_dialled_are_handed_over(
+    launch: Start, successors: Successors
+) -> None:
+    """Second review, D1: more clients being dialled at SIGUSR2 than PAIRS_PER_BATCH (126;
+    one fd each, so up to 253 fit one message): the successor accepts such a batch (it
+    refused any list longer than 126, and the upgrade always failed), dials them again,
+    and every client reaches the live member."""
+    from _gateway import silent_listener
+
+    silent, fillers = silent_listener()
+    with silent, TagServer("b1") as backend:
+        port = free_tcp_port()
+        sp = silent.getsockname()[1]
+        g = launch(
+            f"--endpoints=127.0.0.1:{sp},{backend.addr}",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--dial-timeout=10s",
+        )
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=40) for _ in range(400)]
+        time.sleep(0.5)  # round-robin: about 200 of them are being dialled to the silent member
+        pid = upgrade(g, successors)
+        for c in clients:
+            assert read_line(c) == b"b1\n"
+            assert echo(c, b"x") == b"x"
+            c.close()
+        assert "live upgrade: clients still being dialled are closed" not in g.messages()
+        assert successors.stop(pid) == 0
+    for f in fillers:
+        f.close()
+
+
 def test_socket_activated_listener_is_handed_as_inherited(
     relay_impl: str, successors: Successors, tmp_path: Path
 ) -> None:
@@ -1215,6 +1353,48 @@ def test_upgrade_applies_unix_mode_and_unlinks_a_dropped_unix_listener(
         u.close()
         assert successors.stop(pid) == 0
         assert not os.path.exists(ub)
+
+
+def test_unix_socket_files_another_process_put_at_the_paths_are_left_alone(
+    launch: Start, successors: Successors, tmp_path: Path
+) -> None:
+    """Second review, D5: before SIGUSR2 another process of the same user moves both of
+    the gateway's socket files aside and binds sockets of its own at the paths; the new
+    configuration drops ua.sock, keeps ub.sock and asks 0600. The successor knows the old
+    one's files by (st_dev, st_ino) (LISTENERS): it neither chmods nor unlinks the foreign
+    ones, at DONE or when it stops (before: unlinked ua.sock at DONE, chmodded ub.sock 0600
+    and unlinked it at stop)."""
+    with TagServer("b1") as backend:
+        ua, ub = str(tmp_path / "ua.sock"), str(tmp_path / "ub.sock")
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [unix://{ua}, unix://{ub}]\n"
+            "listen-unix-mode: '0666'\n"
+        )
+        g = launch(f"--config-file={cfg}")
+        foreign = []
+        for path in (ua, ub):
+            os.rename(path, path + ".moved")
+            f = socket.socket(socket.AF_UNIX)
+            f.bind(path)
+            f.listen()
+            os.chmod(path, 0o644)
+            foreign.append((path, f, os.stat(path).st_ino))
+        cfg.write_text(
+            f"endpoints: [{backend.addr}]\nlisten-addr: [unix://{ub}]\nlisten-unix-mode: '0600'\n"
+        )
+        pid = upgrade(g, successors)
+        for path, _, ino in foreign:
+            st = os.stat(path)
+            assert (st.st_ino, st.st_mode & 0o777) == (ino, 0o644), path
+        with socket.socket(socket.AF_UNIX) as u:  # the handed listener still serves
+            u.settimeout(10)
+            u.connect(ub + ".moved")
+            assert read_line(u) == b"b1\n"
+        assert successors.stop(pid) == 0
+        for path, f, ino in foreign:
+            assert os.stat(path).st_ino == ino, path
+            f.close()
 
 
 # --- 6. 9,000 idle pairs (the figures: bench/upgrade.py, RELIABILITY.md) ---------------------

@@ -130,3 +130,21 @@ def test_deadline_is_a_protocol_error() -> None:
     b.settimeout(0.05)
     with a, b, pytest.raises(ProtocolError, match="deadline passed"):
         recv_msg(b)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [{}, "x", [["a", 1]], [["a", 1, "2"]], [[1, 1, 2]], [["a", True, 2]], [["a"] * 3]],
+)
+def test_malformed_listener_files_are_a_protocol_error(raw: object) -> None:
+    """LISTENERS' `files` (second review, D5): [[path, st_dev, st_ino], ...] or refused."""
+    with pytest.raises(ProtocolError, match="malformed listener files"):
+        upgrade._files(raw)
+
+
+def test_listener_files_by_path() -> None:
+    assert upgrade._files([["/run/a.sock", 5, 7], ["/run/b.sock", 5, 9]]) == {
+        "/run/a.sock": (5, 7),
+        "/run/b.sock": (5, 9),
+    }
+    assert upgrade._files([]) == {}

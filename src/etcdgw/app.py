@@ -135,6 +135,7 @@ def prepare(
         log,
         inherited=inherited,
         handed=handed,
+        handed_files=successor.files if successor is not None else None,
     )
     try:
         gw.bind()
@@ -209,6 +210,7 @@ def _live_upgrade(gw: Gateway, run: Running, successor: upgrade.Successor | None
     gw.on_sigusr2 = old
     gw.defer_stop = old.defer_stop
     if successor is not None:
+        gw.hold_accept = True  # until its first ACK (Successor.serve)
 
         def take_over() -> None:
             gw.spawn(successor.serve(gw.upgrade_parts(), gw.stop, gw.listener_set.claim_handed))

@@ -172,6 +172,7 @@ class ListenerSet:
         cfg: Config,
         inherited: list[socket.socket] | None = None,
         handed: dict[str, socket.socket] | None = None,
+        handed_files: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.socks: list[socket.socket] = []
@@ -181,7 +182,11 @@ class ListenerSet:
         self._inherited = list(inherited or ())
         # A live upgrade's listeners (upgrade.py), by --listen-addr: used instead of binding.
         self._handed = dict(handed or {})
-        self._handed_files: list[str] = []
+        # The unix socket files the old process owned: path -> (st_dev, st_ino) as it
+        # recorded them at bind. Only a file still that inode is ours to chmod or unlink: one
+        # another process put at the path since (same user or not) is left alone.
+        self._owned_by_old = dict(handed_files or {})
+        self._handed_files: dict[str, tuple[int, int]] = {}
         # Unix socket files of handed listeners the new configuration dropped: path ->
         # (st_dev, st_ino); ours to unlink once the hand-over is complete (claim_handed).
         self._dropped_files: dict[str, tuple[int, int]] = {}
@@ -208,16 +213,18 @@ class ListenerSet:
                 given = handed.pop(ls.addr, None)
                 if given is not None:
                     given.setblocking(False)
-                    if ls.path is not None:
+                    ident = self._owned_by_old.get(ls.path) if ls.path is not None else None
+                    if ls.path is not None and ident is not None:
                         try:  # the configured mode, which may have changed since
-                            _set_mode(ls.path, self.cfg.listen_unix_mode)
+                            ours = _set_mode(ls.path, self.cfg.listen_unix_mode, ident)
                         except (OSError, _Replaced) as e:
                             given.close()
                             reason = str(e) if isinstance(e, _Replaced) else strerror(e)
                             raise ConfigError(
                                 f"listen unix {ls.path}: {reason}", stream="stderr"
                             ) from None
-                        self._handed_files.append(ls.path)  # claimed once the old one left
+                        if ours:  # claimed once the old one left
+                            self._handed_files[ls.path] = ident
                     self.socks.append(given)
                 else:
                     self.socks.append(self._bind_one(ls))
@@ -239,25 +246,25 @@ class ListenerSet:
             path = sock.getsockname()
             if not isinstance(path, str) or not path or path.startswith("\0"):
                 return  # abstract or unnamed: no file
-            st = os.lstat(path)
         except OSError:
             return
-        if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
-            self._dropped_files[path] = (st.st_dev, st.st_ino)
+        ident = self._owned_by_old.get(path)
+        if ident is not None:  # the old one's file, if still that inode at claim_handed()
+            self._dropped_files[path] = ident
 
     def claim_handed(self) -> None:
-        """A live upgrade is complete: the handed unix socket files are ours to unlink."""
-        for path in self._handed_files:
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if stat.S_ISSOCK(st.st_mode):
-                self._files[path] = (st.st_dev, st.st_ino)
-        self._handed_files = []
+        """A live upgrade is complete: the handed unix socket files are ours to unlink
+        (each only while it is still the inode the old process recorded)."""
+        self._files.update(self._handed_files)
+        self._handed_files = {}
         for path, ident in self._dropped_files.items():
             _unlink_if(path, ident)  # nobody listens there any more
         self._dropped_files = {}
+
+    def files(self) -> dict[str, tuple[int, int]]:
+        """The unix socket files this process owns: path -> (st_dev, st_ino) (a live upgrade
+        sends them to the successor)."""
+        return dict(self._files)
 
     def release(self) -> None:
         """A live upgrade handed every listener over: close ours, unlink no socket file."""
@@ -370,10 +377,11 @@ def _claim(path: str, mode: int) -> tuple[int, int]:
         os.close(fd)
 
 
-def _set_mode(path: str, mode: int) -> None:
+def _set_mode(path: str, mode: int, ident: tuple[int, int]) -> bool:
     """Give a handed listener's socket file the configured mode, the way _claim does (O_PATH
     | O_NOFOLLOW, our socket with one link, chmod through /proc/self/fd); never unlinks it
-    (the old process still serves on it).
+    (the old process still serves on it). False, touching nothing, when the path names
+    another socket than the old process's file (ident: its (st_dev, st_ino)).
 
     Raises:
         _Replaced: the path no longer names our socket file.
@@ -387,6 +395,8 @@ def _set_mode(path: str, mode: int) -> None:
         st = os.fstat(fd)
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
             raise _Replaced(f"handed socket file replaced by {_kind(st)}")
+        if (st.st_dev, st.st_ino) != ident:
+            return False
         if stat.S_IMODE(st.st_mode) != mode:
             try:
                 os.chmod(f"/proc/self/fd/{fd}", mode)
@@ -394,6 +404,7 @@ def _set_mode(path: str, mode: int) -> None:
                 raise _Replaced("cannot set its mode: /proc/self/fd is not available") from None
     finally:
         os.close(fd)
+    return True
 
 
 def _unlink_if(path: str, ident: tuple[int, int]) -> None:

@@ -69,6 +69,7 @@ class Gateway:
         engine_cls: type[Engine] | None = None,
         inherited: Sequence[socket.socket] = (),
         handed: dict[str, socket.socket] | None = None,
+        handed_files: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self.log = log
         # The parts (wiring.py, as the in-process tests wire them); relay and acceptor
@@ -87,8 +88,9 @@ class Gateway:
         self.own = parts.own
         self.monitor = parts.monitor
         self.table = parts.table
-        # handed: a live upgrade's listeners by --listen-addr (upgrade.py)
-        self.listener_set = ListenerSet(cfg, list(inherited), handed)
+        # handed: a live upgrade's listeners by --listen-addr (upgrade.py); handed_files: the
+        # unix socket files the old process owned, path -> (st_dev, st_ino)
+        self.listener_set = ListenerSet(cfg, list(inherited), handed, handed_files)
         self.engine_cls: type[Engine] = engine_cls if engine_cls is not None else Engine
         self.implementation = IMPLEMENTATION if engine_cls is None else _engine_name(engine_cls)
         self.ready = False
@@ -104,6 +106,9 @@ class Gateway:
         self.on_sigusr2: Callable[[], None] | None = None
         self.defer_stop: Callable[[Callable[[], None]], bool] | None = None
         self.on_ready: Callable[[], None] | None = None
+        # A live upgrade's successor: accept nothing until it proved alive (its first ACK;
+        # upgrade.Successor.serve resumes accepting).
+        self.hold_accept = False
         # --auto-sync-interval: the membership.Membership that follows the member list (set
         # by app.py; read by metrics for its counters).
         self.membership: Membership | None = None
@@ -144,7 +149,7 @@ class Gateway:
         try:
             loop = self._loop
             relay = self.parts.attach(loop, self.engine_cls, native_accept=NATIVE_ACCEPT)
-            acceptor = self.parts.accept(loop, self.listener_set)
+            acceptor = self.parts.accept(loop, self.listener_set, held=self.hold_accept)
             if isinstance(acceptor, NativeAccept):
                 self.spawn(acceptor.upkeep())
             self.spawn(self.monitor.run())
@@ -334,6 +339,7 @@ class Gateway:
             dials=lambda: len(self.table.dials) + relay.native_pending(),
             extra=dict(extra or {}),
             drain_timeout=lambda: self.cfg.drain_timeout,
+            files=self.listener_set.files,
         )
 
     def handed_over(self) -> None:

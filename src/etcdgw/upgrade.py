@@ -11,10 +11,11 @@ sequence (docs/architecture.md "Live upgrade" says who owns each fd at each step
     HELLO {version, pid}                   ->
                                            <-   LISTENERS {version, keys} + listener fds
     bind what is new, close what is not
-    wanted, accept on the handed ones
+    wanted (not accepting yet)
     READY                                  ->
                                            <-   PAIRS {pairs} + fds (detach(<=126); [])
-    adopt each pair, then ACK              ->   close its copies of the batch; the first:
+    adopt each pair, then ACK; the first:
+    accept on the listeners                ->   close its copies of the batch; the first:
                                                 stop accepting (listeners kept open),
                                                 wait for the dials in flight
                                                 ... until no pair is left
@@ -22,7 +23,9 @@ sequence (docs/architecture.md "Live upgrade" says who owns each fd at each step
     claim the unix socket files,
     MAINPID=<pid> READY=1 (systemd);
     ACK                                    ->   close its listener copies (no unlink), exit 0
-                                                (without the ACK too, past MESSAGE_DEADLINE)
+                                                (without the ACK too, past MESSAGE_DEADLINE;
+                                                but a successor dead without it: MAINPID=
+                                                <own pid>, accept again, one error line)
 
 Failure is safe: until the old one has an ACK for a batch it keeps every fd of it open (the
 successor got duplicates), so on EOF, garbage, a version it does not know, or a deadline
@@ -70,6 +73,7 @@ __all__ = [
     "ENV_FD",
     "MAX_FDS",
     "PAIRS_PER_BATCH",
+    "RECORDS_PER_BATCH",
     "VERSION",
     "Old",
     "Parts",
@@ -84,12 +88,17 @@ VERSION = 1
 ENV_FD = "ETCDGW_UPGRADE_FD"  # the successor's end of the channel (an inherited fd)
 MAX_FDS = 253  # SCM_MAX_FD: the most descriptors one message may carry
 PAIRS_PER_BATCH = MAX_FDS // 2  # 126 pairs, two fds each
+# The most records one PAIRS message may carry, on both sides: a record has one fd (a client
+# handed alone) or two, and the rule is fds per message <= MAX_FDS.
+RECORDS_PER_BATCH = MAX_FDS
 MAX_MESSAGE = 64 << 20  # a batch's carried bytes, base64: 126 pairs x 2 buffers fit easily
 START_DEADLINE = 10.0  # spawn -> READY (imports, config, discovery, binding)
 HANDOVER_DEADLINE = 10.0  # READY -> DONE acknowledged
 MESSAGE_DEADLINE = 5.0  # any one message
 REAP_AFTER_READY = 120.0  # a successor that failed after READY drains, then exits
 REAP_MARGIN = 30.0  # ... within its --drain-timeout (told in READY) and this margin
+DEAD_WAIT = 1.0  # after EOF instead of the last ACK: how long the old looks for an exit
+REAP_POLL = 0.2  # how often the old one looks whether a failed successor exited
 DIALS_WAIT = 3.0  # how long the old waits for its dials in flight before handing pairs
 
 _LEN = struct.Struct("!I")
@@ -263,6 +272,7 @@ class Parts:
     pause/resume: stop accepting on the listeners (they stay open) / accept again.
     listeners: (key, socket) of every listener: the key is its --listen-addr.
     extra: other listening sockets handed over by key (the metrics listener).
+    files: the unix socket files this process owns, by path: (st_dev, st_ino).
     redial: dial a client again (its dial had not finished: it sent nothing we consumed).
     dials: how many clients are being dialled (loop dials and the relay thread's).
     take_dials: stop at most n of the loop's dials and give up their clients, open.
@@ -281,6 +291,8 @@ class Parts:
     take_dials: Callable[[int], list[socket.socket]]
     extra: dict[str, socket.socket] = field(default_factory=dict)
     drain_timeout: Callable[[], float] = lambda: 0.0
+    # The unix socket files this process owns: path -> (st_dev, st_ino) recorded at bind.
+    files: Callable[[], dict[str, tuple[int, int]]] = dict
 
 
 # --- the old side --------------------------------------------------------------------------------
@@ -397,14 +409,18 @@ class Old:
             self.handed_over = True
             assert proc is not None
             acked = await self._committed(parts, ours, proc)
-            log.info(
-                "live upgrade done; exiting",
-                successor=proc.pid,
-                pairs=state.pairs,
-                seconds=round(time.monotonic() - t0, 3),
-                acknowledged=acked,
-            )
-            self._done()
+            if acked is None:
+                self.handed_over = False
+                self._resume_after_dead(parts, state, proc)
+            else:
+                log.info(
+                    "live upgrade done; exiting",
+                    successor=proc.pid,
+                    pairs=state.pairs,
+                    seconds=round(time.monotonic() - t0, 3),
+                    acknowledged=acked,
+                )
+                self._done()
         finally:
             ours.close()
             if theirs.fileno() >= 0:
@@ -427,7 +443,16 @@ class Old:
         keys = [k for k, _ in listeners] + list(parts.extra)
         lfds = [s.fileno() for _, s in listeners] + [s.fileno() for s in parts.extra.values()]
         sock.settimeout(MESSAGE_DEADLINE)
-        msg = {"type": "LISTENERS", "version": VERSION, "pid": os.getpid(), "keys": keys}
+        # The socket files it owns, by inode: the successor chmods or unlinks a file only
+        # while it is still that one (not one another process put at the path since).
+        files = [[p, dev, ino] for p, (dev, ino) in parts.files().items()]
+        msg = {
+            "type": "LISTENERS",
+            "version": VERSION,
+            "pid": os.getpid(),
+            "keys": keys,
+            "files": files,
+        }
         await asyncio.to_thread(send_msg, sock, msg, lfds)
         sock.settimeout(START_DEADLINE)
         ready, fds = await asyncio.to_thread(expect, sock, "READY", 4096)
@@ -457,7 +482,7 @@ class Old:
                 if parts.dials() and time.monotonic() < dials_until:
                     await asyncio.sleep(0.005)
                     continue
-                batch = _clients_alone(parts.take_dials(MAX_FDS))
+                batch = _clients_alone(parts.take_dials(RECORDS_PER_BATCH))
             if batch is None:
                 if parts.dials():
                     parts.log.warn(
@@ -488,16 +513,19 @@ class Old:
             raise ProtocolError(f"successor exited ({state.proc.returncode}) before DONE")
         await asyncio.to_thread(send_msg, sock, {"type": "DONE"})
         # DONE is sent: the hand-over is committed. The successor holds every pair and, on
-        # reading DONE, claims the unix socket files and the main PID: whatever it does
-        # next (a stall, a crash), this process never serves again (_committed).
+        # reading DONE, claims the unix socket files and the main PID: if it stalls, this
+        # process never serves again; only if it dies before its last ACK (nobody would
+        # serve) does this one take the service back (_committed).
 
     async def _committed(
         self, parts: Parts, sock: socket.socket, proc: subprocess.Popen[bytes]
-    ) -> bool:
+    ) -> bool | None:
         """After DONE: systemd's main PID is the successor's (told by this process, the main
         PID until now: NotifyAccess=main is enough); then the successor's last ACK is
-        waited for (MESSAGE_DEADLINE), only to say whether it came. Either way this process
-        exits next, closing its listener copies without unlinking a file."""
+        waited for (MESSAGE_DEADLINE), only to say whether it came: True, or False (this
+        process exits next, closing its listener copies without unlinking a file). None: no
+        ACK and the successor is dead (it died on reading DONE): nobody else serves, and
+        this process still holds every listener, so it takes the service back."""
         try:
             systemd.notify(f"MAINPID={proc.pid}")
         except OSError as e:
@@ -506,6 +534,13 @@ class Old:
         try:
             _, afds = await asyncio.to_thread(expect, sock, "ACK", 4096)
         except ProtocolError as e:
+            # EOF can come a moment before the successor's exit status (its fds close
+            # first): look for DEAD_WAIT. A successor that only stalls (alive) keeps all.
+            end = time.monotonic() + DEAD_WAIT
+            while proc.poll() is None and time.monotonic() < end:
+                await asyncio.sleep(0.01)
+            if proc.poll() is not None:
+                return None
             parts.log.warn(
                 "live upgrade: no final ACK from the successor; it holds everything now",
                 error=str(e),
@@ -514,6 +549,29 @@ class Old:
             return False
         _close_all(afds)
         return True
+
+    def _resume_after_dead(
+        self, parts: Parts, state: _OldState, proc: subprocess.Popen[bytes]
+    ) -> None:
+        """The successor died between DONE and its last ACK: main PID back to this process,
+        accept again on the listeners it never closed; the pairs it had handed are lost."""
+        try:
+            systemd.notify(f"MAINPID={os.getpid()}")
+        except OSError as e:
+            parts.log.warn("failed to notify systemd of the main process", error=str(e))
+        if state.paused:
+            parts.resume()
+            state.paused = False
+        parts.log.error(
+            "live upgrade failed: the successor died after DONE; serving again, "
+            "the pairs it had taken over are lost"
+            if self.stop_deferred is None
+            else "live upgrade failed: the successor died after DONE; the pairs it had "
+            "taken over are lost; stopping as asked during it (draining)",
+            successor=proc.pid,
+            exit=proc.returncode,
+            **{"lost-pairs": state.pairs},
+        )
 
     def _detach(self, parts: Parts) -> _Batch | None:
         handed = parts.relay.detach(PAIRS_PER_BATCH)
@@ -616,12 +674,16 @@ async def _reap(proc: subprocess.Popen[bytes], after: float, log: Logger) -> Non
     """A successor that failed after READY: it drains what it adopted (at most its
     --drain-timeout, told in READY) and exits by itself; waited for (no zombie), killed
     (one line) only past `after`: that drain timeout plus REAP_MARGIN, at least
-    REAP_AFTER_READY."""
-    try:
-        await asyncio.to_thread(proc.wait, after)
+    REAP_AFTER_READY. Polled from the loop (no executor thread: Runner.close would join one
+    blocked in Popen.wait, and a SIGTERM to this process would wait for it); cancelled when
+    this process stops, leaving the successor to end its drain by itself."""
+    end = time.monotonic() + after
+    while proc.poll() is None:
+        if time.monotonic() > end:
+            break
+        await asyncio.sleep(REAP_POLL)
+    else:
         return
-    except subprocess.TimeoutExpired:
-        pass
     log.warn(
         "live upgrade: killing the failed successor, still running past its drain timeout",
         successor=proc.pid,
@@ -629,9 +691,11 @@ async def _reap(proc: subprocess.Popen[bytes], after: float, log: Logger) -> Non
     )
     try:
         proc.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(proc.wait, 5)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    except OSError:
+        return
+    end = time.monotonic() + 5.0
+    while proc.poll() is None and time.monotonic() < end:
+        await asyncio.sleep(REAP_POLL)
 
 
 @dataclass
@@ -670,6 +734,8 @@ class Successor:
         self._notify = os.environ.pop("NOTIFY_SOCKET", None)
         self.pairs = 0
         self.done = False  # the hand-over ended (taken over, or failed)
+        # The old process's unix socket files (LISTENERS): path -> (st_dev, st_ino).
+        self.files: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def from_env(cls, log: Logger) -> Successor | None:
@@ -713,6 +779,7 @@ class Successor:
                     or not all(isinstance(k, str) for k in keys)
                 ):
                     raise ProtocolError("listener keys do not match the descriptors")
+                self.files = _files(msg.get("files", []))
                 socks = {}
                 for k, fd in zip(keys, fds, strict=True):
                     s = socket.socket(fileno=fd)
@@ -753,12 +820,15 @@ class Successor:
             ready = {"type": "READY", "pid": os.getpid(), "drain": parts.drain_timeout()}
             await asyncio.to_thread(send_msg, sock, ready)
             sock.settimeout(HANDOVER_DEADLINE + MESSAGE_DEADLINE)
+            accepting = False
             while True:
                 msg, fds = await asyncio.to_thread(recv_msg, sock)
                 if msg["type"] == "DONE":
                     # Committed: the old process exits whatever happens next, so from here
                     # this process owns the service (the files, the main PID) for good.
                     _close_all(fds)
+                    if not accepting:  # (an old one that sent no PAIRS at all)
+                        parts.resume()
                     self.done = True
                     on_main()
                     self._main_now(log)
@@ -773,6 +843,11 @@ class Successor:
                 n = self._adopt(parts, msg, fds)
                 await asyncio.to_thread(send_msg, sock, {"type": "ACK", "n": n})
                 self.pairs += n
+                if not accepting:
+                    # Accepting only now that an ACK proved this process alive (the old one
+                    # accepts until it reads it): one that hangs before takes no client.
+                    parts.resume()
+                    accepting = True
         except ProtocolError as e:
             log.error(
                 "live upgrade failed; the old process keeps serving, draining what was taken",
@@ -807,7 +882,7 @@ class Successor:
         nothing adopted and every fd closed)."""
         recs = msg.get("pairs")
         try:
-            if not isinstance(recs, list) or len(recs) > PAIRS_PER_BATCH:
+            if not isinstance(recs, list) or len(recs) > RECORDS_PER_BATCH:
                 raise ProtocolError("malformed PAIRS message")
             want = sum(2 if isinstance(r, dict) and r.get("up") else 1 for r in recs)
             if want != len(fds):
@@ -885,6 +960,23 @@ def _remote_for(balancer: Balancer, r: dict[str, Any]) -> Remote:
                 return rem
         return balancer.stranger(Endpoint(host, port))
     return balancer.stranger(Endpoint("unknown", 0))
+
+
+def _files(raw: Any) -> dict[str, tuple[int, int]]:
+    """LISTENERS' `files`: [[path, st_dev, st_ino], ...]."""
+    if not isinstance(raw, list) or len(raw) > 4096:
+        raise ProtocolError("malformed listener files")
+    out = {}
+    for f in raw:
+        if (
+            not isinstance(f, list)
+            or len(f) != 3
+            or not isinstance(f[0], str)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in f[1:])
+        ):
+            raise ProtocolError("malformed listener files")
+        out[f[0]] = (f[1], f[2])
+    return out
 
 
 def _listening(s: socket.socket) -> bool:

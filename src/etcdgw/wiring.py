@@ -94,10 +94,12 @@ class Parts:
         return relay
 
     def accept(
-        self, loop: asyncio.AbstractEventLoop, listeners: Listeners
+        self, loop: asyncio.AbstractEventLoop, listeners: Listeners, held: bool = False
     ) -> LoopAccept | NativeAccept:
         """Start accepting on listeners: in the relay thread when the engine took native
-        accept at attach(), else in the loop. The caller runs NativeAccept.upkeep()."""
+        accept at attach(), else in the loop. The caller runs NativeAccept.upkeep().
+        held: build the acceptor without starting it (a live upgrade's successor, until
+        its first ACK: upgrade.Successor.serve)."""
         assert self.relay is not None and self.dialer is not None, "attach() first"
         relay = self.relay
         parts = (loop, listeners, self.table, self.settings, self.tcp, self.log)
@@ -118,6 +120,7 @@ class Parts:
         else:
             acceptor = LoopAccept(*parts, dialer=self.dialer)
         self.acceptor = acceptor
+        acceptor.held = held
         acceptor.start()
         return acceptor
 
