@@ -356,15 +356,9 @@ def _claim(path: str, mode: int) -> tuple[int, int]:
         _Replaced: the path no longer names a socket file bind() could have created.
         OSError: the chmod failed.
     """
+    fd, st = _open_our_socket(path, "socket file", " before its mode was set")
     try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise _Replaced("socket file removed before its mode was set") from None
-    try:
-        st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino)
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            raise _Replaced(f"socket file replaced by {_kind(st)} before its mode was set")
         try:
             os.chmod(f"/proc/self/fd/{fd}", mode)
         except OSError as e:
@@ -387,14 +381,8 @@ def _set_mode(path: str, mode: int, ident: tuple[int, int]) -> bool:
         _Replaced: the path no longer names our socket file.
         OSError: the chmod failed.
     """
+    fd, st = _open_our_socket(path, "handed socket file")
     try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise _Replaced("handed socket file removed") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            raise _Replaced(f"handed socket file replaced by {_kind(st)}")
         if (st.st_dev, st.st_ino) != ident:
             return False
         if stat.S_IMODE(st.st_mode) != mode:
@@ -405,6 +393,24 @@ def _set_mode(path: str, mode: int, ident: tuple[int, int]) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _open_our_socket(path: str, what: str, when: str = "") -> tuple[int, os.stat_result]:
+    """An O_PATH | O_NOFOLLOW fd of path and its stat, if path names a socket of ours with one
+    link (not a link to another file, not another user's socket); the caller closes the fd.
+
+    Raises:
+        _Replaced: `<what> removed<when>` or `<what> replaced by <kind><when>`.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _Replaced(f"{what} removed{when}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise _Replaced(f"{what} replaced by {_kind(st)}{when}")
+    return fd, st
 
 
 def _unlink_if(path: str, ident: tuple[int, int]) -> None:
