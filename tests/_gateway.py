@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ __all__ = [
     "gateway",
     "gateway_sets",
     "free_tcp_port",
+    "free_tcp_ports",
     "wait_for",
     "SRC",
     "tool",
@@ -49,6 +50,30 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_tcp_ports(n: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
+    """n distinct free ports, none in avoid: each stays bound until all are taken (n calls
+    of free_tcp_port() may repeat a port, or give one another fixture picked unbound)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held: list[socket.socket] = []
+    try:
+        while len(held) < n:
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            held.append(s)
+        ports = [int(s.getsockname()[1]) for s in held]
+        bad = [p for p in ports if p in avoid]
+        while bad:  # rare: replace them while the good ones stay bound
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            held.append(s)
+            if int(s.getsockname()[1]) not in avoid:
+                ports[ports.index(bad.pop())] = int(s.getsockname()[1])
+        return ports
+    finally:
+        for s in held:
+            s.close()
 
 
 def connect(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> socket.socket:

@@ -24,7 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _dns import Dnsmasq
-from _gateway import GatewayProc, TagServer, free_tcp_port, silent_listener, wait_for
+from _gateway import (
+    GatewayProc,
+    TagServer,
+    free_tcp_port,
+    free_tcp_ports,
+    silent_listener,
+    wait_for,
+)
 from etcdgw.config import ConfigError, host_error, parse_endpoint
 from etcdgw.resolver import AddressBook
 
@@ -137,7 +144,7 @@ def test_none_with_every_endpoint_down_closes_each_client(gateway: Start) -> Non
     """Was: each client dialled again and again (~26,000 failed dials a second, a core
     busy), never answered or closed, the loop outliving the client."""
     port = free_tcp_port()
-    dead = [free_tcp_port() for _ in range(3)]
+    dead = free_tcp_ports(3)
     g = gateway(
         "--endpoints=" + ",".join(f"127.0.0.1:{d}" for d in dead),
         f"--listen-addr=127.0.0.1:{port}",

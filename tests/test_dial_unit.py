@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from _gateway import TagServer, free_tcp_port, silent_listener
+from _gateway import TagServer, free_tcp_port, free_tcp_ports, silent_listener
 from _parts import Make, Parts, Script, client_pair, ep
 from etcdgw.dial import SELF_DIAL
 from etcdgw.resolver import Addr
@@ -140,7 +140,7 @@ def test_a_dial_tries_each_endpoint_at_most_once(
     """Whatever --health-check and --balance say (under `none` a failed dial leaves the
     endpoint usable, so an unbounded dial would go round forever), one client costs one
     connect per endpoint, then it is closed."""
-    dead = [free_tcp_port() for _ in range(3)]
+    dead = free_tcp_ports(3)
     parts = make([ep(p) for p in dead], health_check=health, balance=balance)
     peer = clients.dial(parts, front)
     assert parts.closed(peer)
