@@ -479,6 +479,46 @@ def test_short_pairs_are_summed_per_target(native: Native, backends: list[Backen
     assert len(native.engine) == 0
 
 
+def test_short_pairs_of_more_targets_than_collect_sums_in_c(
+    native: Native, backends: list[Backend]
+) -> None:
+    """collect() sums short pairs in C for its first SHORT_SLOTS (32) targets and in a dict
+    beyond: 40 targets (one backend behind all), two pairs each, every pair counted once."""
+    a = backends[0]
+    tags = range(1, 41)
+    native.targets(*((t, "127.0.0.1", a.port, 0, 0, True) for t in tags))
+    native.listen()
+    for i in range(2 * len(tags)):
+        c = client_to(native)
+        server = a.accept()
+        c.sendall(b"x" * (i + 1))
+        assert server.recv(200) == b"x" * (i + 1)
+        server.close()  # the upstream ends first, having said nothing: a silent pair
+        assert c.recv(10) == b""
+        c.close()
+    pairs: dict[int, int] = {}
+    c2u_total = 0
+    deadline = time.monotonic() + 5
+    while sum(pairs.values()) < 2 * len(tags):
+        assert time.monotonic() < deadline, pairs
+        time.sleep(0.01)
+        started, finished, failed, _, _, _, short = native.engine.collect(True)
+        native.started += started
+        assert not failed
+        for pid, c2u, _, _, _ in finished:
+            tag = next(t for p, t in native.started if p == pid)
+            pairs[tag] = pairs.get(tag, 0) + 1
+            c2u_total += c2u
+        assert len({tag for tag, *_ in short}) == len(short)  # one row per target
+        for tag, n, c2u, u2c, errs, silent in short:
+            pairs[tag] = pairs.get(tag, 0) + n
+            c2u_total += c2u
+            assert u2c == 0 and errs == 0 and silent == n
+    assert pairs == dict.fromkeys(tags, 2)
+    assert c2u_total == sum(range(1, 2 * len(tags) + 1))
+    assert len(native.engine) == 0
+
+
 def test_late_options_reach_long_lived_upstreams(native: Native, backends: list[Backend]) -> None:
     a = backends[0]
     native.engine.set_targets(

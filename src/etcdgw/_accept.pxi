@@ -24,7 +24,7 @@ cdef void _accept_all(Core *c) noexcept nogil:
         while lst.fd >= 0 and lst.ready and not lst.paused and k < ACCEPT_BATCH:
             if c.limit and c.nlive + c.nconnecting + c.nheld >= c.limit:
                 return  # --max-connections: clients wait in the backlog (ready stays set)
-            cfd = accept4(lst.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            cfd = raw_accept4(lst.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
             k += 1  # every try counts, failed ones too: this runs under the lock, bounded
             if cfd < 0:
                 e = errno
@@ -83,7 +83,7 @@ cdef void _dial(Core *c, int cfd) noexcept nogil:
     cdef sockaddr_storage peer
     cdef socklen_t plen = sizeof(peer)
     if slot < 0:
-        close(cfd)  # out of memory for the table: nothing better to do with it
+        raw_close(cfd)  # out of memory for the table: nothing better to do with it
         return
     p = &c.pairs[slot]
     p.owned = 1
@@ -105,7 +105,7 @@ cdef void _dial(Core *c, int cfd) noexcept nogil:
         return
     _setopts(c, ufd)
     p.dir[0].dst = p.dir[1].src = ufd
-    r = connect(ufd, <sockaddr *>&t.addr, t.addrlen)
+    r = raw_connect(ufd, <sockaddr *>&t.addr, t.addrlen)
     if r < 0 and errno != EINPROGRESS:
         _dial_fail(c, p, t.tag, errno)
         return
@@ -190,7 +190,7 @@ cdef void _dial_fail(Core *c, Pair *p, int64_t tag, int err) noexcept nogil:
     cdef int32_t slot = p.id & ((1 << SLOT_BITS) - 1)
     _untrack(c, p)
     if p.dir[1].src >= 0:
-        close(p.dir[1].src)
+        raw_close(p.dir[1].src)
     p.dir[0].dst = p.dir[1].src = -1
     p.tag = tag
     p.err = err

@@ -120,5 +120,5 @@ cdef void _close_fds(Pair *p, int err) noexcept nogil:
         if fd >= 0:
             if err:
                 setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
-            close(fd)
+            raw_close(fd)
     p.dir[0].src = p.dir[0].dst = p.dir[1].src = p.dir[1].dst = -1
