@@ -11,9 +11,11 @@ import collections
 import errno
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -254,6 +256,54 @@ def test_dial_timeout(native: Native) -> None:
         for f in fillers:
             f.close()
         lst.close()
+
+
+def test_dial_timeout_never_fires_early_on_a_busy_thread(native: Native) -> None:
+    """A busy relay thread checks the dial deadlines at every batch, not only when its
+    epoll_wait times out: the deadline must not pass before --dial-timeout has (read from
+    the coarse clock, which lags by up to a tick, 1-10 ms, it passed that much early: 3 ms
+    fired after 0.46 ms)."""
+    timeout = 0.003
+    lst, fillers = silent_listener()
+    a1, a2 = socket.socketpair()
+    b1, b2 = socket.socketpair()
+    b2.settimeout(5)
+    stop = threading.Event()
+
+    def chatter() -> None:  # a pair that keeps the relay thread waking every ~0.3 ms
+        end = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < end:
+            a1.send(b"x")
+            b2.recv(4096)
+            time.sleep(0.0002)
+
+    a2.setblocking(False)
+    b1.setblocking(False)
+    pid = native.engine.add(a2.fileno(), b1.fileno())
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    took: list[float] = []
+    try:
+        native.targets((3, "127.0.0.1", lst.getsockname()[1], 0, 0, True), dial_timeout=timeout)
+        native.listen()
+        for i in range(20):
+            time.sleep(i % 7 * 0.0011)  # start at every phase of the clock's tick
+            t0 = time.monotonic()
+            c = client_to(native)
+            while len(native.failed) <= i:
+                # The failure wakes the loop at once: no polling delay in the measure.
+                assert select.select([native.engine.fileno()], [], [], 5)[0], native.failed
+                native.poll()
+            took.append(time.monotonic() - t0)
+            c.close()
+        assert all(f[1:] == (3, errno.ETIMEDOUT) for f in native.failed), native.failed
+        assert min(took) >= timeout, [round(t * 1000, 2) for t in sorted(took)]
+    finally:
+        stop.set()
+        thread.join()
+        native.engine.remove(pid)
+        for s in (a1, a2, b1, b2, lst, *fillers):
+            s.close()
 
 
 def test_limit_keeps_clients_in_the_backlog(native: Native, backends: list[Backend]) -> None:
