@@ -377,8 +377,8 @@ cdef void _detach_bufs(Core *c, Pair *p) noexcept nogil:
 
 
 cdef uint64_t _now_ns() noexcept nogil:
-    """The clock of deadlines (dial timeouts, reports, late options, strikes): the coarse
-    monotonic clock, one tick (1-10 ms) behind at most. Its reads take a few loads, not a
+    """The clock of deadlines but the dial timeout's (reports, late options, strikes): the
+    coarse monotonic clock, one tick (1-10 ms) behind at most. Its reads take a few loads, not a
     clock-source read (~20 ns in a VM, several per new connection: perf, issue 21), and
     every deadline here is milliseconds or more, rounded up to epoll_wait's 1 ms."""
     cdef timespec ts
@@ -386,14 +386,14 @@ cdef uint64_t _now_ns() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 cdef uint64_t _precise_ns() noexcept nogil:
-    """CLOCK_MONOTONIC, for measuring short waits (Engine._lock_waits)."""
+    """CLOCK_MONOTONIC, for measuring short waits (Engine._lock_waits) and dial deadlines."""
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 cdef int _timeout(Core *c) noexcept nogil:
     """epoll_wait's timeout for the relay thread's next wait, in ms (-1: none)."""
-    cdef uint64_t now, d = 0
+    cdef uint64_t now, d = 0, dial = 0, ms = 3600000
     cdef int i
     if c.nready > 0:
         return 0
@@ -402,17 +402,24 @@ cdef int _timeout(Core *c) noexcept nogil:
             if c.lst[i].fd >= 0 and c.lst[i].ready and not c.lst[i].paused:
                 return 0  # an accept batch ran out before EAGAIN: go on after the events
     if c.conn_head >= 0:
-        d = c.pairs[c.conn_head].deadline
-    if c.report_at and not c.notified and (d == 0 or c.report_at < d):
+        dial = c.pairs[c.conn_head].deadline  # CLOCK_MONOTONIC (_dial)
+    if c.report_at and not c.notified:
         d = c.report_at
     if c.late_n and (d == 0 or c.late[c.late_head].due < d):
         d = c.late[c.late_head].due
-    if d == 0:
+    if d == 0 and dial == 0:
         return -1
-    now = _now_ns()
-    if d <= now:
-        return 0
-    return <int>min((d - now + 999999) // 1000000, <uint64_t>3600000)
+    if d:
+        now = _now_ns()
+        if d <= now:
+            return 0
+        ms = min((d - now + 999999) // 1000000, ms)
+    if dial:
+        now = _precise_ns()  # only while a dial is under way (not over loopback)
+        if dial <= now:
+            return 0
+        ms = min((dial - now + 999999) // 1000000, ms)
+    return <int>ms
 
 cdef bint _report_due(Core *c) noexcept nogil:
     """Whether the thread should wake the loop now (see REPORT_DELAY_NS)."""
