@@ -265,13 +265,15 @@ cdef class Engine:
         # Room for what waits, made (and its pages touched) before the lock: nrecords read
         # without it is only a hint; growing under the lock (or failing to) is handled below.
         self._reserve(self.c.nrecords + 64)
-        self._lock()
         # The thread writes notify_fd after it unlocks, so its write may come after this
         # read: then it wakes the loop once more, for a collect that finds little, and that
         # collect's read drains it (read whether or not notified is set, or a late write
-        # would leave the eventfd readable and the loop spinning). Non-blocking: never waits.
+        # would leave the eventfd readable and the loop spinning). Non-blocking: never waits;
+        # outside the lock, which the thread needs for every batch.
+        if self.c.threaded:
+            read(self.c.notify_fd, &count, sizeof(count))
+        self._lock()
         self.c.notified = 0
-        read(self.c.notify_fd, &count, sizeof(count))
         err = self.c.thread_err
         while self.c.started_head >= 0:
             if n == self.recs_cap and not self._reserve(2 * n):
