@@ -21,55 +21,38 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from backends import build_httpd
+from backends import HttpBackend
 from procs import free_port
 from scale_measure import build_loadgen
 
-REPO = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:  # imported in main(), after ETCDGW_BENCH_BASE is set
+    from proxies import Proxy
+
 HZ = 4000
 
 
-def start_proxy(kind: str, src: str, port: int, backends: list[int]) -> subprocess.Popen[bytes]:
-    ends = [f"127.0.0.1:{p}" for p in backends]
-    if kind == "pen":
-        argv = ["pen", "-f", "-r", "-x", "9600", f"127.0.0.1:{port}", *ends]
-        env = dict(os.environ)
-    else:
-        argv = [sys.executable, "-m", "etcdgw", "start", f"--listen-addr=127.0.0.1:{port}"]
-        argv += ["--endpoints=" + ",".join(ends), "--log-level=warn"]
-        env = {k: v for k, v in os.environ.items() if k != "ETCDGW_NO_EXTENSIONS"}
-        env["PYTHONPATH"] = src
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"{kind} did not start") from None
-            time.sleep(0.05)
-
-
-def one(kind: str, src: str, args: argparse.Namespace, tools: dict[str, Path]) -> str:
+def one(proxy_: Proxy, args: argparse.Namespace, backend: HttpBackend, loadgen: Path) -> str:
+    """One proxy (bench/proxies.py's launcher) under the churn; its line of figures."""
     port = free_port()
-    proxy = start_proxy(kind, src, port, args.backends)
-    data = Path(args.tmp) / f"perf-{kind}-{port}.data"
+    tmp = Path(args.tmp)
+    name = proxy_.name
+    proxy = proxy_.start(port, backend.endpoints, tmp)
+    assert proxy is not None
+    data = tmp / f"perf-{name}-{port}.data"
     perf: subprocess.Popen[bytes] | None = None
     done = 0
     try:
         time.sleep(0.5)
         lg = subprocess.Popen(
-            [str(tools["loadgen"]), "churn", f"127.0.0.1:{port}", "--rate", str(args.rate)]
+            [str(loadgen), "churn", f"127.0.0.1:{port}", "--rate", str(args.rate)]
             + ["--duration", str(args.seconds), "--warmup", "1"],
             stdout=subprocess.PIPE,
             text=True,
@@ -89,12 +72,7 @@ def one(kind: str, src: str, args: argparse.Namespace, tools: dict[str, Path]) -
                 done = int(json.loads(line.split(" ", 1)[1]).get("completed", 0))
         lg.wait(args.seconds + 60)
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(15)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        proxy.stop()
     out = subprocess.run(
         ["perf", "script", "-i", str(data), "-F", "tid,ip,dso", "-G"],
         capture_output=True,
@@ -108,10 +86,10 @@ def one(kind: str, src: str, args: argparse.Namespace, tools: dict[str, Path]) -
         if f and "kernel" not in line:
             user[f[0]] += 1
     if not done:
-        return f"{kind}: no connection answered"
+        return f"{name}: no connection answered"
     per = {tid: n / HZ / done * 1e6 for tid, n in user.items()}
     threads = ", ".join(f"thread {t} {v:.2f}" for t, v in sorted(per.items(), key=lambda x: -x[1]))
-    return f"{kind}: {sum(per.values()):.2f} µs user per connection ({threads}; {done:,} conns)"
+    return f"{name}: {sum(per.values()):.2f} µs user per connection ({threads}; {done:,} conns)"
 
 
 def main() -> int:
@@ -122,30 +100,28 @@ def main() -> int:
     p.add_argument("--base", default="", help="src/ of a checkout to compare with")
     p.add_argument("--no-pen", action="store_true")
     args = p.parse_args()
+    if args.base:  # read when bench/proxies.py is imported: its etcdgw-cython-base
+        os.environ["ETCDGW_BENCH_BASE"] = args.base
+    from proxies import PROXIES
+
+    runs = ["etcdgw-cython"] + (["etcdgw-cython-base"] if args.base else [])
+    runs += [] if args.no_pen else ["pen"]
+    for name in runs:
+        why = PROXIES[name].check()
+        if why:
+            raise SystemExit(f"{name}: {why}")
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
-        tools = {"loadgen": build_loadgen(Path(tmp))}
-        args.backends = [free_port() for _ in range(3)]
-        httpd = subprocess.Popen(
-            [str(build_httpd(Path(tmp))), *map(str, args.backends)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
+        loadgen = build_loadgen(Path(tmp))
+        backend = HttpBackend(Path(tmp))
         try:
-            assert httpd.stdout is not None
-            httpd.stdout.readline()  # "ready"
-            runs = [("etcdgw", str(REPO / "src"))]
-            if args.base:
-                runs.append(("etcdgw-base", args.base))
-            if not args.no_pen:
-                runs.append(("pen", ""))
             for rep in range(args.reps):
-                for kind, src in runs:
-                    line = one("pen" if kind == "pen" else "etcdgw", src, args, tools)
-                    print(f"rep {rep + 1}: {kind}{line[line.index(':') :]}", flush=True)
+                for name in runs:
+                    print(
+                        f"rep {rep + 1}: {one(PROXIES[name], args, backend, loadgen)}", flush=True
+                    )
         finally:
-            httpd.terminate()
-            httpd.wait(10)
+            backend.stop()
     return 0
 
 
