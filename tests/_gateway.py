@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from _etcd import free_port
+
 __all__ = [
     "Sockets",
     "sockets",
@@ -46,34 +48,22 @@ def tool(name: str) -> str:
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free now on host and never handed out before in this process (_etcd.free_port:
+    below the ephemeral range, so no outgoing connection takes it before it is bound)."""
+    return free_port(host)
 
 
 def free_tcp_ports(n: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
-    """n distinct free ports, none in avoid: each stays bound until all are taken (n calls
-    of free_tcp_port() may repeat a port, or give one another fixture picked unbound)."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    held: list[socket.socket] = []
-    try:
-        while len(held) < n:
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            held.append(s)
-        ports = [int(s.getsockname()[1]) for s in held]
-        bad = [p for p in ports if p in avoid]
-        while bad:  # rare: replace them while the good ones stay bound
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            held.append(s)
-            if int(s.getsockname()[1]) not in avoid:
-                ports[ports.index(bad.pop())] = int(s.getsockname()[1])
-        return ports
-    finally:
-        for s in held:
-            s.close()
+    """n distinct free ports, none in avoid (see free_tcp_port)."""
+    ports: list[int] = []
+    for _ in range(n + 1000):  # bounded: avoid holds a few ports, not 1,000
+        if len(ports) == n:
+            break
+        port = free_port(host)
+        if port not in avoid:
+            ports.append(port)
+    assert len(ports) == n, f"no {n} free ports on {host}"
+    return ports
 
 
 def connect(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> socket.socket:

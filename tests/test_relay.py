@@ -288,12 +288,18 @@ def test_fds_are_borrowed_never_closed(engine: Any, sockets: Any) -> None:
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
 def test_backpressure_bounds_buffering(engine: Any, sockets: Any, kind: str) -> None:
     client, down, up, upstream = sockets(kind)
+    # Fixed kernel buffers (the kernel doubles 256 KiB): TCP autotuning could otherwise grow
+    # each receive buffer to tcp_rmem's maximum (32 MiB here) and the kernel, not the engine,
+    # would hold what the writer got rid of (once 22 MB of 64).
+    for s in (client, down, up, upstream):
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            s.setsockopt(socket.SOL_SOCKET, opt, 256 << 10)
     total = 64 << 20
     data = payload(total)
     pid = engine.add(down.fileno(), up.fileno())
     writer, reader = Peer(client, data), Peer(upstream, reading=False)
-    # TCP autotuning may still grow the buffers for a moment: wait (bounded) until a whole
-    # 0.3 s window moves nothing.
+    # The window already advertised may still let a little more through: wait (bounded)
+    # until a whole 0.3 s window moves nothing.
     drive_for(engine, [writer, reader], 0.3)
     for _ in range(10):
         before = writer.sent
