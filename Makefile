@@ -30,9 +30,10 @@ lint:
 	$(PYTHON) -m mypy
 	$(call tool,cython-lint) src/etcdgw/_relay.pyx src/etcdgw/_relay.pxd src/etcdgw/_accept.pxi src/etcdgw/_pick.pxi src/etcdgw/_pump.pxi src/etcdgw/_table.pxi
 
-# The relay and server tests run once per engine through the relay_impl fixture.
+# The relay and server tests run once per engine through the relay_impl fixture. The 25
+# slowest tests are listed at the end, so a CI log shows where the time goes.
 pytest:
-	$(PYTHON) -m pytest -q --timeout=300 -p no:randomly $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --timeout=300 -p no:randomly --durations=25 $(PYTEST_ARGS)
 
 # man/etcdgw.1 from cli.get_parser() (argparse-manpage + man/sections.ini); a test checks it.
 man:

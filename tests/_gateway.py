@@ -173,11 +173,21 @@ class GatewayProc:
         return [str(r.get("msg")) for r in self.records()]
 
     def wait_log(self, msg: str, timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
-        def find() -> dict[str, Any] | None:
+        def scan() -> dict[str, Any] | None:
             for r in self.records():
                 if r.get("msg") == msg and all(r.get(k) == v for k, v in fields.items()):
                     return r
+            return None
+
+        def find() -> dict[str, Any] | None:
+            if (r := scan()) is not None:
+                return r
             if self.proc.poll() is not None:
+                # Exited: its last lines may still be in the pipe or in the reader thread's
+                # hands. EOF ends the reader, so after the join every line is stored.
+                self._reader.join(5)
+                if (r := scan()) is not None:
+                    return r
                 raise AssertionError(
                     f"gateway exited {self.proc.returncode} before {msg!r}:\n"
                     + "\n".join(self.lines)
