@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from _gateway import wait_for
 from etcdgw import _relay_py
 from etcdgw import engine as engine_contract
 from etcdgw.engine import BUFSIZE, Finished
@@ -635,6 +636,14 @@ def collect(sock: socket.socket, stop: threading.Event, got: list[int]) -> None:
         got[0] += len(data)
 
 
+def pending(sock: socket.socket) -> bool:
+    """Whether bytes wait to be read on sock (without reading them or blocking)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
 @pytest.mark.c_extension
 def test_relay_thread_blocks_signals_and_stops_at_close(no_fd_leak: None) -> None:
     import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
@@ -706,7 +715,9 @@ def test_remove_racing_with_traffic_leaves_the_fds_alone(sockets: Any) -> None:
             ):
                 workers.append(threading.Thread(target=target, args=args, daemon=True))
                 workers[-1].start()
-        time.sleep(0.2)
+        # Every pair busy both ways before the removes start (80 Python threads may take a
+        # while on a loaded machine: a fixed sleep was not always enough).
+        wait_for(lambda: all(min(engine.stats(r[0])) > 0 for r in rigs), timeout=10)
         removed = []
         for pid, down, _, _ in rigs:
             assert min(engine.stats(pid)) > 0, "traffic should be flowing both ways"
@@ -716,6 +727,9 @@ def test_remove_racing_with_traffic_leaves_the_fds_alone(sockets: Any) -> None:
         assert len(engine) == 0 and registered(engine) == set()
         time.sleep(0.1)
         totals = engine.totals()
+        # Every pump wrote again after its pair was removed (on a loaded machine one may not
+        # have run since): bytes wait in each removed fd, checked below to stay there.
+        wait_for(lambda: all(pending(s) for r in rigs for s in r[1:3]), timeout=10)
         stop.set()
         for w in workers:
             w.join(10)
@@ -739,14 +753,14 @@ def test_many_pairs_added_while_the_thread_relays(sockets: Any) -> None:
     import etcdgw._relay as _relay  # the Cython engine: untyped to mypy (no stub)
 
     engine = _relay.Engine(threaded=True, bufsize=8192)
-    stop = threading.Event()
+    stop, stop_pump = threading.Event(), threading.Event()
     workers: list[threading.Thread] = []
     try:
         first, down, up, upstream = sockets("unix")
         busy = engine.add(down.fileno(), up.fileno())
         got = [0]
         workers += [
-            threading.Thread(target=pump, args=(first, stop), daemon=True),
+            threading.Thread(target=pump, args=(first, stop_pump), daemon=True),
             threading.Thread(target=collect, args=(upstream, stop, got), daemon=True),
         ]
         for w in workers:
@@ -772,12 +786,20 @@ def test_many_pairs_added_while_the_thread_relays(sockets: Any) -> None:
             select.select([engine.fileno()], [], [], 1)
             finished += engine.run()
         assert sorted(core(finished)) == sorted((pid, len(msg), 0, 0) for pid, _, msg in rigs)
-        assert len(engine) == 1 and engine.stats(busy)[0] > 0
+        assert len(engine) == 1
+        wait_for(lambda: engine.stats(busy)[0] > 0, timeout=10)  # the busy pair still moves
+        stop_pump.set()
+        workers[0].join(10)
+        # Removed first, then collected: once remove() returns nothing more is written, and
+        # the collector gets all of it. (Stopping the collector first could lose bytes that
+        # the relay thread, starved for 50 ms on a loaded machine, wrote after it gave up.)
+        c2u = engine.remove(busy)[1]
+        wait_for(lambda: got[0] >= c2u, timeout=10)  # counted bytes were all delivered
         stop.set()
-        for w in workers:
-            w.join(10)
-        assert engine.remove(busy)[1] == got[0]
+        workers[1].join(10)
+        assert got[0] == c2u  # and not more
     finally:
+        stop_pump.set()
         stop.set()
         for w in workers:
             w.join(10)
@@ -803,8 +825,7 @@ def test_close_with_live_busy_pairs(sockets: Any) -> None:
             ]
         for w in workers:
             w.start()
-        time.sleep(0.2)
-        assert engine.totals()[0] > 0
+        wait_for(lambda: engine.totals()[0] > 0, timeout=10)  # traffic is flowing
         engine.close()  # joins the thread mid-traffic
         assert threads() - before <= {w.native_id for w in workers}  # relay thread gone
         assert len(engine) == 0
