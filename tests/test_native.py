@@ -249,7 +249,10 @@ def test_dial_timeout(native: Native) -> None:
         native.wait("failed", 1, timeout=5)
         took = time.monotonic() - t0
         assert native.failed[0][1:] == (3, errno.ETIMEDOUT)
-        assert 0.25 <= took < 2.0, took
+        # The lower bound is the real check (0.3 s, not less). The upper one catches a dial
+        # that ignored the setting: the helper's default 5 s, or the kernel's SYN retries
+        # (over a minute); 3 s leaves room for a loaded machine.
+        assert 0.25 <= took < 3.0, took
         assert native.engine.native_pending() == 0
         c.close()
     finally:
@@ -373,8 +376,12 @@ engine.listen(fd, True)
 c1 = socket.create_connection(lsock.getsockname(), timeout=5)
 s1, _ = backend.accept()
 c2 = socket.create_connection(lsock.getsockname(), timeout=5)  # at the limit: the backlog
+started, deadline = 0, time.monotonic() + 5
+while not started and time.monotonic() < deadline:  # c1's dial done: the relay thread's news
+    started += len(engine.collect().started)
+    time.sleep(0.01)
 time.sleep(0.2)  # the thread saw c2's edge and left the listener ready
-first = engine.collect()
+started += len(engine.collect().started)
 if sys.argv[1] == "closed":
     lsock.close()
 else:
@@ -394,7 +401,7 @@ engine.close()
 lsock.close()
 for s in (c2, backend):
     s.close()
-print(json.dumps([len(first.started), len(finished), errors, later.accepted, later.accept_errors]))
+print(json.dumps([started, len(finished), errors, later.accepted, later.accept_errors]))
 """
 
 
