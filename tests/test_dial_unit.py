@@ -97,12 +97,14 @@ def test_dial_timeout_is_read_at_each_dial(
             peer = clients.dial(parts, front)
             assert echo(parts, peer) == b"a"
             first = time.monotonic() - t0
-            assert 0.25 <= first < 2.0, first
+            # The lower bounds are the real checks. The upper ones catch a dial that did not
+            # use the setting: the default --dial-timeout (5 s) or the kernel's SYN retries.
+            assert 0.25 <= first < 3.0, first
             parts.settings.cfg = dataclasses.replace(parts.settings.cfg, dial_timeout=0.9)
             t0 = time.monotonic()
             assert echo(parts, clients.dial(parts, front)) == b"a"
             second = time.monotonic() - t0
-            assert 0.85 <= second < 3.0, second
+            assert 0.85 <= second < 3.5, second
             r = parts.remotes[0]
             assert r.active and r.dial_failures == 2  # `none`: never taken out
             assert r.last_error == f"dial tcp 127.0.0.1:{silent}: i/o timeout"
