@@ -151,7 +151,10 @@ def test_frozen_dns_does_not_hold_up_clients(
                     assert read_line(s) == b"a\n"
                 worst = max(worst, time.monotonic() - t0)
                 time.sleep(0.2)
-            assert worst < 1.0, f"a client waited {worst:.2f} s for DNS"
+            # Served at once: milliseconds. A client made to wait for the lookup waits its
+            # 5 s (LOOKUP_TIMEOUT; the first client past the cache's lifetime waits it all).
+            # 2.5 s: halfway, so one scheduling hiccup of a loaded machine is not a failure.
+            assert worst < 2.5, f"a client waited {worst:.2f} s for DNS"
         finally:
             os.kill(dnsmasq.proc.pid, signal.SIGCONT)
         assert g.stop() == 0
