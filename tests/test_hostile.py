@@ -380,7 +380,10 @@ def test_reload_with_dead_dns_keeps_relaying(
                 g.proc.send_signal(signal.SIGHUP)  # five more: one reload after this one
                 time.sleep(0.2)
             print(f"RELIABILITY dead-DNS reload (python): worst /health or relay {worst:.3f}s")
-            assert worst < 1.0
+            # The regression held the loop for the whole reload (~11 s): the first probe,
+            # 0.5 s in, waited out its 5 s timeout. Answered at once is ~0.01 s; the worst of
+            # ten samples on a loaded machine can take a scheduling hiccup of a second.
+            assert worst < 2.5
             g.wait_log("SIGHUP during a reload: one more reload after it")
             conf.write_text(f"endpoints: [{two.addr}]\n")  # what the queued reload reads
             rec = g.wait_log("reload failed; keeping the running configuration", timeout=15)
@@ -402,11 +405,28 @@ def test_reload_with_dead_dns_keeps_relaying(
             assert g.stop() == 0
 
 
+def _fill(path: str) -> None:
+    """Fill a datagram socket nobody reads until one more datagram would block. Each is sent
+    from a fresh socket, as systemd.notify() sends: a sender's own buffer never fills first."""
+    for _ in range(100_000):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            try:
+                s.sendto(b"X_FILLER=1", path)
+            except BlockingIOError:
+                return
+    raise AssertionError(f"{path} took 100,000 datagrams and was still not full")
+
+
 def test_stalled_notify_socket_does_not_block(
     relay_impl: str, tmp_path: Path, notify_socket: Callable[..., NotifySocket]
 ) -> None:
     """Symptom 4: a NOTIFY_SOCKET whose reader stalls filled after ~10 datagrams and then
-    the blocking send stopped the pure engine. Now messages are dropped with a warning."""
+    the blocking send stopped the pure engine. Now messages are dropped with a warning.
+
+    The test fills the stalled socket itself once the gateway is ready: filling it through
+    reloads took more of them than a loaded machine ran in a second (SIGHUPs during a reload
+    coalesce), and more datagrams still where net.unix.max_dgram_qlen is 512 (CI flake)."""
     stalled = notify_socket(read=False)
     conf = tmp_path / "gw.yaml"
     port, mport = free_tcp_port(), free_tcp_port()
@@ -424,18 +444,21 @@ def test_stalled_notify_socket_does_not_block(
         )
         try:
             g.wait_ready()
+            _fill(stalled.path)
             for _ in range(20):
                 g.proc.send_signal(signal.SIGHUP)
                 time.sleep(0.05)
-            g.wait_log("failed to notify systemd; message dropped", timeout=5)
-            tag, took = relay_once(port, timeout=3)
-            status, took2 = http_get(mport, timeout=3)
+            g.wait_log("failed to notify systemd; message dropped", timeout=10)
+            tag, took = relay_once(port, timeout=5)
+            status, took2 = http_get(mport, timeout=5)
             assert (tag, status) == (b"one\n", 200)
             print(
                 f"RELIABILITY stalled NOTIFY_SOCKET + 20 SIGHUPs ({relay_impl}): "
                 f"relay {took:.3f}s, /health {took2:.3f}s, rss {_rss_kib(g.pid)} KiB"
             )
-            assert max(took, took2) < 1.0
+            # With the regression the loop never comes back: the 5 s timeouts above fail it.
+            # Answered at once is ~0.01 s; the bound leaves a loaded machine room.
+            assert max(took, took2) < 2.5
             wait_for(lambda: g.messages().count("reloaded configuration") >= 1)
         finally:
             assert g.stop() == 0
@@ -541,7 +564,8 @@ def test_health_answers_while_300_clients_trickle() -> None:
         f"RELIABILITY metrics 300 slow clients: /health ok {len(ok)}/{len(results)}, "
         f"worst {worst:.3f}s, gateway cpu {cpu:.1%} of a core, rss {rss} KiB"
     )
-    assert len(ok) == len(results) and worst < 1.0
+    # The regression: /health failed 2 probes in 3 (no answer within 3 s: status 0).
+    assert len(ok) == len(results) and worst < 1.0, results
 
 
 async def _trickle_and_probe(port: int, slow: int, seconds: float) -> list[tuple[int, float]]:
@@ -551,8 +575,11 @@ async def _trickle_and_probe(port: int, slow: int, seconds: float) -> list[tuple
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
 
-    async def trickler() -> None:
+    async def trickler(i: int) -> None:
         # A byte a second of a request head that never ends; when dropped, reconnect 1 s later.
+        # Their starts are spread over a second: all in lockstep, the probe's answer queued
+        # behind the test's own burst of 300 writes a second (a loaded machine: CI flake).
+        await pause(i / slow)
         while not stop.is_set():
             try:
                 r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -571,27 +598,17 @@ async def _trickle_and_probe(port: int, slow: int, seconds: float) -> list[tuple
                 w.transport.abort()
             await pause(1.0)
 
-    async def probe() -> tuple[int, float]:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        try:
-            async with asyncio.timeout(3):
-                r, w = await asyncio.open_connection("127.0.0.1", port)
-                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-                data = await r.read()
-                w.close()
-        except (OSError, TimeoutError):
-            return 0, loop.time() - t0
-        status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
-        return status, loop.time() - t0
-
-    tasks = [asyncio.ensure_future(trickler()) for _ in range(slow)]
-    await asyncio.sleep(1.0)  # all slow clients connected and trickling
+    tasks = [asyncio.ensure_future(trickler(i)) for i in range(slow)]
+    await asyncio.sleep(1.5)  # all slow clients connected and trickling
     results = []
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     while loop.time() < end:
-        results.append(await probe())
+        # A probe of its own in a thread (blocking socket, 3 s timeout: status 0), timed
+        # there: not a turn of this loop, which also runs the tricklers.
+        results.append(
+            await loop.run_in_executor(None, functools.partial(http_get, port, timeout=3))
+        )
         await asyncio.sleep(0.2)
     stop.set()
     await asyncio.gather(*tasks)
@@ -639,7 +656,11 @@ def test_signals_before_ready(phase: str, sig: signal.Signals) -> None:
                 code = g.proc.wait(5)
                 took = time.monotonic() - t0
                 print(f"RELIABILITY {sig.name} during {phase}: exit {code} after {took:.2f}s")
-                assert code == 0 and took < 2
+                # "At once", not when the lookup gives up: the lookup began about 0.5 s before
+                # the signal and waits 5 s for the dead server (resolver.LOOKUP_TIMEOUT), so an
+                # exit deferred to its end comes ~4.5 s after the signal. An exit at once is
+                # interpreter teardown, ~0.1 s, longer on a loaded machine.
+                assert code == 0 and took < 4
                 assert g.wait_log("stopped before ready")["signal"] == sig.name
         finally:
             g.stop()

@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -35,7 +36,7 @@ from hypothesis import strategies as st
 
 from _dns import Dnsmasq
 from _gateway import GatewayProc, TagServer, engine_env, free_tcp_port, wait_for
-from etcdgw import listeners
+from etcdgw import listeners, metrics
 from etcdgw.config import Config, ConfigError, parse_listen
 from etcdgw.log import Logger
 from etcdgw.metrics import MetricsServer
@@ -641,6 +642,24 @@ def _ignored_lines(g: GatewayProc, sig: signal.Signals) -> list[dict[str, Any]]:
     return [r for r in g.records() if r.get("signal") == sig.name and r["level"] == "warn"]
 
 
+def _handled(pid: int, sig: signal.Signals) -> bool:
+    """Whether the `sig` last sent to pid was delivered and its handler has run.
+
+    A standard signal sent while the previous one is still pending merges with it: the kernel
+    keeps one pending bit per signal, and CPython one "tripped" flag until the main thread
+    runs the handler. A storm paced by the clock alone therefore lost signals whenever the
+    gateway waited for a CPU (CI flake: 99 counted of 100). Delivered: the kernel no longer
+    holds it pending (ShdPnd). Handled: the main thread sleeps in epoll_wait again, which
+    CPython re-enters only after running the handler of the signal that interrupted it (the
+    handler wakes the loop, which sleeps again only once it has run; ep_poll: older kernels)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    pending = re.search(r"^ShdPnd:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    assert pending is not None, status
+    if int(pending[1], 16) & (1 << (sig - 1)):
+        return False
+    return Path(f"/proc/{pid}/wchan").read_text() in ("do_epoll_wait", "ep_poll")
+
+
 def test_stray_signals_are_ignored_in_every_phase(
     relay_impl: str, dnsmasq: Dnsmasq, tmp_path: Path
 ) -> None:
@@ -691,12 +710,16 @@ def test_stray_signals_are_ignored_in_every_phase(
                 wait_for(two_lines, timeout=5)
                 assert relay_once(port)[0] == b"one\n"
             # A storm: 100 SIGUSR1 in about a second are a line or three, with their count.
+            # Each is sent once the one before was handled (see _handled: else they merge and
+            # fewer than 100 arrive); the exact count still fails if one is lost or miscounted.
+            wait_for(lambda: _handled(g.pid, signal.SIGUSR1), timeout=10, step=0.001)
             time.sleep(1.1)
             t0 = time.monotonic()
             for _ in range(100):
                 g.proc.send_signal(signal.SIGUSR1)
                 time.sleep(0.01)
-            took = time.monotonic() - t0
+                wait_for(lambda: _handled(g.pid, signal.SIGUSR1), timeout=10, step=0.001)
+            took = time.monotonic() - t0  # with the waits: lines a second are still bounded
             assert relay_once(port)[0] == b"one\n"
 
             def storm() -> list[dict[str, Any]]:
@@ -758,9 +781,16 @@ def _fds(n: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def _burst(port: int, n: int, fired: threading.Event, out: list[float]) -> None:
+def _total_retrans(s: socket.socket) -> int:
+    """tcpi_total_retrans of a TCP socket: the segments it sent again, a SYN included."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[100:104], sys.byteorder)
+
+
+def _burst(port: int, n: int, fired: threading.Event, out: list[float], retrans: list[int]) -> None:
     """n clients connect at once and each asks /health as soon as it is connected; out gets
-    each one's seconds from connect() to the whole 200 answer (inf: none within 5 s)."""
+    each one's seconds from connect() to the whole 200 answer (inf: none within 5 s), and
+    retrans what each one sent again (_total_retrans)."""
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -796,6 +826,7 @@ def _burst(port: int, n: int, fired: threading.Event, out: list[float]) -> None:
     for s in t0:
         if s.fileno() >= 0 and s in sel.get_map():
             out.append(float("inf"))
+        retrans.append(_total_retrans(s))
         s.close()
     sel.close()
 
@@ -807,15 +838,21 @@ def test_metrics_burst_while_the_loop_is_busy_is_queued_not_dropped(
     loop was busy overflowed it: the kernel dropped the SYNs and each of those clients came
     back after a 1 s retransmit (p99 1.0-1.3 s under a connect flood). Now the backlog is the
     kernel's maximum: 1,000 clients arriving while the loop is blocked for 0.3 s are all
-    answered, none after a retransmit."""
+    answered, none after a retransmit.
+
+    "None after a retransmit" is what the kernel counts on each client socket (a dropped SYN,
+    or a dropped handshake ACK and then the request, is sent again): not a time bound, which
+    also counted a loaded machine serving 1,000 clients through asyncio (CI flake)."""
     n = 1000
     out: list[float] = []
+    retrans: list[int] = []
     fired = threading.Event()
 
     async def main() -> None:
         await metrics_server.start()
         burst = threading.Thread(
-            target=_burst, args=(int(metrics_server.addr.split(":")[1]), n, fired, out)
+            target=_burst,
+            args=(int(metrics_server.addr.split(":")[1]), n, fired, out, retrans),
         )
         burst.start()
         fired.wait(10)
@@ -827,22 +864,37 @@ def test_metrics_burst_while_the_loop_is_busy_is_queued_not_dropped(
     out.sort()
     print(
         f"RELIABILITY metrics burst of {n} while the loop is blocked 0.3 s: answered "
-        f"{sum(t < 5 for t in out)}, p50 {out[n // 2]:.3f}s, max {out[-1]:.3f}s"
+        f"{sum(t < 5 for t in out)}, p50 {out[n // 2]:.3f}s, max {out[-1]:.3f}s, "
+        f"{sum(map(bool, retrans))} clients sent a segment again"
     )
-    assert len(out) == n and out[-1] < 1.0, f"slowest {out[-10:]}"
+    assert len(out) == n and out[-1] < 5, f"slowest {out[-10:]}"  # all answered
+    assert len(retrans) == n and sum(retrans) == 0, f"{sum(map(bool, retrans))} retransmitted"
 
 
-def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsServer) -> None:
+def test_metrics_scrape_flood_does_not_hold_up_the_loop(
+    metrics_server: MetricsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Item 11: the loop also relays (pure engine). 40 /metrics requests that arrive together
     were answered in one wake-up, each body costing what it costs (10 ms here): the loop
     stood still for their sum. Now bodies are served a budget a wake-up: the longest turn of
-    the loop stays near one body."""
+    the loop stays near one body.
+
+    A turn is measured in the loop thread's CPU time (time.thread_time), the work it did: wall
+    time also counted the test process waiting for a CPU or for the GIL (the scrapers' thread
+    holds it too), so a loaded machine made a one-body turn look long (CI flake). One body is
+    ~10 ms of CPU; the regression (every queued body in one turn) is several bodies, up to
+    400 ms."""
 
     class Slow:
         def collect(self) -> list[Any]:
-            time.sleep(0.01)  # a large scrape
+            t = time.thread_time()  # a large scrape: 10 ms of work
+            while time.thread_time() - t < 0.01:
+                pass
             return []
 
+    # Every body is built: a costly body reused for a while (REUSE_OVER) would make all but
+    # the first cheap and hide a turn that serves them all.
+    monkeypatch.setattr(metrics, "REUSE_OVER", float("inf"))
     metrics_server.registry.register(Slow())
     port = int(metrics_server.addr.split(":")[1])
     answers: list[bytes] = []
@@ -860,13 +912,12 @@ def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsS
 
     async def main() -> float:
         await metrics_server.start()
-        loop = asyncio.get_running_loop()
         t = threading.Thread(target=scrapers)
         t.start()
-        worst, last = 0.0, loop.time()
+        worst, last = 0.0, time.thread_time()
         while t.is_alive():
             await asyncio.sleep(0)  # one turn of the loop
-            now = loop.time()
+            now = time.thread_time()
             worst, last = max(worst, now - last), now
         t.join()
         return worst
@@ -875,8 +926,9 @@ def test_metrics_scrape_flood_does_not_hold_up_the_loop(metrics_server: MetricsS
     assert len(answers) == 40 and all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
     print(
         f"RELIABILITY metrics 40 scrapes of 10 ms at once: longest loop turn {worst * 1000:.1f} ms"
+        " of CPU"
     )
-    assert worst < 0.1, f"the loop stood still for {worst:.3f}s"
+    assert worst < 0.05, f"one turn of the loop did {worst:.3f}s of work"
 
 
 def test_metrics_connect_flood_in_a_namespace(relay_impl: str) -> None:

@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from prometheus_client import generate_latest
@@ -508,27 +508,67 @@ def test_server_bounds_slow_and_many_clients(
     asyncio.run(main())
 
 
+class _Monotonic(Protocol):
+    """What etcdgw.metrics' reuse window (_expensive) reads of the `time` module."""
+
+    def monotonic(self) -> float: ...
+
+
+class _Clock:
+    """Stands in for the `time` module in etcdgw.metrics: the test moves it by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+_TIME: _Monotonic = time  # mypy: and the module offers it as the protocol says
+
+
 def test_a_costly_body_is_reused_for_a_bounded_while(monkeypatch: pytest.MonkeyPatch) -> None:
     """/status walks every live pair (the review: 6,000 pairs cost 4-7 ms a body, and a
     scraper back to back slowed the pure engine's relaying to p99 93 ms). A body that cost
-    at least REUSE_OVER is served again for REUSE_FACTOR times its cost; a cheap one never."""
+    at least REUSE_OVER is served again for REUSE_FACTOR times its cost (at most REUSE_MAX);
+    a cheap one never.
+
+    The module's clock is driven by hand and a build "costs" by moving it: with real sleeps a
+    late wake-up on a loaded machine made a build dearer (a longer window: the body was still
+    reused when the test expected a new one), or a cheap build costly (CI flake)."""
+    clock = _Clock()
+    fake: _Monotonic = clock  # mypy: the fake offers what is read of the module it replaces
+    monkeypatch.setattr(metrics, "time", fake)
     built: list[int] = []
     cost = [0.004]
 
     def respond(self: MetricsServer, method: str, path: str) -> tuple[int, str, bytes]:
-        time.sleep(cost[0])
+        clock.now += cost[0]
         built.append(1)
         return 200, "application/json", str(len(built)).encode()
 
     monkeypatch.setattr(MetricsServer, "_respond", respond)
     server = MetricsServer.__new__(MetricsServer)
     server._reuse = {}
+    t0 = clock.now
     first = server._expensive("GET", "/status")
     assert server._expensive("GET", "/status") == first  # reused: no second build
     assert server._expensive("GET", "/metrics") != first  # per path
     assert len(built) == 2
-    time.sleep(min(cost[0] * metrics.REUSE_FACTOR, metrics.REUSE_MAX) + 0.05)
+    window = cost[0] * metrics.REUSE_FACTOR  # 0.2 s from the start of the build
+    clock.now = t0 + window - 0.001
+    assert server._expensive("GET", "/status") == first  # still within the window
+    clock.now = t0 + window + 0.001
     assert server._expensive("GET", "/status")[2] == b"3"  # the window passed: built again
-    cost[0] = 0.0  # cheap bodies are always fresh
+    cost[0] = 1.0  # a very costly body: reused REUSE_MAX at most, not 50 s
     server._reuse = {}
-    assert [server._expensive("GET", "/status")[2] for _ in range(3)] == [b"4", b"5", b"6"]
+    t1 = clock.now
+    dear = server._expensive("GET", "/status")
+    clock.now = t1 + metrics.REUSE_MAX - 0.001
+    assert server._expensive("GET", "/status") == dear
+    clock.now = t1 + metrics.REUSE_MAX + 0.001
+    assert server._expensive("GET", "/status")[2] == b"5"
+    cost[0] = 0.001  # cheap bodies are always fresh
+    assert cost[0] < metrics.REUSE_OVER
+    server._reuse = {}
+    assert [server._expensive("GET", "/status")[2] for _ in range(3)] == [b"6", b"7", b"8"]
