@@ -33,6 +33,7 @@ __all__ = [
     "free_tcp_port",
     "free_tcp_ports",
     "wait_for",
+    "log_time",
     "SRC",
     "tool",
 ]
@@ -45,6 +46,13 @@ def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     assert path, f"{name} not found: run scripts/setup.sh (make setup)"
     return path
+
+
+def log_time(rec: dict[str, Any]) -> float:
+    """A gateway log record's `ts` (UTC, as etcdgw.log writes it) as a Unix time."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(rec["ts"]).replace("Z", "+00:00")).timestamp()
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

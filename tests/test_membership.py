@@ -23,7 +23,7 @@ import pytest
 
 from _dns import Dnsmasq, SrvHost
 from _etcd import EtcdCluster, EtcdctlWatch, etcdctl, require_etcd_binaries
-from _gateway import GatewayProc, engine_env, free_tcp_port, wait_for
+from _gateway import GatewayProc, engine_env, free_tcp_port, log_time, wait_for
 from etcdgw.cli import UsageError, parse_start
 from etcdgw.config import Endpoint
 from etcdgw.membership import MemberList, first_cluster, parse_member_list
@@ -228,14 +228,6 @@ def test_one_seed_finds_the_others(gateway: Start, cluster: EtcdCluster, relay_i
     assert r.stdout.strip() == "v"
 
 
-def log_time(ts: str) -> float:
-    """A gateway log line's `ts` (UTC, microseconds: log._ts) as a time.time() value."""
-    import datetime
-
-    when = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ")
-    return when.replace(tzinfo=datetime.UTC).timestamp()
-
-
 def test_members_added_promoted_and_removed(gateway: Start, cluster: EtcdCluster) -> None:
     gw = Gw(gateway, cluster.endpoints, "--dial-timeout=1s")
     gw.proc.wait_log("following the cluster's member list")
@@ -257,7 +249,7 @@ def test_members_added_promoted_and_removed(gateway: Start, cluster: EtcdCluster
     # for a slow MemberList on two busy cores; a gateway that missed the interval (the
     # default is 0: never) or re-checked a left-out learner only later fails this or the
     # wait above.
-    applied = log_time(rec["ts"]) - promoted
+    applied = log_time(rec) - promoted
     assert applied < 5.0, applied
     for k in range(8):  # round-robin over 4 endpoints: two of these go to the new member
         r = gw.etcdctl("get", f"k{k}")

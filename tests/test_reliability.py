@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from _gateway import (
     connect,
     engine_env,
     free_tcp_port,
+    log_time,
     read_line,
     wait_for,
 )
@@ -95,11 +95,6 @@ def raise_nofile() -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def log_time(rec: dict[str, Any]) -> float:
-    """A gateway log record's timestamp as a Unix time."""
-    return datetime.fromisoformat(str(rec["ts"]).replace("Z", "+00:00")).timestamp()
 
 
 def nofile_limit(pid: int) -> tuple[int, int]:
